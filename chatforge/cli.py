@@ -1,0 +1,189 @@
+"""The `chatforge` command: one verb per pipeline stage, each a thin layer over its module.
+
+Options that map to a stage's config dataclass use `default=argparse.SUPPRESS`, so that only flags the
+user typed override `--config FILE.yaml`, which overrides the dataclass defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from chatforge.errors import ChatforgeError
+
+S = argparse.SUPPRESS
+RUN_FLAGS = ("command", "sub", "config", "resume", "overwrite", "func")
+
+
+def _opt(parser, *flags, **kw):
+    kw.setdefault("default", S)
+    parser.add_argument(*flags, **kw)
+
+
+def _overrides(args) -> dict:
+    return {k: v for k, v in vars(args).items() if k not in RUN_FLAGS}
+
+
+def _data_options(parser) -> None:
+    _opt(parser, "--data", action="append", metavar="SRC",
+         help="text source, repeatable: file, folder, glob, .gz/.zst, hf:NAME[:CONFIG], demo[:LANG]")
+    _opt(parser, "--text-field", metavar="NAME", help="JSON/Parquet/CSV field holding the text (default: text)")
+    _opt(parser, "--doc-per-line", action="store_true", help=".txt files hold one document per line")
+    _opt(parser, "--strict", action="store_true", help="fail on the first invalid UTF-8 line or skipped record")
+
+
+def _run_options(parser) -> None:
+    parser.add_argument("--config", metavar="YAML", help="options from a YAML file (flags given here win)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+
+
+def _sampling_options(parser, temperature: float) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="0 = off")
+    parser.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+
+
+def _sampling(args):
+    from chatforge.engine import SamplingParams
+
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_tokenizer_train(args) -> None:
+    from chatforge import config
+    from chatforge.tokenizer import TokenizerConfig, train_tokenizer
+
+    cfg = config.build(TokenizerConfig, args.config, **_overrides(args))
+    if not cfg.out:
+        raise ChatforgeError("tokenizer train needs --out DIR")
+    train_tokenizer(cfg)
+
+
+def cmd_data_prepare(args) -> None:
+    from chatforge import config
+    from chatforge.data import DataConfig, prepare
+
+    cfg = config.build(DataConfig, args.config, **_overrides(args))
+    if not cfg.out or not cfg.tokenizer:
+        raise ChatforgeError("data prepare needs --tokenizer DIR and --out DIR")
+    prepare(cfg)
+
+
+def cmd_pretrain(args) -> None:
+    from chatforge import config
+    from chatforge.pretrain import PretrainConfig, pretrain
+    from chatforge.training import RUN_CONFIG
+
+    saved = os.path.join(args.out, RUN_CONFIG) if getattr(args, "out", None) else None
+    base = args.config or (saved if args.resume and saved and os.path.exists(saved) else None)
+    cfg = config.build(PretrainConfig, base, **_overrides(args))
+    pretrain(cfg, resume=args.resume, overwrite=args.overwrite)
+
+
+def cmd_generate(args) -> None:
+    from chatforge.engine import Engine
+
+    engine = Engine(args.model)
+    params = _sampling(args)
+    print(args.prompt, end="", flush=True)
+    for piece in engine.stream(engine.encode(args.prompt), params):
+        print(piece, end="", flush=True)
+    print()
+
+
+# ---------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="chatforge", description="Train your own ChatGPT-style assistant from scratch.",
+        epilog="Run `chatforge COMMAND --help` for the options of each command.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    tok = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer with chat tokens reserved")
+    tok_sub = tok.add_subparsers(dest="sub", metavar="ACTION", required=True)
+    train = tok_sub.add_parser("train", help="train a tokenizer on your corpus",
+                               description="Train a byte-level BPE tokenizer (no unknown tokens for any UTF-8 "
+                                           "text) with <|endoftext|>, <|im_start|>, <|im_end|>, <|pad|> reserved.")
+    _data_options(train)
+    _opt(train, "--out", required=True, metavar="DIR", help="where to save the tokenizer directory")
+    _opt(train, "--vocab-size", type=int, metavar="N", help="vocabulary size (default: 8192)")
+    _opt(train, "--max-chars", type=int, metavar="N", help="train on at most N characters (default: 200M)")
+    train.add_argument("--config", metavar="YAML")
+    train.set_defaults(func=cmd_tokenizer_train)
+
+    data = sub.add_parser("data", help="tokenize a corpus into packed shards")
+    data_sub = data.add_subparsers(dest="sub", metavar="ACTION", required=True)
+    prep = data_sub.add_parser("prepare", help="tokenize and pack a corpus into memory-mapped shards",
+                               description="Tokenize on all cores and write packed uint16/uint32 shards with a "
+                                           "manifest; re-running on the same inputs reuses them.")
+    _data_options(prep)
+    _opt(prep, "--tokenizer", required=True, metavar="DIR", help="any Hugging Face tokenizer directory")
+    _opt(prep, "--out", required=True, metavar="DIR")
+    _opt(prep, "--val-fraction", type=float, metavar="F", help="documents held out for validation (default: 0.005)")
+    prep.add_argument("--config", metavar="YAML")
+    prep.set_defaults(func=cmd_data_prepare)
+
+    pre = sub.add_parser("pretrain", help="pretrain a GPT from scratch (or continue one)",
+                         description="Pretrain a GPT-2 or Llama-style model with the transformers Trainer and "
+                                     "write a standard Hugging Face checkpoint.")
+    _data_options(pre)
+    _opt(pre, "--out", metavar="DIR", help="run directory (default: run)")
+    _opt(pre, "--tokenizer", metavar="DIR", help="tokenizer directory; trained on --data when not given")
+    _opt(pre, "--vocab-size", type=int, metavar="N", help="vocabulary of the tokenizer trained when none is given")
+    _opt(pre, "--arch", choices=["gpt2", "llama"], help="model architecture (default: gpt2)")
+    _opt(pre, "--preset", metavar="NAME", help="size: tiny, mini, small, gpt2-small, gpt2-medium, gpt2-large "
+                                                "(default: tiny on CPU, gpt2-small on GPU)")
+    for flag in ("--n-layer", "--d-model", "--n-head", "--n-kv-head", "--context-length"):
+        _opt(pre, flag, type=int, metavar="N", help="override the preset")
+    _opt(pre, "--dropout", type=float, metavar="P")
+    _opt(pre, "--init-from", metavar="DIR", help="continue pretraining a local Hugging Face checkpoint")
+    _opt(pre, "--max-steps", type=int, metavar="N", help="stop after N optimizer steps")
+    _opt(pre, "--max-tokens", type=int, metavar="N", help="stop after N training tokens")
+    _opt(pre, "--max-time", type=float, metavar="SECONDS", help="stop (and fit the LR schedule) to a time budget")
+    _opt(pre, "--batch-tokens", type=int, metavar="N", help="tokens per optimizer step (gradient accumulation)")
+    _opt(pre, "--micro-batch-size", type=int, metavar="N")
+    _opt(pre, "--learning-rate", type=float, metavar="LR")
+    _opt(pre, "--warmup-steps", type=int, metavar="N")
+    _opt(pre, "--schedule", choices=["cosine", "wsd", "constant"])
+    _opt(pre, "--weight-decay", type=float, metavar="W")
+    _opt(pre, "--precision", choices=["auto", "bf16", "fp16", "fp32"], help="default: bf16 where supported")
+    _opt(pre, "--compile", action="store_true", help="torch.compile the model")
+    _opt(pre, "--gradient-checkpointing", action="store_true")
+    _opt(pre, "--val-fraction", type=float, metavar="F")
+    _opt(pre, "--eval-every", type=int, metavar="STEPS")
+    _opt(pre, "--save-every", type=int, metavar="STEPS")
+    _opt(pre, "--log-every", type=int, metavar="STEPS")
+    _opt(pre, "--seed", type=int)
+    _opt(pre, "--report-to", action="append", metavar="TOOL", help="tensorboard (default), wandb, none")
+    _run_options(pre)
+    pre.set_defaults(func=cmd_pretrain)
+
+    gen = sub.add_parser("generate", help="sample text from a (base) model",
+                         description="Continue a prompt with a model, streaming tokens as they come.")
+    gen.add_argument("model", metavar="MODEL_DIR")
+    gen.add_argument("--prompt", required=True)
+    _sampling_options(gen, temperature=0.8)
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ChatforgeError as err:
+        print(f"chatforge: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,231 @@
+"""Stage 2: turn a text corpus into packed token shards on disk, once.
+
+Documents are tokenized in batches by the Rust `tokenizers` library (which spreads a batch over all
+cores), each followed by the document separator (<|endoftext|>), and appended to flat binary shards
+(uint16 when the vocabulary fits, else uint32). Training memory-maps the shards, so a corpus larger
+than RAM streams through and no tokenization happens during training.
+
+Every `VAL_PERIOD`-th document (0.5% by default, document 0 included, so at least one) goes to the
+validation split: deterministic, and held out by document rather than by token range.
+
+A manifest.json records sources, tokenizer fingerprint and counts; re-running with the same inputs and
+tokenizer finds the manifest and reuses the shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from chatforge.errors import ChatforgeError
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class DataConfig:
+    """Settings of `chatforge data prepare` (and the data step of `pretrain`)."""
+
+    data: list[str] = field(default_factory=list)
+    out: str = ""
+    tokenizer: str = ""
+    val_fraction: float = 0.005
+    text_field: str = "text"
+    doc_per_line: bool = False
+    strict: bool = False
+    shard_tokens: int = 100_000_000
+    batch_docs: int = 1024
+
+
+def cache_key(cfg: DataConfig, tok_fingerprint: str) -> str:
+    from chatforge.sources import describe_sources
+
+    payload = {"sources": describe_sources(cfg.data), "tokenizer": tok_fingerprint,
+               "val_fraction": cfg.val_fraction, "text_field": cfg.text_field,
+               "doc_per_line": cfg.doc_per_line, "version": FORMAT_VERSION}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class _ShardWriter:
+    """Appends token arrays to numbered flat shard files of at most `shard_tokens` tokens."""
+
+    def __init__(self, folder: Path, split: str, dtype, shard_tokens: int):
+        self.folder, self.split, self.dtype, self.shard_tokens = folder, split, dtype, shard_tokens
+        self.shards: list[dict] = []
+        self.handle = None
+        self.in_shard = 0
+        self.tokens = self.documents = self.bytes = 0
+
+    def _open_next(self):
+        self.close()
+        name = f"{self.split}_{len(self.shards):04d}.bin"
+        self.shards.append({"file": name, "tokens": 0})
+        self.handle = open(self.folder / name, "wb")
+        self.in_shard = 0
+
+    def write(self, ids: np.ndarray, n_bytes: int) -> None:
+        self.documents += 1
+        self.bytes += n_bytes
+        while len(ids):
+            if self.handle is None or self.in_shard >= self.shard_tokens:
+                self._open_next()
+            part = ids[: self.shard_tokens - self.in_shard]
+            self.handle.write(part.astype(self.dtype, copy=False).tobytes())
+            self.in_shard += len(part)
+            self.shards[-1]["tokens"] += len(part)
+            self.tokens += len(part)
+            ids = ids[len(part):]
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
+
+    def summary(self) -> dict:
+        return {"shards": self.shards, "tokens": self.tokens, "documents": self.documents, "bytes": self.bytes}
+
+
+def prepare(cfg: DataConfig, tok=None, log=print) -> dict:
+    """Tokenize and pack `cfg.data` into `cfg.out`; return the manifest (reusing a matching one)."""
+    from tqdm.auto import tqdm
+
+    from chatforge.sources import SourceStats, iter_texts
+    from chatforge.tokenizer import document_separator_id, fingerprint, load_tokenizer
+
+    tok = tok if tok is not None else load_tokenizer(cfg.tokenizer)
+    tok_fp = fingerprint(tok)
+    key = cache_key(cfg, tok_fp)
+    out = Path(cfg.out)
+    existing = read_manifest(out) if (out / MANIFEST).exists() else None
+    if existing is not None and existing.get("cache_key") == key:
+        log(f"data: reusing {existing['train']['tokens']:,} train / {existing['val']['tokens']:,} val tokens in {out}")
+        return existing
+    if not 0 < cfg.val_fraction < 1:
+        raise ChatforgeError(f"--val-fraction must be between 0 and 1, got {cfg.val_fraction}")
+
+    vocab_size = len(tok)
+    dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
+    sep = document_separator_id(tok)
+    backend = tok.backend_tokenizer  # Rust: encode_batch is parallel over all cores
+    period = max(1, round(1 / cfg.val_fraction))
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    writers = {s: _ShardWriter(tmp, s, dtype, cfg.shard_tokens) for s in ("train", "val")}
+    stats = SourceStats()
+    started = time.time()
+    doc_index = 0
+    bar = tqdm(desc="tokenizing", unit="doc", dynamic_ncols=True)
+
+    def flush(batch: list[str]) -> None:
+        nonlocal doc_index
+        for text, enc in zip(batch, backend.encode_batch(batch, add_special_tokens=False)):
+            ids = np.array(enc.ids + [sep], dtype=np.int64)
+            split = "val" if doc_index % period == 0 else "train"
+            writers[split].write(ids, len(text.encode("utf-8")))
+            doc_index += 1
+        bar.update(len(batch))
+
+    try:
+        batch: list[str] = []
+        for text in iter_texts(cfg.data, text_field=cfg.text_field, doc_per_line=cfg.doc_per_line,
+                               strict=cfg.strict, stats=stats):
+            batch.append(text)
+            if len(batch) >= cfg.batch_docs:
+                flush(batch)
+                batch = []
+        if batch:
+            flush(batch)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        bar.close()
+        for w in writers.values():
+            w.close()
+    if doc_index == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ChatforgeError(f"{', '.join(cfg.data)}: the corpus is empty after filtering ({stats.summary()})")
+    if writers["train"].documents == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ChatforgeError(f"{', '.join(cfg.data)}: only {doc_index} document(s); need at least 2 "
+                             "(one is held out for validation)")
+    manifest = {
+        "version": FORMAT_VERSION, "cache_key": key, "sources": cfg.data, "dtype": np.dtype(dtype).name,
+        "vocab_size": vocab_size, "tokenizer_fingerprint": tok_fp, "separator_id": sep,
+        "val_fraction": cfg.val_fraction, "train": writers["train"].summary(), "val": writers["val"].summary(),
+        "skipped": dict(stats.skipped), "invalid_utf8_lines": stats.invalid_utf8_lines,
+        "records": stats.records, "seconds": round(time.time() - started, 2),
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
+    if out.exists():
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, out)  # atomic: a killed run never leaves a manifest next to partial shards
+    mb = manifest["train"]["bytes"] + manifest["val"]["bytes"]
+    log(f"data: {manifest['train']['tokens']:,} train / {manifest['val']['tokens']:,} val tokens from "
+        f"{doc_index:,} documents ({stats.summary()}), {mb / 1e6 / max(manifest['seconds'], 1e-9):.1f} MB/s -> {out}")
+    return manifest
+
+
+def read_manifest(folder: str | Path) -> dict:
+    path = Path(folder) / MANIFEST
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ChatforgeError(f"{path}: not a readable shard manifest ({err})") from None
+
+
+def load_split(folder: str | Path, split: str) -> np.ndarray:
+    """All tokens of one split as a single (memory-mapped when possible) array."""
+    manifest = read_manifest(folder)
+    arrays = [np.memmap(Path(folder) / s["file"], dtype=manifest["dtype"], mode="r")
+              for s in manifest[split]["shards"] if s["tokens"] > 0]
+    if not arrays:
+        return np.zeros(0, dtype=manifest["dtype"])
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+
+
+class PackedBlocks:
+    """Map-style dataset of non-overlapping `block_size` windows over a split's token stream.
+
+    Items are {"input_ids", "labels"} with labels == input_ids: the causal-LM head shifts them, so the
+    model predicts every next token, across document boundaries (separated by <|endoftext|>).
+    """
+
+    def __init__(self, folder: str | Path, split: str, block_size: int):
+        self.tokens = load_split(folder, split)
+        self.block_size = block_size
+        self.n_blocks = len(self.tokens) // block_size
+
+    def __len__(self) -> int:
+        return self.n_blocks
+
+    def __getitem__(self, index: int) -> dict:
+        import torch
+
+        start = index * self.block_size
+        ids = torch.from_numpy(self.tokens[start:start + self.block_size].astype(np.int64))
+        return {"input_ids": ids, "labels": ids}
+
+
+def bits_per_byte(loss_nats: float, tokens: int, n_bytes: int) -> float:
+    """Tokenizer-independent loss: nats per token × tokens per byte / ln 2."""
+    return loss_nats * tokens / max(n_bytes, 1) / math.log(2)
+
+
+def unigram_entropy(folder: str | Path, split: str = "train") -> float:
+    """Entropy (nats) of the split's unigram token distribution: the loss of a model that ignores context."""
+    tokens = load_split(folder, split)
+    counts = np.bincount(tokens.astype(np.int64))
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())

@@ -1,0 +1,139 @@
+"""Stage 3: the model, a stock transformers class configured from a named size preset.
+
+`gpt2` builds `GPT2LMHeadModel` (learned positions, LayerNorm, GELU MLP, tied embeddings), `llama`
+builds `LlamaForCausalLM` (RoPE, RMSNorm, SwiGLU, optional grouped-query attention). Because they are
+the stock classes, every checkpoint is a plain Hugging Face directory that transformers and vLLM load.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+from chatforge.errors import ChatforgeError
+
+# name: (n_layer, d_model, n_head, context_length)
+PRESETS = {
+    "tiny": (4, 192, 6, 256),          # ~2-3M parameters with an 8k vocabulary: CPU demos and tests
+    "mini": (6, 384, 6, 256),          # ~14M: the CPU benchmark shape
+    "small": (8, 512, 8, 512),         # ~30M: a GPU quickstart in minutes
+    "gpt2-small": (12, 768, 12, 1024),   # 124M
+    "gpt2-medium": (24, 1024, 16, 1024),  # 350M
+    "gpt2-large": (36, 1280, 20, 1024),   # 774M
+}
+ARCHS = ("gpt2", "llama")
+VOCAB_MULTIPLE = 64  # tensor-core and SIMD friendly matmul shapes for the LM head
+
+
+@dataclass
+class ModelShape:
+    arch: str = "gpt2"
+    n_layer: int = 4
+    d_model: int = 192
+    n_head: int = 6
+    n_kv_head: int | None = None
+    context_length: int = 256
+    vocab_size: int = 8192
+    dropout: float = 0.0
+
+
+def resolve_shape(arch: str, preset: str, vocab_size: int, n_layer=None, d_model=None, n_head=None,
+                  n_kv_head=None, context_length=None, dropout: float = 0.0) -> ModelShape:
+    if arch not in ARCHS:
+        raise ChatforgeError(f"--arch must be one of {', '.join(ARCHS)}, got {arch!r}")
+    if preset not in PRESETS:
+        raise ChatforgeError(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+    base = PRESETS[preset]
+    shape = ModelShape(arch=arch, n_layer=n_layer or base[0], d_model=d_model or base[1],
+                       n_head=n_head or base[2], n_kv_head=n_kv_head, context_length=context_length or base[3],
+                       vocab_size=padded_vocab(vocab_size), dropout=dropout)
+    if shape.d_model % shape.n_head:
+        raise ChatforgeError(f"--d-model {shape.d_model} is not divisible by --n-head {shape.n_head}")
+    if shape.n_kv_head and (arch != "llama" or shape.n_head % shape.n_kv_head):
+        raise ChatforgeError("--n-kv-head needs --arch llama and must divide --n-head")
+    return shape
+
+
+def padded_vocab(n: int) -> int:
+    return int(math.ceil(n / VOCAB_MULTIPLE) * VOCAB_MULTIPLE)
+
+
+def build_config(shape: ModelShape, bos_id: int, eos_id: int, pad_id: int | None):
+    if shape.arch == "gpt2":
+        from transformers import GPT2Config
+
+        return GPT2Config(
+            vocab_size=shape.vocab_size, n_positions=shape.context_length, n_embd=shape.d_model,
+            n_layer=shape.n_layer, n_head=shape.n_head, resid_pdrop=shape.dropout, embd_pdrop=shape.dropout,
+            attn_pdrop=shape.dropout, bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id,
+            tie_word_embeddings=True,
+        )
+    from transformers import LlamaConfig
+
+    hidden = int(8 * shape.d_model / 3)
+    hidden = (hidden + 63) // 64 * 64  # SwiGLU width ~8/3·d, rounded for matmul efficiency
+    return LlamaConfig(
+        vocab_size=shape.vocab_size, hidden_size=shape.d_model, intermediate_size=hidden,
+        num_hidden_layers=shape.n_layer, num_attention_heads=shape.n_head,
+        num_key_value_heads=shape.n_kv_head or shape.n_head, max_position_embeddings=shape.context_length,
+        attention_dropout=shape.dropout, bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id,
+        tie_word_embeddings=True, rope_theta=10000.0,
+    )
+
+
+def new_model(shape: ModelShape, tok, seed: int = 0):
+    """A freshly initialised model whose special-token ids match the tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from chatforge.tokenizer import document_separator_id
+
+    eos = document_separator_id(tok)
+    config = build_config(shape, bos_id=eos, eos_id=eos, pad_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    set_generation_defaults(model, tok)
+    return model
+
+
+def set_generation_defaults(model, tok) -> None:
+    """generation_config.json: stop at end of turn and end of document; pad is never EOS."""
+    vocab = tok.get_vocab()
+    stops = [vocab[t] for t in ("<|im_end|>", "<|endoftext|>") if t in vocab]
+    if tok.eos_token_id is not None and tok.eos_token_id not in stops:
+        stops.append(tok.eos_token_id)
+    model.generation_config.eos_token_id = stops
+    model.generation_config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
+    model.generation_config.bos_token_id = model.config.bos_token_id
+
+
+def load_model(path: str, dtype=None):
+    """Load any local Hugging Face causal-LM directory, with a clear error if it is not one."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if not os.path.isdir(path):
+        raise ChatforgeError(f"{path}: model directory not found")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise ChatforgeError(f"{path}: no config.json: not a Hugging Face model directory")
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa",
+                                                    dtype=dtype or torch.float32)
+    except Exception as err:  # unknown architecture, missing weights, ...: user-fixable
+        raise ChatforgeError(f"{path}: cannot load as a causal LM ({err})") from None
+
+
+def context_length(config) -> int:
+    for name in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, name, None)
+        if value:
+            return int(value)
+    return 2048
+
+
+def count_parameters(model, non_embedding: bool = False) -> int:
+    n = sum(p.numel() for p in model.parameters())
+    if non_embedding:
+        n -= model.get_input_embeddings().weight.numel()
+    return n

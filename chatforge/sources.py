@@ -1,0 +1,291 @@
+"""Read records from every kind of source a user may point `--data` at.
+
+A *source spec* is a string: a file, a directory, a glob, `hf:NAME[:CONFIG]` (a Hub dataset, only
+downloaded because the user named it) or `demo[:LANG]` (the chatterbot-corpus dialogues that ship as a
+PyPI dependency). Every reader streams: nothing larger than one record (or one .txt document) is held
+in memory, so corpora larger than RAM pass through.
+
+Records come out as `(record, origin)` where `record` is a dict and `origin` is "file:line" (or
+"file:record N"), so that every later error can name the place it came from. Problems that the user
+must fix raise `ChatforgeError`; problems that may be skipped are counted in `SourceStats`.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import gzip
+import io
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from chatforge.errors import ChatforgeError
+
+TEXT_SUFFIXES = (".txt", ".md", ".text")
+RECORD_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+COMPRESSED_SUFFIXES = (".gz", ".zst")
+
+DEMO_LANGUAGES = {
+    "en": "english", "zh": "chinese", "zh-tw": "traditionalchinese", "de": "german", "fr": "french",
+    "es": "spanish", "it": "italian", "pt": "portuguese", "ru": "russian", "ja": "japanese",
+    "ko": "korean", "tr": "turkish", "id": "indonesian", "hi": "hindi", "bn": "bengali",
+    "nl": "dutch", "sv": "swedish", "uk": "ukrainian", "he": "hebrew", "fa": "persian",
+    "ta": "tamil", "te": "telugu", "th": "thai", "ur": "urdu", "yo": "yoruba", "mr": "marathi",
+}
+
+
+@dataclass
+class SourceStats:
+    """Counts of everything read or skipped, reported at the end of a run (never dropped silently)."""
+
+    records: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    invalid_utf8_lines: int = 0
+
+    def skip(self, reason: str, origin: str, strict: bool) -> None:
+        if strict:
+            raise ChatforgeError(f"{origin}: {reason} (--strict)")
+        self.skipped[reason] += 1
+
+    def summary(self) -> str:
+        parts = [f"{self.records} records read"]
+        parts += [f"{n} skipped ({reason})" for reason, n in sorted(self.skipped.items())]
+        if self.invalid_utf8_lines:
+            parts.append(f"{self.invalid_utf8_lines} lines with invalid UTF-8 decoded with replacement")
+        return ", ".join(parts)
+
+
+def _is_supported_file(path: str) -> bool:
+    name = path.lower()
+    for suffix in COMPRESSED_SUFFIXES:
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    return name.endswith(TEXT_SUFFIXES + RECORD_SUFFIXES)
+
+
+def resolve_files(spec: str) -> list[str]:
+    """Expand a file/directory/glob spec to a sorted list of readable files, or raise."""
+    if any(ch in spec for ch in "*?["):
+        files = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
+        if not files:
+            raise ChatforgeError(f"{spec}: the pattern matches no files")
+        return files
+    path = Path(spec)
+    if not path.exists():
+        raise ChatforgeError(f"{spec}: no such file or directory")
+    if path.is_dir():
+        files = sorted(str(p) for p in path.rglob("*") if p.is_file() and _is_supported_file(str(p))
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        if not files:
+            raise ChatforgeError(f"{spec}: the directory holds no .txt/.jsonl/.json/.parquet/.csv files")
+        return files
+    return [str(path)]
+
+
+def _open_binary(path: str):
+    if path.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if path.endswith(".zst"):
+        import zstandard
+
+        raw = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
+        return io.BufferedReader(raw)
+    return open(path, "rb")
+
+
+def _decode(raw: bytes, origin: str, stats: SourceStats, strict: bool) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if strict:
+            raise ChatforgeError(f"{origin}: invalid UTF-8 ({err.reason}) (--strict)") from None
+        stats.invalid_utf8_lines += 1
+        return raw.decode("utf-8", errors="replace")
+
+
+def _iter_lines(path: str, stats: SourceStats, strict: bool) -> Iterator[tuple[str, str]]:
+    with _open_binary(path) as handle:
+        for lineno, raw in enumerate(handle, 1):
+            yield _decode(raw, f"{path}:{lineno}", stats, strict).rstrip("\r\n"), f"{path}:{lineno}"
+
+
+def _base_suffix(path: str) -> str:
+    name = path.lower()
+    for suffix in COMPRESSED_SUFFIXES:
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    return os.path.splitext(name)[1]
+
+
+def _read_file(path: str, doc_per_line: bool, stats: SourceStats, strict: bool) -> Iterator[tuple[dict, str]]:
+    suffix = _base_suffix(path)
+    if suffix == ".jsonl" or (suffix == ".json" and _looks_like_jsonl(path)):
+        for line, origin in _iter_lines(path, stats, strict):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ChatforgeError(f"{origin}: malformed JSON ({err.msg})") from None
+            if not isinstance(record, dict):
+                raise ChatforgeError(f"{origin}: expected a JSON object, got {type(record).__name__}")
+            yield record, origin
+    elif suffix == ".json":
+        with _open_binary(path) as handle:
+            text = _decode(handle.read(), path, stats, strict)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ChatforgeError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
+        if isinstance(data, dict):
+            lists = [v for v in data.values() if isinstance(v, list)]
+            data = lists[0] if len(lists) == 1 and "messages" not in data and "text" not in data else [data]
+        if not isinstance(data, list):
+            raise ChatforgeError(f"{path}: expected a JSON list of objects")
+        for index, record in enumerate(data):
+            if not isinstance(record, dict):
+                raise ChatforgeError(f"{path}: record {index}: expected a JSON object")
+            yield record, f"{path}: record {index}"
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            parquet = pq.ParquetFile(path)
+        except Exception as err:  # pyarrow raises several types for corrupt files
+            raise ChatforgeError(f"{path}: not a readable Parquet file ({err})") from None
+        index = 0
+        for batch in parquet.iter_batches(batch_size=1024):
+            for record in batch.to_pylist():
+                yield record, f"{path}: row {index}"
+                index += 1
+    elif suffix == ".csv":
+        with _open_binary(path) as handle:
+            text_stream = io.TextIOWrapper(handle, encoding="utf-8", errors="replace", newline="")
+            for index, record in enumerate(csv.DictReader(text_stream)):
+                yield record, f"{path}: row {index + 2}"
+    elif doc_per_line:
+        for line, origin in _iter_lines(path, stats, strict):
+            yield {"text": line}, origin
+    else:
+        with _open_binary(path) as handle:
+            yield {"text": _decode(handle.read(), path, stats, strict)}, path
+
+
+def _looks_like_jsonl(path: str) -> bool:
+    """A .json file whose first line is a complete object is read line by line (streaming)."""
+    with _open_binary(path) as handle:
+        first = handle.readline().strip()
+    if not first.startswith(b"{"):
+        return False
+    try:
+        json.loads(first)
+        return True
+    except ValueError:
+        return False
+
+
+def demo_dir() -> Path:
+    import chatterbot_corpus
+
+    return Path(chatterbot_corpus.__file__).parent / "data"
+
+
+def _read_demo(lang: str | None) -> Iterator[tuple[dict, str]]:
+    """Each chatterbot-corpus dialogue becomes one record {"dialogue": [turn, turn, ...]}."""
+    import yaml
+
+    root = demo_dir()
+    if lang is None:
+        folders = sorted(p for p in root.iterdir() if p.is_dir())
+    else:
+        folder = root / DEMO_LANGUAGES.get(lang, lang)
+        if not folder.is_dir():
+            known = ", ".join(sorted(DEMO_LANGUAGES))
+            raise ChatforgeError(f"demo:{lang}: unknown demo language (known: {known})")
+        folders = [folder]
+    for folder in folders:
+        for path in sorted(folder.glob("*.yml")):
+            with open(path, encoding="utf-8") as handle:
+                data = yaml.safe_load(handle) or {}
+            for index, turns in enumerate(data.get("conversations") or []):
+                turns = [str(t).strip() for t in turns if t is not None and str(t).strip()]
+                if turns:
+                    yield {"dialogue": turns}, f"{path}: dialogue {index}"
+
+
+def _read_hub(spec: str) -> Iterator[tuple[dict, str]]:
+    import datasets
+
+    name, _, config = spec[len("hf:"):].partition(":")
+    if not name:
+        raise ChatforgeError(f"{spec}: expected hf:NAME[:CONFIG]")
+    try:
+        dataset = datasets.load_dataset(name, config or None, split="train", streaming=True)
+    except Exception as err:  # network, missing dataset, bad config: all user-fixable
+        raise ChatforgeError(f"{spec}: could not load the Hub dataset ({err})") from None
+    for index, record in enumerate(dataset):
+        yield dict(record), f"{spec}: record {index}"
+
+
+def iter_records(specs: Iterable[str], *, doc_per_line: bool = False, strict: bool = False,
+                 stats: SourceStats | None = None) -> Iterator[tuple[dict, str]]:
+    """Yield every record of every source, in a deterministic order."""
+    stats = stats if stats is not None else SourceStats()
+    specs = list(specs)
+    if not specs:
+        raise ChatforgeError("no --data given")
+    for spec in specs:
+        if spec == "demo" or spec.startswith("demo:"):
+            records = _read_demo(spec.partition(":")[2] or None)
+        elif spec.startswith("hf:"):
+            records = _read_hub(spec)
+        else:
+            records = (item for path in resolve_files(spec)
+                       for item in _read_file(path, doc_per_line, stats, strict))
+        for record, origin in records:
+            stats.records += 1
+            yield record, origin
+
+
+def record_text(record: dict, origin: str, text_field: str) -> str:
+    """The text of a pretraining record: its `text_field`, or a demo dialogue's turns one per line."""
+    if "dialogue" in record and text_field not in record:
+        return "\n".join(record["dialogue"])
+    if text_field not in record:
+        fields = ", ".join(sorted(map(str, record))) or "none"
+        raise ChatforgeError(f"{origin}: no '{text_field}' field (fields: {fields}); use --text-field")
+    value = record[text_field]
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ChatforgeError(f"{origin}: field '{text_field}' is {type(value).__name__}, expected text")
+    return value
+
+
+def iter_texts(specs: Iterable[str], *, text_field: str = "text", doc_per_line: bool = False,
+               strict: bool = False, stats: SourceStats | None = None) -> Iterator[str]:
+    """Yield the non-empty documents of the sources; empty ones are counted as skipped."""
+    stats = stats if stats is not None else SourceStats()
+    for record, origin in iter_records(specs, doc_per_line=doc_per_line, strict=strict, stats=stats):
+        text = record_text(record, origin, text_field)
+        if not text.strip():
+            stats.skip("empty document", origin, strict=False)
+            continue
+        yield text
+
+
+def describe_sources(specs: Iterable[str]) -> list[dict]:
+    """A fingerprint of the inputs (paths, sizes, mtimes) used to decide whether cached shards are stale."""
+    described = []
+    for spec in specs:
+        if spec == "demo" or spec.startswith("demo:") or spec.startswith("hf:"):
+            described.append({"spec": spec})
+            continue
+        files = [{"path": os.path.abspath(p), "size": os.path.getsize(p), "mtime": os.path.getmtime(p)}
+                 for p in resolve_files(spec)]
+        described.append({"spec": spec, "files": files})
+    return described

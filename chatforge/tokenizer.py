@@ -1,0 +1,167 @@
+"""Stage 1: train a byte-level BPE tokenizer with the chat tokens reserved from the start.
+
+Byte-level BPE (the `tokenizers` library) means every UTF-8 string, Chinese, emoji or code, maps to
+tokens with no unknown token. The special tokens are in the vocabulary before pretraining begins, so
+pretraining and chat fine-tuning share one vocabulary and the embeddings never need resizing.
+
+The saved directory is a plain Hugging Face tokenizer (tokenizer.json + tokenizer_config.json with a
+ChatML `chat_template`); `AutoTokenizer.from_pretrained(DIR)` loads it with no chatforge import.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from chatforge.errors import ChatforgeError
+
+EOS = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+PAD = "<|pad|>"
+SPECIAL_TOKENS = [EOS, IM_START, IM_END, PAD]
+
+# ChatML. The assistant's content and its closing <|im_end|> sit inside {% generation %} so that
+# `apply_chat_template(..., return_assistant_tokens_mask=True)` (transformers, TRL) marks exactly the
+# tokens the model must learn to produce, the end-of-turn token included: that is what makes it stop.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{% generation %}{{- message['content'] + '<|im_end|>' }}{% endgeneration %}{{- '\\n' }}"
+    "{%- else %}"
+    "{{- message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+@dataclass
+class TokenizerConfig:
+    """Settings of `chatforge tokenizer train`."""
+
+    data: list[str] = field(default_factory=list)
+    out: str = ""
+    vocab_size: int = 8192
+    max_chars: int = 200_000_000  # bounds memory and time on large corpora: train on a prefix sample
+    min_frequency: int = 2
+    text_field: str = "text"
+    doc_per_line: bool = False
+    strict: bool = False
+
+
+def train_tokenizer(cfg: TokenizerConfig, log=print):
+    """Train, save to `cfg.out` and return the transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from chatforge.sources import SourceStats, iter_texts
+
+    min_vocab = 256 + len(SPECIAL_TOKENS)
+    if cfg.vocab_size < min_vocab:
+        raise ChatforgeError(f"--vocab-size {cfg.vocab_size} is too small: byte-level BPE needs at least {min_vocab}")
+    stats = SourceStats()
+    used_chars = 0
+
+    def sample():
+        nonlocal used_chars
+        for text in iter_texts(cfg.data, text_field=cfg.text_field, doc_per_line=cfg.doc_per_line,
+                               strict=cfg.strict, stats=stats):
+            if used_chars >= cfg.max_chars:
+                return
+            text = text[: cfg.max_chars - used_chars]
+            used_chars += len(text)
+            yield text
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.vocab_size,
+        min_frequency=cfg.min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=True,
+    )
+    tok.train_from_iterator(sample(), trainer=trainer)
+    if used_chars == 0:
+        raise ChatforgeError(f"{', '.join(cfg.data)}: the corpus is empty ({stats.summary()})")
+    if tok.get_vocab_size() < cfg.vocab_size:
+        raise ChatforgeError(
+            f"--vocab-size {cfg.vocab_size} is more than this corpus supports: it yields only "
+            f"{tok.get_vocab_size()} tokens ({used_chars:,} characters); use --vocab-size {tok.get_vocab_size()} "
+            "or less, or more data")
+    hf_tok = wrap_tokenizer(tok)
+    save_tokenizer(hf_tok, cfg.out)
+    log(f"tokenizer: {tok.get_vocab_size()} tokens from {used_chars:,} characters ({stats.summary()}) -> {cfg.out}")
+    return hf_tok
+
+
+def wrap_tokenizer(tok):
+    """A transformers fast tokenizer around a `tokenizers.Tokenizer`, with our special tokens."""
+    from transformers import PreTrainedTokenizerFast
+
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=None, pad_token=PAD,
+        additional_special_tokens=[IM_START, IM_END], model_max_length=1_000_000,
+    )
+    hf_tok.chat_template = CHAT_TEMPLATE
+    return hf_tok
+
+
+def save_tokenizer(tok, out: str) -> None:
+    Path(out).mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(out)
+
+
+def load_tokenizer(path: str):
+    """Load any Hugging Face tokenizer directory (ours or a user's), with a clear error if it is not one."""
+    from transformers import AutoTokenizer
+
+    if not os.path.isdir(path):
+        raise ChatforgeError(f"{path}: tokenizer directory not found")
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as err:  # transformers raises OSError/ValueError/... for non-tokenizer folders
+        raise ChatforgeError(f"{path}: not a Hugging Face tokenizer directory ({err})") from None
+    if not getattr(tok, "is_fast", False):
+        raise ChatforgeError(f"{path}: chatforge needs a fast (tokenizer.json) tokenizer")
+    return tok
+
+
+def ensure_chat_tokens(tok) -> int:
+    """Give a foreign tokenizer the ChatML tokens, a pad token and our template; return tokens added."""
+    added = tok.add_special_tokens({"additional_special_tokens": [IM_START, IM_END]},
+                                   replace_extra_special_tokens=False) if IM_START not in tok.get_vocab() \
+        or IM_END not in tok.get_vocab() else 0
+    if tok.pad_token is None:
+        added += tok.add_special_tokens({"pad_token": PAD})
+    if tok.eos_token is None:
+        tok.eos_token = IM_END
+    if not tok.chat_template or "<|im_start|>" not in tok.chat_template or "generation" not in tok.chat_template:
+        tok.chat_template = CHAT_TEMPLATE
+    return added
+
+
+def document_separator_id(tok) -> int:
+    """The id placed between pretraining documents: <|endoftext|> if present, else the tokenizer's EOS."""
+    vocab = tok.get_vocab()
+    if EOS in vocab:
+        return vocab[EOS]
+    if tok.eos_token_id is None:
+        raise ChatforgeError("the tokenizer has neither <|endoftext|> nor an EOS token to separate documents")
+    return tok.eos_token_id
+
+
+def fingerprint(tok) -> str:
+    """A stable hash of the tokenizer's full definition (vocabulary, merges, normalisation, specials)."""
+    payload = tok.backend_tokenizer.to_str()
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+
+
+def tokenizer_summary(tok) -> dict:
+    return {"vocab_size": len(tok), "fingerprint": fingerprint(tok),
+            "special_tokens": json.loads(json.dumps(tok.all_special_tokens))}
