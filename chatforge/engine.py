@@ -107,7 +107,7 @@ class Engine:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
         ids = torch.tensor([prompt_ids], device=self.device)
         out = self.model(input_ids=ids, use_cache=True)
-        cache = out.past_key_values
+        cache = out.cache
         logits = out.logits[:, -1].float()
         generated: list[int] = []
         emitted = ""
@@ -131,9 +131,8 @@ class Engine:
                 if safe > len(emitted):
                     yield text[len(emitted):safe]
                     emitted = text[:safe]
-            out = self.model(input_ids=torch.tensor([[token]], device=self.device), past_key_values=cache,
-                             use_cache=True)
-            cache = out.past_key_values
+            out = self.model(input_ids=torch.tensor([[token]], device=self.device), cache=cache, use_cache=True)
+            cache = out.cache
             logits = out.logits[:, -1].float()
         if len(text) > len(emitted):
             yield text[len(emitted):]

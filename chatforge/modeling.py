@@ -113,8 +113,11 @@ def load_model(path: str, dtype=None):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from transformers.utils import logging as hf_logging
+
     if not os.path.isdir(path):
         raise ChatforgeError(f"{path}: model directory not found")
+    hf_logging.disable_progress_bar()
     if not os.path.exists(os.path.join(path, "config.json")):
         raise ChatforgeError(f"{path}: no config.json: not a Hugging Face model directory")
     try:

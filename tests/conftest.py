@@ -1,0 +1,43 @@
+"""Shared fixtures: a real tokenizer and a real (tiny) pretrained base model, built once per session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "true", "HF_HUB_OFFLINE": "1",
+       "TRANSFORMERS_VERBOSITY": "error", "TQDM_DISABLE": "1"}
+# tiny shapes keep every training test to seconds on 2 CPU cores
+TINY = ["--n-layer", "2", "--d-model", "64", "--n-head", "2", "--context-length", "128"]
+
+
+def run_cli(*args, check: bool = True, timeout: float = 600, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    """Run `python -m chatforge ARGS` for real; on unexpected failure show its output."""
+    proc = subprocess.run([sys.executable, "-m", "chatforge", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env={**ENV, **(env or {})}, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"chatforge {' '.join(map(str, args))} exited {proc.returncode}\n"
+                             f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> str:
+    """A 1024-token BPE trained on the English and Chinese demo corpus."""
+    out = tmp_path_factory.mktemp("tok") / "tokenizer"
+    run_cli("tokenizer", "train", "--data", "demo:en", "--data", "demo:zh", "--vocab-size", 1024, "--out", out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def base_model_dir(tmp_path_factory, tokenizer_dir) -> str:
+    """A tiny GPT-2 pretrained for a few steps on the demo corpus: the base for chat/serve tests."""
+    out = tmp_path_factory.mktemp("base") / "run"
+    run_cli("pretrain", "--data", "demo:en", "--data", "demo:zh", "--tokenizer", tokenizer_dir, "--out", out,
+            *TINY, "--max-steps", 80, "--eval-every", 80, "--save-every", 1000, "--report-to", "none")
+    return str(out)
