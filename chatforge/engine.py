@@ -1,19 +1,35 @@
-"""Stage 6: text generation with a KV cache, shared by `generate`, `chat` and `serve`.
+"""Stage 6: text generation with a KV cache and continuous batching, shared by `generate`, `chat` and `serve`.
 
-`Engine.stream()` prefills the prompt once, then decodes one token per step reusing the cache, and
-yields text as soon as it is printable (a Chinese character split over two byte-level tokens is held
-back until complete). Sampling: temperature (0 = greedy), top-k, top-p, repetition penalty, seed;
-stops at the model's end tokens (<|im_end|>, <|endoftext|>) or a stop string.
+One background thread owns the model. Requests wait in a bounded queue; between decode steps the
+thread admits waiting requests (prefill), then decodes one token for every active request in one batch,
+and retires finished or cancelled ones at once (continuous batching). Text reaches the caller as soon as
+it is printable (a character split over two byte-level tokens is held back until complete).
+
+Speed: for the GPT-2 and Llama checkpoints chatforge writes, `_FastModel` runs its own forward over the
+Hugging Face weights with a preallocated KV cache. Why: at the sizes chatforge trains on a CPU, HF's
+forward and `generate()` spend far longer in Python per step (cache objects, mask building, logits
+processors) than in matmuls. Any other causal LM goes through `_HFModel` (the stock forward, one request
+at a time inside each step: slower, but it works). Greedy output equals `model.generate()` (tested).
+Sampling: temperature (0 = greedy), top-k, top-p, repetition penalty, seed; stops at the model's end
+tokens (<|im_end|>, <|endoftext|>) or a stop string.
 """
 
 from __future__ import annotations
 
+import collections
+import queue
+import threading
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 
 from chatforge.errors import ChatforgeError
+
+
+class EngineBusy(ChatforgeError):
+    """The request queue is full: the caller should retry later (HTTP 503 + Retry-After)."""
 
 
 @dataclass
@@ -37,6 +53,10 @@ class SamplingParams:
             raise ChatforgeError("top_k must be >= 0")
         if self.repetition_penalty <= 0:
             raise ChatforgeError("repetition_penalty must be > 0")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 and self.repetition_penalty == 1.0
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
@@ -62,10 +82,295 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-class Engine:
-    """A loaded model + tokenizer that turns prompts into streamed text."""
+# ---------------------------------------------------------------- model backends
+# Both keep one KV cache per slot; active requests always occupy slots 0..n-1 (see Engine._retire).
 
-    def __init__(self, model_dir: str, device: str | None = None, dtype: torch.dtype | None = None):
+
+class _FastModel:
+    """GPT-2 / Llama forward over the HF weights with a static KV cache [slot, head, position, dim]."""
+
+    def __init__(self, model, max_batch: int, ctx: int):
+        cfg = model.config
+        self.model, self.arch = model, cfg.model_type
+        p = next(model.parameters())
+        if self.arch == "gpt2":
+            self.layers = model.transformer.h
+            self.n_head = self.n_kv = cfg.n_head
+            self.head_dim = cfg.n_embd // cfg.n_head
+            self.scale = self.head_dim ** -0.5 if cfg.scale_attn_weights else 1.0
+        else:
+            self.layers = model.model.layers
+            self.n_head, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+            self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+            self.scale = self.head_dim ** -0.5
+            rot = model.model.rotary_emb  # same table as HF: cos/sin of position * inv_freq, times scaling
+            freqs = torch.arange(ctx, device=p.device).float()[:, None] * rot.inv_freq.float()[None, :]
+            emb = torch.cat((freqs, freqs), dim=-1)
+            self.cos = (emb.cos() * rot.attention_scaling).to(p.dtype)
+            self.sin = (emb.sin() * rot.attention_scaling).to(p.dtype)
+        shape = (max_batch, self.n_kv, ctx, self.head_dim)
+        self.k = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in self.layers]
+        self.v = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in self.layers]
+        self.device = p.device
+        self._bind_weights(model)
+
+    @staticmethod
+    def supports(model) -> bool:
+        cfg = model.config
+        if cfg.model_type == "gpt2":
+            return not (cfg.scale_attn_by_inverse_layer_idx or cfg.reorder_and_upcast_attn)
+        if cfg.model_type == "llama":
+            rope = getattr(cfg, "rope_parameters", None) or {}
+            return (rope.get("rope_type", "default") == "default" and not getattr(cfg, "attention_bias", False)
+                    and not getattr(cfg, "mlp_bias", False))
+        return False
+
+    def prefill(self, slot: int, ids: list[int]) -> torch.Tensor:
+        x = torch.tensor([ids], device=self.device)
+        return self._forward(x, slice(slot, slot + 1), torch.arange(len(ids), device=self.device)[None], None)[0]
+
+    def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+        """One new token per slot 0..B-1, each at its own position; returns logits [B, V].
+
+        Written for few Python-level ops per layer (2-D activations, fused QKV, GQA by reshaping, no
+        transposes): at these model sizes the step time is mostly per-op overhead, not FLOPs."""
+        B, dev = len(tokens), self.device
+        x = torch.tensor(tokens, device=dev)
+        pos = torch.tensor(positions, device=dev)
+        span = max(positions) + 1
+        mask = None
+        if B > 1:  # rows at different lengths: hide each row's unused tail
+            mask = (torch.arange(span, device=dev)[None, :] > pos[:, None])[:, None, None, :]
+        rows = torch.arange(B, device=dev)
+        H, G, D = self.n_head, self.n_kv, self.head_dim
+        if self.arch == "gpt2":
+            h = F.embedding(x, self.wte) + F.embedding(pos, self.wpe)
+        else:
+            h = F.embedding(x, self.wte)
+            cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # [B, 1, D]
+        for i, w in enumerate(self.weights):
+            if self.arch == "gpt2":
+                a = F.layer_norm(h, h.shape[-1:], w["ln1_w"], w["ln1_b"], self.eps)
+                qkv = torch.addmm(w["qkv_b"], a, w["qkv_w"])
+            else:
+                a = self._rms(h, w["ln1_w"])
+                qkv = a @ w["qkv_w"]
+            q, k, v = qkv.view(B, H + 2 * G, D).split([H, G, G], dim=1)
+            if self.arch != "gpt2":
+                q = q * cos + _rotate_half(q) * sin
+                k = k * cos + _rotate_half(k) * sin
+            kc, vc = self.k[i], self.v[i]
+            if B == 1:
+                kc[0, :, positions[0]] = k[0]
+                vc[0, :, positions[0]] = v[0]
+            else:
+                kc[rows, :, pos] = k
+                vc[rows, :, pos] = v
+            keys, values = kc[:B, :, :span], vc[:B, :, :span]      # [B, G, T, D]
+            att = (q.view(B, G, H // G, D) * self.scale) @ keys.transpose(-1, -2)  # [B, G, H/G, T]
+            if mask is not None:
+                att = att.masked_fill(mask, float("-inf"))
+            o = (att.softmax(-1) @ values).view(B, H * D)
+            if self.arch == "gpt2":
+                h = h + torch.addmm(w["proj_b"], o, w["proj_w"])
+                a = F.layer_norm(h, h.shape[-1:], w["ln2_w"], w["ln2_b"], self.eps)
+                a = self.act(torch.addmm(w["fc_b"], a, w["fc_w"]))
+                h = h + torch.addmm(w["out_b"], a, w["out_w"])
+            else:
+                h = h + o @ w["proj_w"]
+                a = self._rms(h, w["ln2_w"])
+                gu = a @ w["gate_up_w"]
+                g, u = gu.chunk(2, dim=-1)
+                h = h + (self.act(g) * u) @ w["down_w"]
+        if self.arch == "gpt2":
+            h = F.layer_norm(h, h.shape[-1:], self.lnf_w, self.lnf_b, self.eps)
+        else:
+            h = self._rms(h, self.lnf_w)
+        return (h @ self.head_w).float()
+
+    def _rms(self, h, weight):
+        hf = h.float()
+        return weight * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + self.eps)).to(h.dtype)
+
+    def _bind_weights(self, model) -> None:
+        """Plain tensors laid out for `x @ W` (transposed once here), QKV and gate/up fused."""
+        cfg, t = model.config, lambda lin: lin.weight.detach().t().contiguous()
+        self.weights = []
+        if self.arch == "gpt2":
+            tr = model.transformer
+            self.eps, self.act = cfg.layer_norm_epsilon, _gelu(cfg.activation_function)
+            self.wte, self.wpe = tr.wte.weight, tr.wpe.weight
+            self.lnf_w, self.lnf_b = tr.ln_f.weight, tr.ln_f.bias
+            for L in tr.h:  # GPT-2's Conv1D already stores [in, out]
+                self.weights.append(dict(
+                    ln1_w=L.ln_1.weight, ln1_b=L.ln_1.bias, qkv_w=L.attn.c_attn.weight, qkv_b=L.attn.c_attn.bias,
+                    proj_w=L.attn.c_proj.weight, proj_b=L.attn.c_proj.bias, ln2_w=L.ln_2.weight,
+                    ln2_b=L.ln_2.bias, fc_w=L.mlp.c_fc.weight, fc_b=L.mlp.c_fc.bias,
+                    out_w=L.mlp.c_proj.weight, out_b=L.mlp.c_proj.bias))
+        else:
+            from transformers.activations import ACT2FN
+
+            self.eps, self.act = cfg.rms_norm_eps, ACT2FN[cfg.hidden_act]
+            self.wte, self.lnf_w = model.model.embed_tokens.weight, model.model.norm.weight
+            for L in model.model.layers:
+                at, mlp = L.self_attn, L.mlp
+                self.weights.append(dict(
+                    ln1_w=L.input_layernorm.weight, ln2_w=L.post_attention_layernorm.weight,
+                    qkv_w=torch.cat([t(at.q_proj), t(at.k_proj), t(at.v_proj)], dim=1), proj_w=t(at.o_proj),
+                    gate_up_w=torch.cat([t(mlp.gate_proj), t(mlp.up_proj)], dim=1), down_w=t(mlp.down_proj)))
+        self.head_w = t(model.lm_head)
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        for k, v in zip(self.k, self.v):
+            k[dst, :, :length] = k[src, :, :length]
+            v[dst, :, :length] = v[src, :, :length]
+
+    def _forward(self, x, slots: slice, pos, mask, span: int | None = None) -> torch.Tensor:
+        """x [B, S] tokens at positions pos [B, S]; prefill when span is None (B=1, causal)."""
+        B, S = x.shape
+        gpt2 = self.arch == "gpt2"
+        if gpt2:
+            h = self.model.transformer.wte(x) + self.model.transformer.wpe(pos)
+        else:
+            h = self.model.model.embed_tokens(x)
+            cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # [B, 1, S, D]
+        rows = torch.arange(B, device=self.device) + slots.start
+        for i, layer in enumerate(self.layers):
+            if gpt2:
+                a = layer.ln_1(h)
+                q, k, v = layer.attn.c_attn(a).split(self.n_head * self.head_dim, dim=2)
+            else:
+                a = layer.input_layernorm(h)
+                q, k, v = layer.self_attn.q_proj(a), layer.self_attn.k_proj(a), layer.self_attn.v_proj(a)
+            q = q.view(B, S, self.n_head, self.head_dim).transpose(1, 2)
+            k = k.view(B, S, self.n_kv, self.head_dim).transpose(1, 2)
+            v = v.view(B, S, self.n_kv, self.head_dim).transpose(1, 2)
+            if not gpt2:
+                q = q * cos + _rotate_half(q) * sin
+                k = k * cos + _rotate_half(k) * sin
+            kc, vc = self.k[i], self.v[i]
+            if span is None:  # prefill: write the whole prompt, attend causally
+                kc[slots, :, :S] = k
+                vc[slots, :, :S] = v
+                keys, values, causal = k, v, True
+            else:  # decode: one new position per row
+                kc[rows, :, pos[:, 0]] = k[:, :, 0]
+                vc[rows, :, pos[:, 0]] = v[:, :, 0]
+                keys, values, causal = kc[slots, :, :span], vc[slots, :, :span], False
+            if self.n_kv != self.n_head:
+                keys = keys.repeat_interleave(self.n_head // self.n_kv, dim=1)
+                values = values.repeat_interleave(self.n_head // self.n_kv, dim=1)
+            if causal:
+                o = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=self.scale)
+            else:  # one query per row: plain matmuls beat the CPU SDPA kernel by far here
+                att = (q @ keys.transpose(-2, -1)) * self.scale
+                if mask is not None:
+                    att = att.masked_fill(~mask, float("-inf"))
+                o = att.softmax(-1) @ values
+            o = o.transpose(1, 2).reshape(B, S, -1)
+            if gpt2:
+                h = h + layer.attn.c_proj(o)
+                h = h + layer.mlp(layer.ln_2(h))
+            else:
+                h = h + layer.self_attn.o_proj(o)
+                h = h + layer.mlp(layer.post_attention_layernorm(h))
+        h = self.model.transformer.ln_f(h[:, -1]) if gpt2 else self.model.model.norm(h[:, -1])
+        return self.model.lm_head(h).float()
+
+
+def _gelu(name: str):
+    # GPT-2's "gelu_new" is the tanh approximation; one fused op instead of HF's seven
+    if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+        return lambda x: F.gelu(x, approximate="tanh")
+    from transformers.activations import ACT2FN
+
+    return ACT2FN[name]
+
+
+def _rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class _HFModel:
+    """Any transformers causal LM through its own forward and cache: one request at a time per step."""
+
+    def __init__(self, model, max_batch: int, ctx: int):
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.caches: list = [None] * max_batch
+
+    def prefill(self, slot: int, ids: list[int]) -> torch.Tensor:
+        out = self.model(input_ids=torch.tensor([ids], device=self.device), use_cache=True, logits_to_keep=1)
+        self.caches[slot] = out.cache
+        return out.logits[0, -1].float()
+
+    def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+        rows = []
+        for slot, token in enumerate(tokens):
+            out = self.model(input_ids=torch.tensor([[token]], device=self.device), cache=self.caches[slot],
+                             use_cache=True, logits_to_keep=1)
+            self.caches[slot] = out.cache
+            rows.append(out.logits[0, -1].float())
+        return torch.stack(rows)
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        self.caches[dst], self.caches[src] = self.caches[src], None
+
+
+# ---------------------------------------------------------------- requests
+
+
+class Request:
+    """One generation: iterate it for text pieces; `finish_reason` ("stop"/"length") is set at the end."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, budget: int):
+        self.prompt_ids, self.params, self.budget = list(prompt_ids), params, budget
+        self.ids = list(prompt_ids)          # prompt + generated, for positions and repetition penalty
+        self.out: list[int] = []             # generated ids
+        self.text = ""                       # decoded generated text
+        self.emitted = 0                     # characters of text already handed out
+        self.prefix_off = self.read_off = 0  # incremental detokenization window (as in vLLM)
+        self.prefix_text = ""
+        self.finish_reason: str | None = None
+        self.error: str | None = None
+        self.done = False
+        self.slot = -1
+        self.logits: torch.Tensor | None = None
+        self.events: queue.Queue = queue.Queue()
+        self.cancelled = threading.Event()
+        self.generator = None
+        if params.seed is not None:
+            self.generator = torch.Generator().manual_seed(params.seed)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.out)
+
+    def cancel(self) -> None:
+        """Stop generating (the engine frees the slot before its next step)."""
+        self.cancelled.set()
+
+    def __iter__(self) -> Iterator[str]:
+        while True:
+            kind, value = self.events.get()
+            if kind == "text":
+                yield value
+            elif kind == "error":
+                raise ChatforgeError(value)
+            else:
+                return
+
+
+class Engine:
+    """A loaded model + tokenizer that turns prompts into streamed text, many requests at once."""
+
+    def __init__(self, model_dir: str, device: str | None = None, dtype: torch.dtype | None = None,
+                 max_batch: int = 16, max_queue: int = 64, fast: bool = True):
         from chatforge.modeling import context_length, load_model
         from chatforge.tokenizer import load_tokenizer
 
@@ -76,8 +381,18 @@ class Engine:
         self.model = load_model(model_dir, dtype=dtype).to(self.device).eval()
         self.context_length = context_length(self.model.config)
         self.stop_ids = self._stop_ids()
-        self.finish_reason: str | None = None
+        self.max_batch, self.max_queue = max_batch, max_queue
+        backend = _FastModel if fast and _FastModel.supports(self.model) else _HFModel
+        self.backend = backend(self.model, max_batch, self.context_length)
+        self.fast = backend is _FastModel
+        self.finish_reason: str | None = None  # of the last stream() call
         self.completion_tokens = 0
+        self._tok_lock = threading.Lock()  # HF fast tokenizers are not safe to share across threads
+        self._cv = threading.Condition()
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._active: list[Request] = []  # index == KV-cache slot
+        self._thread: threading.Thread | None = None
+        self._closed = False
 
     def _stop_ids(self) -> set[int]:
         eos = self.model.generation_config.eos_token_id
@@ -86,60 +401,166 @@ class Engine:
         ids |= {vocab[t] for t in ("<|im_end|>", "<|endoftext|>") if t in vocab}
         return ids
 
+    # ------------------------------------------------------------ public API
+
     def chat_prompt(self, messages: list[dict]) -> list[int]:
-        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                       return_dict=True)["input_ids"])
+        with self._tok_lock:
+            return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                           return_dict=True)["input_ids"])
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        with self._tok_lock:
+            return self.tokenizer.encode(text, add_special_tokens=False)
 
-    @torch.inference_mode()
-    def stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[str]:
-        """Yield the completion's text piece by piece; afterwards `finish_reason` is "stop" or "length"."""
+    def decode(self, ids: list[int]) -> str:
+        with self._tok_lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    @property
+    def load(self) -> tuple[int, int]:
+        """(active, waiting) request counts."""
+        return len(self._active), len(self._waiting)
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> Request:
+        """Queue a request; raises ChatforgeError for bad input and EngineBusy when the queue is full."""
         params.validate()
         if not prompt_ids:
             raise ChatforgeError("the prompt is empty")
         if len(prompt_ids) >= self.context_length:
-            raise ChatforgeError(f"the prompt is {len(prompt_ids)} tokens; the context window is {self.context_length}")
-        budget = min(params.max_new_tokens, self.context_length - len(prompt_ids))
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        ids = torch.tensor([prompt_ids], device=self.device)
-        out = self.model(input_ids=ids, use_cache=True)
-        cache = out.cache
-        logits = out.logits[:, -1].float()
-        generated: list[int] = []
-        emitted = ""
-        text = ""
-        self.finish_reason = "length"
-        for _ in range(budget):
-            history = torch.tensor([prompt_ids + generated], device=self.device) if params.repetition_penalty != 1.0 else None
-            token = int(sample_next(logits, params, generator, history)[0])
-            if token in self.stop_ids:
-                self.finish_reason = "stop"
-                break
-            generated.append(token)
-            text = self.tokenizer.decode(generated, skip_special_tokens=True)
-            stop_at = _find_stop(text, params.stop, len(emitted))
-            if stop_at is not None:
-                text = text[:stop_at]
-                self.finish_reason = "stop"
-                break
-            if not text.endswith("\ufffd"):  # hold back half a character
-                safe = _hold_back_stop_prefix(text, params.stop, len(emitted))
-                if safe > len(emitted):
-                    yield text[len(emitted):safe]
-                    emitted = text[:safe]
-            out = self.model(input_ids=torch.tensor([[token]], device=self.device), cache=cache, use_cache=True)
-            cache = out.cache
-            logits = out.logits[:, -1].float()
-        if len(text) > len(emitted):
-            yield text[len(emitted):]
-        self.completion_tokens = len(generated)
+            raise ChatforgeError(f"the prompt is {len(prompt_ids)} tokens; the context window is "
+                                 f"{self.context_length}")
+        req = Request(prompt_ids, params, min(params.max_new_tokens, self.context_length - len(prompt_ids)))
+        with self._cv:
+            if self._closed:
+                raise ChatforgeError("the engine is closed")
+            if len(self._waiting) >= self.max_queue:
+                raise EngineBusy(f"the queue is full ({self.max_queue} waiting requests)")
+            self._waiting.append(req)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="chatforge-engine", daemon=True)
+                self._thread.start()
+            self._cv.notify()
+        return req
+
+    def stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[str]:
+        """Yield the completion's text piece by piece; afterwards `finish_reason` is "stop" or "length"."""
+        req = self.submit(prompt_ids, params)
+        try:
+            yield from req
+        finally:
+            req.cancel()  # no-op when finished; frees the slot when the caller stops early
+            self.finish_reason, self.completion_tokens = req.finish_reason, req.completion_tokens
 
     def complete(self, prompt_ids: list[int], params: SamplingParams) -> str:
         return "".join(self.stream(prompt_ids, params))
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+
+    # ------------------------------------------------------------ the engine thread
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._waiting and not self._active and not self._closed:
+                    self._cv.wait()
+                if self._closed:
+                    for req in [*self._active, *self._waiting]:
+                        self._finish(req, "stop")
+                    return
+            try:
+                with torch.inference_mode():
+                    self._step()
+            except Exception as err:  # never leave a client hanging: fail what was running, keep serving
+                for req in self._active:
+                    req.error = f"generation failed: {err}"
+                    req.events.put(("error", req.error))
+                self._active.clear()
+
+    def _step(self) -> None:
+        # 1. admit waiting requests into free slots (prefill)
+        while len(self._active) < self.max_batch:
+            with self._cv:
+                if not self._waiting:
+                    break
+                req = self._waiting.popleft()
+            if req.cancelled.is_set():
+                self._finish(req, "stop")
+                continue
+            req.slot = len(self._active)
+            self._active.append(req)
+            req.logits = self.backend.prefill(req.slot, req.prompt_ids)[None]
+        # 2. pick each request's next token; retire finished ones
+        done = [r for r in self._active if r.cancelled.is_set() or not self._advance(r)]
+        for req in sorted(done, key=lambda r: -r.slot):
+            self._retire(req)
+        if not self._active:
+            return
+        # 3. one batched forward for everyone still running
+        logits = self.backend.decode([r.ids[-1] for r in self._active], [len(r.ids) - 1 for r in self._active])
+        for i, req in enumerate(self._active):
+            req.logits = logits[i:i + 1]
+
+    def _advance(self, req: Request) -> bool:
+        """Sample one token for req and stream its text; False when the request is finished."""
+        p = req.params
+        history = torch.tensor([req.ids], device=req.logits.device) if p.repetition_penalty != 1.0 else None
+        token = int(sample_next(req.logits, p, req.generator, history)[0])
+        if token in self.stop_ids:
+            self._detokenize(req, final=True)  # flush a trailing partial character
+            self._finish(req, "stop")
+            return False
+        req.ids.append(token)
+        req.out.append(token)
+        self._detokenize(req, final=False)
+        if req.finish_reason:
+            return False
+        if len(req.out) >= req.budget:
+            self._detokenize(req, final=True)
+            self._finish(req, req.finish_reason or "length")
+            return False
+        return True
+
+    def _detokenize(self, req: Request, final: bool) -> None:
+        """Append newly printable text (decoding only a few tokens) and emit what no stop string can claim."""
+        new = self.decode(req.out[req.prefix_off:])
+        if len(new) > len(req.prefix_text) and (final or not new.endswith("\ufffd")):
+            req.text += new[len(req.prefix_text):]
+            req.prefix_off, req.read_off = req.read_off, len(req.out)
+            req.prefix_text = self.decode(req.out[req.prefix_off:req.read_off])
+        stops = req.params.stop
+        stop_at = _find_stop(req.text, stops, req.emitted)
+        if stop_at is not None:
+            req.text = req.text[:stop_at]
+            self._finish(req, "stop")
+            return
+        safe = len(req.text) if final else _hold_back_stop_prefix(req.text, stops, req.emitted)
+        if safe > req.emitted:
+            req.events.put(("text", req.text[req.emitted:safe]))
+            req.emitted = safe
+
+    def _finish(self, req: Request, reason: str) -> None:
+        if req.done:
+            return
+        req.done = True
+        if req.finish_reason is None:
+            req.finish_reason = reason
+        if len(req.text) > req.emitted:
+            req.events.put(("text", req.text[req.emitted:]))
+            req.emitted = len(req.text)
+        req.events.put(("done", req.finish_reason))
+
+    def _retire(self, req: Request) -> None:
+        """Free req's slot at once, moving the last active request into it so slots stay 0..n-1."""
+        self._finish(req, "stop")  # no-op unless cancelled
+        last = self._active[-1]
+        if last is not req:
+            self.backend.move(last.slot, req.slot, len(last.ids))
+            last.slot = req.slot
+            self._active[req.slot] = last
+        self._active.pop()
 
 
 def _find_stop(text: str, stops: list[str], start: int) -> int | None:

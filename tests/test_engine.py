@@ -1,0 +1,147 @@
+"""The KV-cache engine: greedy output equals transformers' generate(), batching changes nothing, stops work."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from chatforge.engine import Engine, SamplingParams
+from chatforge.modeling import ModelShape, new_model
+
+PROMPTS = ["Once upon a time", "The weather today is", "你好，世界", "a"]
+GREEDY = SamplingParams(max_new_tokens=40, temperature=0)
+
+
+def _random_model(path, tokenizer_dir, arch: str, **extra) -> str:
+    """A random tiny model saved with our tokenizer; a wide init makes greedy choices clear-cut."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    shape = ModelShape(arch=arch, n_layer=2, d_model=64, n_head=4, n_kv_head=2 if arch == "llama" else None,
+                       context_length=128, vocab_size=len(tok))
+    model = new_model(shape, tok, seed=1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(p.numel()))
+    for key, value in extra.items():
+        setattr(model.config, key, value)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def model_dir(request, tmp_path_factory, tokenizer_dir) -> str:
+    return _random_model(tmp_path_factory.mktemp(request.param), tokenizer_dir, request.param)
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    eng = Engine(model_dir, max_batch=4, max_queue=8)
+    yield eng
+    eng.close()
+
+
+def _hf_greedy(engine: Engine, ids: list[int], n: int) -> list[int]:
+    with torch.inference_mode():
+        out = engine.model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
+                                    attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+    new = out[0, len(ids):].tolist()
+    for i, t in enumerate(new):  # generate() keeps the EOS token it stopped at; we do not emit it
+        if t in engine.stop_ids:
+            return new[:i]
+    return new
+
+
+def _run(engine: Engine, ids: list[int], params: SamplingParams) -> tuple[list[int], str, str]:
+    req = engine.submit(ids, params)
+    text = "".join(req)
+    return req.out, text, req.finish_reason
+
+
+def test_fast_path_is_used(engine):
+    assert engine.fast
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_equals_generate(engine, prompt):
+    ids = engine.encode(prompt)
+    out, text, reason = _run(engine, ids, GREEDY)
+    assert out == _hf_greedy(engine, ids, GREEDY.max_new_tokens)
+    assert len(out) > 5
+    assert text == engine.decode(out)
+
+
+def test_generic_path_equals_generate(model_dir):
+    eng = Engine(model_dir, fast=False)
+    assert not eng.fast
+    ids = eng.encode(PROMPTS[0])
+    assert _run(eng, ids, GREEDY)[0] == _hf_greedy(eng, ids, GREEDY.max_new_tokens)
+    eng.close()
+
+
+def test_batching_gives_the_same_tokens(engine):
+    prompts = [engine.encode(p) for p in PROMPTS] + [engine.chat_prompt([{"role": "user", "content": "hi"}])]
+    alone = [_run(engine, ids, GREEDY)[0] for ids in prompts]
+    # five requests, four slots: they join and leave the batch between steps
+    reqs = [engine.submit(ids, SamplingParams(max_new_tokens=40 - 5 * i, temperature=0))
+            for i, ids in enumerate(prompts)]
+    together = [("".join(r), r.out)[1] for r in reqs]
+    assert together == [a[:40 - 5 * i] for i, a in enumerate(alone)]
+
+
+def test_seeded_sampling_is_reproducible(engine):
+    ids = engine.encode(PROMPTS[1])
+    p = SamplingParams(max_new_tokens=20, temperature=1.0, top_k=50, top_p=0.9, repetition_penalty=1.2, seed=7)
+    first = _run(engine, ids, p)[0]
+    noise = engine.submit(engine.encode(PROMPTS[2]), SamplingParams(max_new_tokens=20, temperature=1.0))
+    assert _run(engine, ids, p)[0] == first
+    "".join(noise)
+
+
+def test_stop_string(engine):
+    ids = engine.encode(PROMPTS[0])
+    _, full, _ = _run(engine, ids, GREEDY)
+    stop = full[8:11]
+    req = engine.submit(ids, SamplingParams(max_new_tokens=40, temperature=0, stop=[stop]))
+    pieces = list(req)
+    assert "".join(pieces) == full[:full.find(stop)]
+    assert req.finish_reason == "stop"
+
+
+def test_length_and_stream_api(engine):
+    ids = engine.encode(PROMPTS[0])
+    text = engine.complete(ids, SamplingParams(max_new_tokens=3, temperature=0))
+    assert engine.finish_reason == "length" and engine.completion_tokens == 3
+    assert text == engine.decode(_hf_greedy(engine, ids, 3))
+
+
+def test_stops_at_im_end(engine):
+    """Swap <|im_end|> with the token greedy decoding picks at step j: generation must end right there."""
+    ids = engine.encode(PROMPTS[0])
+    out = _run(engine, ids, GREEDY)[0]
+    j = next(i for i in range(2, len(out)) if out[i] not in out[:i] + ids)
+    im_end = engine.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    head = engine.model.lm_head.weight.data  # tied to the input embeddings: swapping rows is a relabelling
+    backend = engine.backend
+    try:
+        head[[out[j], im_end]] = head[[im_end, out[j]]]
+        engine.backend = type(backend)(engine.model, engine.max_batch, engine.context_length)
+        got, text, reason = _run(engine, ids, GREEDY)
+    finally:
+        head[[out[j], im_end]] = head[[im_end, out[j]]]
+        engine.backend = backend
+    assert got == out[:j] and reason == "stop"
+    assert text == engine.decode(out[:j])
+
+
+def test_bad_requests(engine):
+    from chatforge.errors import ChatforgeError
+
+    with pytest.raises(ChatforgeError):
+        engine.submit([1] * engine.context_length, GREEDY)
+    with pytest.raises(ChatforgeError):
+        engine.submit([], GREEDY)
+    with pytest.raises(ChatforgeError):
+        engine.submit([1], SamplingParams(max_new_tokens=0))
