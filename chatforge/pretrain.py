@@ -142,7 +142,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
     from chatforge.data import PackedBlocks
     from chatforge.modeling import count_parameters
     from chatforge.training import (RUN_CONFIG, CompleteMarker, Schedule, Throughput, WallClockBudget,
-                                    check_output_dir, make_optimizer, resolve_precision, resume_checkpoint,
+                                    check_output_dir, finish_distributed, make_optimizer, resolve_precision, resume_checkpoint,
                                     world_size, write_summary)
 
     if not cfg.data:
@@ -222,6 +222,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
         write_summary(cfg.out, summary)
         log(f"done: {summary.get('steps')} steps, {summary.get('tokens_per_s')} tokens/s, "
             f"val loss {summary.get('eval_loss')}, bits/byte {summary.get('eval_bpb')} -> {cfg.out}")
+    finish_distributed()
     return summary
 
 

@@ -242,5 +242,12 @@ class WallClockBudget(TrainerCallback):
             control.should_evaluate = True
 
 
+def finish_distributed() -> None:
+    """Tear the process group down cleanly: gloo aborts the process at exit if it is left up."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def write_summary(out: str, summary: dict) -> None:
     Path(out, SUMMARY).write_text(json.dumps(summary, indent=2))

@@ -39,5 +39,6 @@ def base_model_dir(tmp_path_factory, tokenizer_dir) -> str:
     """A tiny GPT-2 pretrained for a few steps on the demo corpus: the base for chat/serve tests."""
     out = tmp_path_factory.mktemp("base") / "run"
     run_cli("pretrain", "--data", "demo:en", "--data", "demo:zh", "--tokenizer", tokenizer_dir, "--out", out,
-            *TINY, "--max-steps", 80, "--eval-every", 80, "--save-every", 1000, "--report-to", "none")
+            *TINY, "--max-steps", 300, "--learning-rate", 3e-3, "--eval-every", 100, "--save-every", 150,
+            "--report-to", "none")
     return str(out)

@@ -1,0 +1,86 @@
+"""Packed shards: every token of every document, boundaries where expected, a deterministic split."""
+
+import gzip
+import json
+
+import numpy as np
+import zstandard
+from transformers import AutoTokenizer
+
+from chatforge.data import DataConfig, load_split, prepare, read_manifest
+from conftest import run_cli
+
+
+def _corpus(tmp_path, n=50):
+    docs = [f"Document {i}: " + ("hello world 你好 " * (i % 7 + 1)).strip() for i in range(n)]
+    (tmp_path / "corpus").mkdir()
+    for i, d in enumerate(docs[: n // 2]):
+        (tmp_path / "corpus" / f"{i:03d}.txt").write_text(d, encoding="utf-8")
+    with gzip.open(tmp_path / "corpus" / "rest.jsonl.gz", "wt", encoding="utf-8") as f:
+        for d in docs[n // 2:]:
+            f.write(json.dumps({"text": d}, ensure_ascii=False) + "\n")
+    return docs
+
+
+def test_shards_hold_every_token_with_boundaries(tmp_path, tokenizer_dir):
+    docs = _corpus(tmp_path)
+    out = tmp_path / "shards"
+    manifest = prepare(DataConfig(data=[str(tmp_path / "corpus")], out=str(out), tokenizer=tokenizer_dir,
+                                  val_fraction=0.1), log=lambda *_: None)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    sep = tok.convert_tokens_to_ids("<|endoftext|>")
+    expected = {"train": [], "val": []}
+    for i, d in enumerate(docs):  # files sorted: 000..024.txt then rest.jsonl.gz, in order
+        expected["val" if i % 10 == 0 else "train"] += tok.encode(d, add_special_tokens=False) + [sep]
+    for split in ("train", "val"):
+        tokens = load_split(out, split)
+        assert tokens.dtype == np.uint16
+        assert tokens.tolist() == expected[split]
+        assert manifest[split]["tokens"] == len(expected[split])
+    assert manifest["val"]["documents"] == 5 and manifest["train"]["documents"] == 45
+    assert manifest["tokenizer_fingerprint"] and manifest["sources"] == [str(tmp_path / "corpus")]
+
+
+def test_rerun_reuses_and_changed_input_rebuilds(tmp_path, tokenizer_dir):
+    _corpus(tmp_path)
+    out = tmp_path / "shards"
+    cfg = DataConfig(data=[str(tmp_path / "corpus")], out=str(out), tokenizer=tokenizer_dir)
+    first = prepare(cfg, log=lambda *_: None)
+    logs = []
+    again = prepare(cfg, log=logs.append)
+    assert again == first and "reusing" in logs[0]
+    (tmp_path / "corpus" / "new.txt").write_text("a brand new document")
+    rebuilt = prepare(cfg, log=lambda *_: None)
+    assert rebuilt["cache_key"] != first["cache_key"]
+    assert rebuilt["train"]["documents"] + rebuilt["val"]["documents"] == 51
+
+
+def test_formats_and_cli(tmp_path, tokenizer_dir):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "src"
+    src.mkdir()
+    pq.write_table(pa.table({"body": ["parquet one", "parquet two"]}), src / "a.parquet")
+    (src / "b.csv").write_text("body,other\ncsv one,x\n\"csv, two\",y\n")
+    cctx = zstandard.ZstdCompressor()
+    (src / "c.jsonl.zst").write_bytes(cctx.compress(b'{"body": "zst one"}\n{"body": "zst two"}\n'))
+    (src / "d.json").write_text(json.dumps([{"body": "json one"}, {"body": ""}]))
+    proc = run_cli("data", "prepare", "--data", str(src / "*"), "--text-field", "body", "--tokenizer",
+                   tokenizer_dir, "--out", tmp_path / "out", "--val-fraction", "0.2")
+    m = read_manifest(tmp_path / "out")
+    assert m["train"]["documents"] + m["val"]["documents"] == 7
+    assert m["skipped"] == {"empty document": 1}
+    assert "1 skipped (empty document)" in proc.stdout + proc.stderr
+
+
+def test_doc_per_line_and_invalid_utf8(tmp_path, tokenizer_dir):
+    (tmp_path / "lines.txt").write_bytes(b"line one\nline two\n\nbad \xff byte\n")
+    run_cli("data", "prepare", "--data", tmp_path / "lines.txt", "--doc-per-line", "--tokenizer", tokenizer_dir,
+            "--out", tmp_path / "out")
+    m = read_manifest(tmp_path / "out")
+    assert m["train"]["documents"] + m["val"]["documents"] == 3
+    assert m["invalid_utf8_lines"] == 1 and m["skipped"] == {"empty document": 1}
+    strict = run_cli("data", "prepare", "--data", tmp_path / "lines.txt", "--doc-per-line", "--strict",
+                     "--tokenizer", tokenizer_dir, "--out", tmp_path / "out2", check=False)
+    assert strict.returncode == 2 and "lines.txt:4: invalid UTF-8" in strict.stderr

@@ -1,0 +1,100 @@
+"""Pretraining for real: loss falls below the unigram entropy, checkpoints are plain Hugging Face
+directories, a killed run resumes to identical weights, and two processes train with DDP."""
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from chatforge.data import unigram_entropy
+from conftest import ENV, TINY, run_cli
+
+
+def test_tiny_run_learns_and_loads_in_plain_transformers(base_model_dir, tokenizer_dir):
+    summary = json.loads((Path(base_model_dir) / "summary.json").read_text())
+    entropy = unigram_entropy(Path(base_model_dir) / "data")
+    assert summary["eval_loss"] < 0.8 * entropy, (summary, entropy)
+    assert summary["eval_bpb"] > 0 and summary["tokens_per_s"] > 0
+    # the final model and the checkpoint are standard directories: no chatforge import needed
+    code = ("import sys; from transformers import AutoModelForCausalLM, AutoTokenizer;"
+            "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]); t = AutoTokenizer.from_pretrained(sys.argv[1]);"
+            "ids = t('Hello', return_tensors='pt').input_ids;"
+            "out = m.generate(ids, max_new_tokens=5, do_sample=False);"
+            "assert 'chatforge' not in sys.modules and out.shape[1] > ids.shape[1];"
+            "assert t.chat_template and '<|im_end|>' in t.get_vocab(); print('ok')")
+    for folder in (base_model_dir, str(Path(base_model_dir) / "checkpoint-300")):
+        proc = subprocess.run([sys.executable, "-c", code, folder], capture_output=True, text=True,
+                              env={k: v for k, v in ENV.items() if k != "PYTHONPATH"}, cwd="/")
+        assert proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
+    assert (Path(base_model_dir) / "model.safetensors").exists()
+    assert (Path(base_model_dir) / "run_config.yaml").exists()
+
+
+def test_generate_streams_from_checkpoint(base_model_dir):
+    proc = run_cli("generate", base_model_dir, "--prompt", "Hello", "--max-new-tokens", 20, "--seed", 0)
+    assert proc.stdout.startswith("Hello") and len(proc.stdout.strip()) > len("Hello")
+
+
+def test_config_reproduces_run(tmp_path, base_model_dir):
+    """The saved run_config.yaml given back as --config yields the same weights."""
+    rerun = tmp_path / "rerun"
+    run_cli("pretrain", "--config", Path(base_model_dir) / "run_config.yaml", "--out", rerun,
+            "--data", Path(base_model_dir) / "data")
+    a = load_file(Path(base_model_dir) / "model.safetensors")
+    b = load_file(rerun / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _pretrain_args(data, tok, out, steps):
+    return ["pretrain", "--data", data, "--tokenizer", tok, "--out", out, *TINY, "--max-steps", steps,
+            "--save-every", 10, "--eval-every", 1000, "--log-every", 10, "--report-to", "none"]
+
+
+def test_kill_and_resume_gives_identical_weights(tmp_path, base_model_dir, tokenizer_dir):
+    data = str(Path(base_model_dir) / "data")  # prepared shards, reused as --data
+    steps = 120
+    run_cli(*_pretrain_args(data, tokenizer_dir, tmp_path / "straight", steps))
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "chatforge", *map(str, _pretrain_args(data, tokenizer_dir, killed, steps))],
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list(killed.glob("checkpoint-*/chatforge_complete.json")) and time.time() < deadline:
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = sorted(int(p.parent.name.split("-")[1]) for p in killed.glob("checkpoint-*/chatforge_complete.json"))
+    assert done and done[-1] < steps, done
+    # a half-written newer checkpoint (no marker) must be ignored and removed
+    fake = killed / f"checkpoint-{steps - 1}"
+    shutil.copytree(killed / f"checkpoint-{done[-1]}", fake, dirs_exist_ok=True)
+    (fake / "chatforge_complete.json").unlink()
+    (fake / "model.safetensors").write_bytes(b"truncated")
+
+    resumed = run_cli(*_pretrain_args(data, tokenizer_dir, killed, steps), "--resume")
+    assert f"resuming from {killed / f'checkpoint-{done[-1]}'}" in resumed.stdout
+    a = load_file(tmp_path / "straight" / "model.safetensors")
+    b = load_file(killed / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed run differs from the uninterrupted one"
+
+
+def test_two_process_ddp(tmp_path, base_model_dir, tokenizer_dir):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
+           "-m", "chatforge", *map(str, _pretrain_args(str(Path(base_model_dir) / "data"), tokenizer_dir, out, 20))]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**ENV, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 20
+    config = (out / "run_config.yaml").read_text()
+    assert "batch_tokens: 2048" in config  # 2 processes x micro-batch 8 x 128 tokens per step
+    AutoModelForCausalLM.from_pretrained(out)
+    AutoTokenizer.from_pretrained(out)

@@ -1,0 +1,34 @@
+"""The tokenizer: lossless on any UTF-8, special tokens atomic, loadable by plain transformers."""
+
+from transformers import AutoTokenizer
+
+from chatforge.tokenizer import SPECIAL_TOKENS
+
+SAMPLES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "你好，世界！今天的天气非常好，我们去公园散步吧。",
+    "emoji 🚀🎉👩‍💻 and mixed 中文 text",
+    "def square(x):\n    return x ** 2  # code\n\tindent",
+    "  leading spaces, trailing newline\n",
+]
+
+
+def test_round_trip_and_no_unknown(tokenizer_dir):
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    for text in SAMPLES:
+        ids = tok.encode(text, add_special_tokens=False)
+        assert tok.decode(ids) == text
+        assert tok.unk_token_id is None or tok.unk_token_id not in ids
+
+
+def test_special_tokens_are_single_ids(tokenizer_dir):
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    ids = [tok.encode(t, add_special_tokens=False) for t in SPECIAL_TOKENS]
+    assert all(len(i) == 1 for i in ids)
+    assert len({i[0] for i in ids}) == len(SPECIAL_TOKENS)
+    assert tok.eos_token == "<|endoftext|>" and tok.pad_token == "<|pad|>"
+    assert "{% generation %}" in tok.chat_template
+
+
+def test_vocab_size_matches_request(tokenizer_dir):
+    assert len(AutoTokenizer.from_pretrained(tokenizer_dir)) == 1024
