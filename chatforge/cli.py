@@ -100,6 +100,15 @@ def cmd_generate(args) -> None:
     print()
 
 
+def cmd_serve(args) -> None:
+    from chatforge.serve import serve
+
+    if args.max_batch < 1 or args.max_queue < 0:
+        raise ChatforgeError("--max-batch must be >= 1 and --max-queue >= 0")
+    serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("CHATFORGE_API_KEY"),
+          max_batch=args.max_batch, max_queue=args.max_queue, model_name=args.model_name)
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -174,6 +183,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True)
     _sampling_options(gen, temperature=0.8)
     gen.set_defaults(func=cmd_generate)
+
+    srv = sub.add_parser("serve", help="serve a model: OpenAI-compatible API and a web chat page",
+                         description="Serve MODEL_DIR over HTTP: /v1/chat/completions, /v1/completions, "
+                                     "/v1/models (OpenAI-compatible, streaming), /health, and a web chat at /.")
+    srv.add_argument("model", metavar="MODEL_DIR")
+    srv.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1, this machine only)")
+    srv.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000; 0 = any free port)")
+    srv.add_argument("--api-key", default=None, metavar="KEY",
+                     help="require Authorization: Bearer KEY on /v1 (default: $CHATFORGE_API_KEY if set)")
+    srv.add_argument("--max-batch", type=int, default=16, metavar="N", help="requests decoded together (default: 16)")
+    srv.add_argument("--max-queue", type=int, default=64, metavar="N",
+                     help="requests allowed to wait; more get 503 + Retry-After (default: 64)")
+    srv.add_argument("--model-name", default=None, metavar="NAME", help="model id in the API (default: MODEL_DIR's name)")
+    srv.set_defaults(func=cmd_serve)
     return parser
 
 
