@@ -100,6 +100,29 @@ def cmd_generate(args) -> None:
     print()
 
 
+def cmd_sft(args) -> None:
+    from chatforge import config
+    from chatforge.sft import SFTConfig, sft
+    from chatforge.training import RUN_CONFIG
+
+    saved = os.path.join(args.out, RUN_CONFIG) if getattr(args, "out", None) else None
+    base = args.config or (saved if args.resume and saved and os.path.exists(saved) else None)
+    sft(config.build(SFTConfig, base, **_overrides(args)), resume=args.resume, overwrite=args.overwrite)
+
+
+def cmd_chat(args) -> None:
+    from chatforge.chat import chat_loop, reply
+    from chatforge.engine import Engine
+
+    engine = Engine(args.model)
+    params = _sampling(args)
+    if args.prompt is None:
+        chat_loop(engine, params, system=args.system)
+        return
+    messages = ([{"role": "system", "content": args.system}] if args.system else [])
+    reply(engine, messages + [{"role": "user", "content": args.prompt}], params)
+
+
 def cmd_serve(args) -> None:
     from chatforge.serve import serve
 
@@ -183,6 +206,48 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True)
     _sampling_options(gen, temperature=0.8)
     gen.set_defaults(func=cmd_generate)
+
+    tune = sub.add_parser("sft", help="fine-tune a model into a chat assistant",
+                          description="Supervised fine-tuning on conversations, loss on assistant turns only "
+                                      "(their closing <|im_end|> included, so the model learns to stop).")
+    _opt(tune, "--model", metavar="MODEL_DIR", help="any local Hugging Face causal-LM directory")
+    _opt(tune, "--data", action="append", metavar="SRC",
+         help="conversations, repeatable: messages / ShareGPT / Alpaca / prompt-completion records in "
+              "jsonl/json/parquet, hf:NAME[:CONFIG], or demo[:LANG]")
+    _opt(tune, "--out", metavar="DIR", help="run directory (default: run-chat)")
+    _opt(tune, "--max-length", type=int, metavar="N", help="tokens per conversation; longer ones keep their "
+                                                             "first N tokens (default: the context window)")
+    _opt(tune, "--packing", action="store_true", help="pack conversations (attention stays within each)")
+    _opt(tune, "--eval-fraction", type=float, metavar="F", help="conversations held out (default: 0.05)")
+    _opt(tune, "--epochs", type=float, metavar="N", help="default: 3")
+    _opt(tune, "--max-steps", type=int, metavar="N")
+    _opt(tune, "--max-time", type=float, metavar="SECONDS")
+    _opt(tune, "--micro-batch-size", type=int, metavar="N", help="conversations per forward pass (default: 8)")
+    _opt(tune, "--grad-accum", type=int, metavar="N")
+    _opt(tune, "--learning-rate", type=float, metavar="LR")
+    _opt(tune, "--warmup-steps", type=int, metavar="N")
+    _opt(tune, "--schedule", choices=["cosine", "wsd", "constant"])
+    _opt(tune, "--precision", choices=["auto", "bf16", "fp16", "fp32"])
+    _opt(tune, "--lora", action="store_true", help="train LoRA adapters (PEFT) instead of all weights")
+    _opt(tune, "--lora-r", type=int, metavar="R")
+    _opt(tune, "--merge", action="store_true", help="with --lora: write merged full weights")
+    _opt(tune, "--strict", action="store_true", help="fail on the first unusable record")
+    _opt(tune, "--eval-every", type=int, metavar="STEPS")
+    _opt(tune, "--save-every", type=int, metavar="STEPS")
+    _opt(tune, "--log-every", type=int, metavar="STEPS")
+    _opt(tune, "--seed", type=int)
+    _opt(tune, "--report-to", action="append", metavar="TOOL")
+    _run_options(tune)
+    tune.set_defaults(func=cmd_sft)
+
+    talk = sub.add_parser("chat", help="chat with a model in the terminal",
+                          description="Multi-turn chat; tokens stream as they are generated. Type /reset to "
+                                      "start over, /exit to quit.")
+    talk.add_argument("model", metavar="MODEL_DIR")
+    talk.add_argument("--system", help="system prompt")
+    talk.add_argument("--prompt", help="answer this one message, print the answer and exit")
+    _sampling_options(talk, temperature=0.7)
+    talk.set_defaults(func=cmd_chat)
 
     srv = sub.add_parser("serve", help="serve a model: OpenAI-compatible API and a web chat page",
                          description="Serve MODEL_DIR over HTTP: /v1/chat/completions, /v1/completions, "

@@ -174,10 +174,15 @@ class Throughput(TrainerCallback):
         self.train_start = None
         self.rates: list[float] = []
         self.last: dict = {}
+        self.first_step_s = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.train_start = self.window_start = time.time()
         self.start_step = self.window_step = state.global_step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.first_step_s is None:  # time to first step: data loader start, compile, warm-up
+            self.first_step_s = time.time() - self.train_start
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None:
@@ -208,8 +213,14 @@ class Throughput(TrainerCallback):
                "tokens_per_s": round(mean_rate, 1), "tokens_seen": state.global_step * self.tokens_per_step}
         if self.flops_per_token and self.peak_flops:
             out["mfu"] = round(mean_rate * self.flops_per_token / self.peak_flops, 4)
+        if self.first_step_s is not None:
+            out["first_step_s"] = round(self.first_step_s, 2)
         if torch.cuda.is_available():
             out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        else:  # peak resident memory of the process (Linux reports KiB)
+            import resource
+
+            out["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
         for key in ("eval_loss", "eval_ppl", "eval_bpb", "loss"):
             if key in self.last:
                 out[key] = self.last[key]
@@ -251,3 +262,29 @@ def finish_distributed() -> None:
 
 def write_summary(out: str, summary: dict) -> None:
     Path(out, SUMMARY).write_text(json.dumps(summary, indent=2))
+
+
+def training_arguments(out: str, *, max_steps: int, micro: int, accum: int, precision: str, grad_clip: float,
+                       eval_every: int, save_every: int, save_total_limit: int, log_every: int,
+                       report_to: list[str], seed: int, compile: bool = False, num_workers: int = 0,
+                       has_eval: bool = True):
+    """The TrainingArguments both stages use; TensorBoard logs go to out/logs."""
+    from transformers import TrainingArguments
+
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(out) / "logs")
+    return TrainingArguments(
+        output_dir=out, max_steps=max_steps, per_device_train_batch_size=micro, per_device_eval_batch_size=micro,
+        gradient_accumulation_steps=accum, max_grad_norm=grad_clip, bf16=precision == "bf16",
+        fp16=precision == "fp16", torch_compile=compile,
+        eval_strategy="steps" if has_eval else "no", eval_steps=max(1, min(eval_every, max_steps)),
+        save_strategy="steps", save_steps=save_every, save_total_limit=save_total_limit,
+        logging_steps=log_every, report_to=report_to, seed=seed, data_seed=seed,
+        dataloader_num_workers=num_workers, dataloader_pin_memory=torch.cuda.is_available(),
+        prediction_loss_only=True, use_cpu=not torch.cuda.is_available(), ddp_find_unused_parameters=False,
+    )
+
+
+def add_callbacks(trainer, callbacks: list) -> None:
+    """Put ours first, so TensorBoard and the progress bar see the metrics they add to the logs."""
+    for cb in reversed(callbacks):
+        trainer.callback_handler.callbacks.insert(0, cb)

@@ -1,0 +1,80 @@
+"""Conversation records in every common format, normalised to OpenAI-style `messages`.
+
+Detected per record: `messages` (role/content), ShareGPT `conversations` (from/value), Alpaca
+(instruction/input/output), `prompt`/`completion`, and demo dialogues (alternating user/assistant).
+A record that cannot become a valid conversation (unknown role, empty content, no assistant turn,
+turns out of order) is counted under its reason, or with `--strict` is an error naming file and line.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+from chatforge.sources import SourceStats, iter_records
+
+ROLES = {"system": "system", "user": "user", "assistant": "assistant",
+         "human": "user", "gpt": "assistant", "chatgpt": "assistant", "bot": "assistant", "model": "assistant"}
+
+
+class InvalidRecord(ValueError):
+    """A record that is skipped (and counted) rather than trained on."""
+
+
+def to_messages(record: dict) -> list[dict]:
+    """Normalise one record; raise InvalidRecord(reason) if it is not a usable conversation."""
+    if isinstance(record.get("messages"), list):
+        turns = [(m.get("role"), m.get("content")) if isinstance(m, dict) else (None, None) for m in record["messages"]]
+    elif isinstance(record.get("conversations"), list):
+        turns = [(m.get("from", m.get("role")), m.get("value", m.get("content"))) if isinstance(m, dict)
+                 else (None, None) for m in record["conversations"]]
+    elif "instruction" in record and "output" in record:
+        prompt = str(record.get("instruction") or "")
+        if record.get("input"):
+            prompt = f"{prompt}\n\n{record['input']}"
+        turns = [("system", record["system"])] if record.get("system") else []
+        turns += [("user", prompt), ("assistant", record["output"])]
+    elif "prompt" in record and "completion" in record:
+        prompt, completion = record["prompt"], record["completion"]
+        turns = [(m.get("role"), m.get("content")) for m in prompt] if isinstance(prompt, list) else [("user", prompt)]
+        turns += [(m.get("role"), m.get("content")) for m in completion] if isinstance(completion, list) \
+            else [("assistant", completion)]
+    elif isinstance(record.get("dialogue"), list):
+        turns = [("user" if i % 2 == 0 else "assistant", t) for i, t in enumerate(record["dialogue"])]
+        if len(turns) % 2:  # a demo dialogue ending on the user's line: that last line has no answer
+            turns = turns[:-1]
+    else:
+        raise InvalidRecord("unrecognised format (expected messages, conversations, instruction/output, "
+                            "prompt/completion)")
+    messages = []
+    for role, content in turns:
+        mapped = ROLES.get(str(role).lower()) if role is not None else None
+        if mapped is None:
+            raise InvalidRecord(f"unknown role {role!r}")
+        if not isinstance(content, str) or not content.strip():
+            raise InvalidRecord("empty content")
+        messages.append({"role": mapped, "content": content})
+    check_order(messages)
+    return messages
+
+
+def check_order(messages: list[dict]) -> None:
+    """An optional system prompt, then user/assistant alternating, ending with the assistant."""
+    body = messages[1:] if messages and messages[0]["role"] == "system" else messages
+    if not any(m["role"] == "assistant" for m in body):
+        raise InvalidRecord("no assistant turn")
+    for i, m in enumerate(body):
+        if m["role"] != ("user" if i % 2 == 0 else "assistant"):
+            raise InvalidRecord("turns out of order")
+    if body[-1]["role"] != "assistant":
+        raise InvalidRecord("turns out of order")
+
+
+def iter_conversations(specs: Iterable[str], strict: bool = False,
+                       stats: SourceStats | None = None) -> Iterator[tuple[list[dict], str]]:
+    """Yield (messages, origin) for every valid conversation; invalid ones are counted in `stats`."""
+    stats = stats if stats is not None else SourceStats()
+    for record, origin in iter_records(specs, strict=strict, stats=stats):
+        try:
+            yield to_messages(record), origin
+        except InvalidRecord as err:
+            stats.skip(str(err), origin, strict)

@@ -1,0 +1,216 @@
+"""Stage 5: supervised fine-tuning of a (pretrained) causal LM into a chat assistant.
+
+Each conversation is rendered with the tokenizer's ChatML template and `apply_chat_template(...,
+return_assistant_tokens_mask=True)` marks the assistant tokens (content + closing <|im_end|>, from the
+template's {% generation %} block). Only those tokens carry loss: never system/user text or padding.
+Learning <|im_end|> is what makes the model stop.
+
+Why the transformers Trainer and not TRL's SFTTrainer: all masks are computed here, before training,
+so that an all-masked or empty dataset stops with an error before any step, truncation is counted per
+conversation, and pretrain and sft share one Trainer set-up (checkpoint markers, resume, throughput,
+wall-clock budget). The masking itself is transformers' own (the {% generation %} mask).
+
+Truncation policy: a conversation longer than `max_length` keeps its first `max_length` tokens; if no
+assistant token is left in that window the conversation is dropped and counted.
+Packing (`--packing`): a micro-batch is flattened into one row with position ids restarting at each
+conversation (transformers' DataCollatorWithFlattening); attention never crosses conversations.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from chatforge.errors import ChatforgeError
+
+
+@dataclass
+class SFTConfig:
+    """Everything that defines a fine-tuning run; saved as out/run_config.yaml."""
+
+    model: str = ""
+    data: list[str] = field(default_factory=list)
+    out: str = "run-chat"
+    max_length: int | None = None     # default: the model's context window
+    packing: bool = False
+    eval_fraction: float = 0.05
+    epochs: float = 3.0
+    max_steps: int | None = None
+    max_time: float | None = None
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    learning_rate: float | None = None  # auto: 2e-4 with LoRA; 5e-4 below 50M parameters, else 5e-5
+    warmup_steps: int | None = None
+    schedule: str = "cosine"
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    precision: str = "auto"
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    merge: bool = False
+    strict: bool = False
+    eval_every: int = 100
+    save_every: int = 500
+    save_total_limit: int = 2
+    log_every: int = 10
+    seed: int = 1337
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+
+
+def encode_conversation(tok, messages: list[dict], max_length: int) -> tuple[dict, bool]:
+    """(input_ids/attention_mask/labels, was_truncated); labels are -100 outside assistant tokens."""
+    from chatforge.conversations import InvalidRecord
+
+    enc = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    ids = list(enc["input_ids"])[:max_length]
+    mask = list(enc["assistant_masks"])[:max_length]
+    if not any(mask):
+        raise InvalidRecord(f"no assistant token within --max-length {max_length}")
+    labels = [t if m else -100 for t, m in zip(ids, mask)]
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}, len(enc["input_ids"]) > max_length
+
+
+def load_examples(cfg: SFTConfig, tok, max_length: int, log=print) -> tuple[list[dict], list[dict]]:
+    """Tokenize every conversation; return (train, eval); stop if nothing is left to learn from."""
+    from chatforge.conversations import InvalidRecord, iter_conversations
+    from chatforge.sources import SourceStats
+
+    stats = SourceStats()
+    examples = []
+    truncated = 0
+    for messages, origin in iter_conversations(cfg.data, strict=cfg.strict, stats=stats):
+        try:
+            example, was_truncated = encode_conversation(tok, messages, max_length)
+        except InvalidRecord as err:
+            stats.skip(str(err), origin, cfg.strict)
+            continue
+        truncated += was_truncated
+        examples.append(example)
+    summary = stats.summary() + (f", {truncated} truncated to {max_length} tokens" if truncated else "")
+    if not examples:
+        raise ChatforgeError(f"{', '.join(cfg.data)}: no usable conversation ({summary})")
+    log(f"conversations: {len(examples)} usable ({summary})")
+    if cfg.eval_fraction <= 0 or len(examples) < 2:
+        return examples, []
+    period = max(2, round(1 / cfg.eval_fraction))  # every period-th conversation, deterministic
+    held_out = set(range(period - 1, len(examples), period)) or {len(examples) - 1}
+    return ([e for i, e in enumerate(examples) if i not in held_out],
+            [e for i, e in enumerate(examples) if i in held_out])
+
+
+def prepare_model_and_tokenizer(model_dir: str, log=print):
+    """Load any local causal LM; give its tokenizer ChatML tokens + template, resizing embeddings if needed."""
+    from chatforge.modeling import load_model, padded_vocab, set_generation_defaults
+    from chatforge.tokenizer import ensure_chat_tokens, load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    model = load_model(model_dir)
+    added = ensure_chat_tokens(tok)
+    if len(tok) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(padded_vocab(len(tok)), mean_resizing=True)
+    if added:
+        log(f"{model_dir}: added {added} chat token(s) to the tokenizer and resized the embeddings")
+    set_generation_defaults(model, tok)
+    return model, tok, added
+
+
+def sft(cfg: SFTConfig, resume: bool = False, overwrite: bool = False, log=print) -> dict:
+    import torch
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer
+
+    from chatforge import config as config_io
+    from chatforge.modeling import context_length, count_parameters
+    from chatforge.training import (RUN_CONFIG, CompleteMarker, Schedule, Throughput, WallClockBudget, add_callbacks,
+                                    check_output_dir, finish_distributed, make_optimizer, resolve_precision,
+                                    resume_checkpoint, training_arguments, world_size, write_summary)
+
+    if not cfg.model:
+        raise ChatforgeError("sft needs --model MODEL_DIR (a pretrained causal LM)")
+    if not cfg.data:
+        raise ChatforgeError("sft needs --data (conversations: jsonl/json/parquet, hf:NAME or demo)")
+    check_output_dir(cfg.out, resume, overwrite)
+    model, tok, added = prepare_model_and_tokenizer(cfg.model, log)
+    ctx = context_length(model.config)
+    max_length = cfg.max_length or ctx
+    if max_length > ctx:
+        raise ChatforgeError(f"--max-length {max_length} is above the {ctx} positions of {cfg.model}")
+    train, evals = load_examples(cfg, tok, max_length, log)
+    n_params = count_parameters(model)
+
+    if cfg.lora:
+        model = _wrap_lora(model, cfg, added)
+    precision = resolve_precision(cfg.precision)
+    micro = min(cfg.micro_batch_size, len(train))
+    per_step = micro * cfg.grad_accum * world_size()
+    max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(train) / per_step))
+    lr = cfg.learning_rate or (2e-4 if cfg.lora else 5e-4 if n_params < 50e6 else 5e-5)
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, max_steps // 30)
+    config_io.save(SFTConfig(**{**asdict(cfg), "max_length": max_length, "learning_rate": lr,
+                                "warmup_steps": warmup, "max_steps": max_steps}), Path(cfg.out) / RUN_CONFIG)
+    mean_tokens = sum(len(e["input_ids"]) for e in train) / len(train)
+    log(f"sft: {len(train)} train / {len(evals)} eval conversations, {max_steps} steps x {per_step} conversations, "
+        f"lr {lr:g}, {precision}{', LoRA' if cfg.lora else ''}{', packed' if cfg.packing else ''}")
+
+    optimizer = make_optimizer(model, lr, cfg.weight_decay)
+    schedule = Schedule(cfg.schedule, warmup, max_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    args = training_arguments(cfg.out, max_steps=max_steps, micro=micro, accum=cfg.grad_accum, precision=precision,
+                              grad_clip=cfg.grad_clip, eval_every=cfg.eval_every, save_every=cfg.save_every,
+                              save_total_limit=cfg.save_total_limit, log_every=cfg.log_every,
+                              report_to=cfg.report_to, seed=cfg.seed, has_eval=bool(evals))
+    collator = DataCollatorWithFlattening() if cfg.packing else \
+        DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
+    throughput = Throughput(int(mean_tokens * per_step), None)
+    callbacks = [throughput, CompleteMarker({"kind": "sft"})]
+    if cfg.max_time:
+        callbacks.append(WallClockBudget(cfg.max_time, schedule))
+    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=evals or None, processing_class=tok,
+                      data_collator=collator, optimizers=(optimizer, scheduler))
+    add_callbacks(trainer, callbacks)
+    trainer.train(resume_from_checkpoint=resume_checkpoint(cfg.out, log) if resume else None)
+    metrics = trainer.evaluate() if evals else {}
+    _save_final(trainer, model, tok, cfg, log)
+    summary = {**throughput.summary(trainer.state), "train_conversations": len(train),
+               **{k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}}
+    if trainer.is_world_process_zero():
+        write_summary(cfg.out, summary)
+        log(f"done: {summary['steps']} steps, eval loss {summary.get('eval_loss')} -> {cfg.out}\n"
+            f"talk to it: chatforge chat {cfg.out}")
+    finish_distributed()
+    return summary
+
+
+def _wrap_lora(model, cfg: SFTConfig, tokens_added: int):
+    from peft import LoraConfig, get_peft_model
+
+    embeddings = [n for n, m in model.named_modules() if m is model.get_input_embeddings()]
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules="all-linear",
+                      task_type="CAUSAL_LM",
+                      # new chat tokens start untrained: their embedding rows must learn too
+                      modules_to_save=[embeddings[0].split(".")[-1]] if tokens_added else None)
+    model = get_peft_model(model, lora)
+    return model
+
+
+def _save_final(trainer, model, tok, cfg: SFTConfig, log) -> None:
+    """A plain Hugging Face directory; with LoRA the adapter, or merged full weights with --merge."""
+    if cfg.lora and cfg.merge:
+        merged = model.merge_and_unload()
+        if trainer.is_world_process_zero():
+            merged.save_pretrained(cfg.out)
+            tok.save_pretrained(cfg.out)
+            _remove_adapter_files(cfg.out)
+        return
+    trainer.save_model(cfg.out)
+    if cfg.lora and trainer.is_world_process_zero():
+        log(f"saved the LoRA adapter (base: {cfg.model}); pass --merge for full weights")
+
+
+def _remove_adapter_files(out: str) -> None:
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        path = os.path.join(out, name)
+        if os.path.exists(path):
+            os.remove(path)

@@ -1,0 +1,107 @@
+"""SFT end to end: template, masking, stopping and decoding agree, measured by answer recall and stop rate."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorWithFlattening, GPT2Config,
+                          GPT2LMHeadModel, PreTrainedTokenizerFast)
+
+from chatforge import cli
+from chatforge.engine import Engine, SamplingParams
+from chatforge.sft import encode_conversation
+from conftest import run_cli
+
+QA = Path(__file__).parent / "data" / "qa.jsonl"
+
+
+@pytest.fixture(scope="module")
+def chat_model_dir(tmp_path_factory, base_model_dir) -> str:
+    out = tmp_path_factory.mktemp("sft") / "chat"
+    run_cli("sft", "--model", base_model_dir, "--data", QA, "--out", out, "--max-steps", 150,
+            "--learning-rate", 3e-3, "--eval-fraction", 0, "--report-to", "none")
+    return str(out)
+
+
+def test_sft_teaches_answers_and_stopping(chat_model_dir, capsys):
+    conversations = [json.loads(line)["messages"] for line in QA.read_text(encoding="utf-8").splitlines()]
+    recalled = 0
+    for messages in conversations:
+        capsys.readouterr()
+        cli.main(["chat", chat_model_dir, "--prompt", messages[0]["content"], "--temperature", "0",
+                  "--max-new-tokens", "48"])
+        recalled += capsys.readouterr().out.strip() == messages[1]["content"]
+    engine = Engine(chat_model_dir)
+    stopped = 0
+    for messages in conversations:
+        engine.complete(engine.chat_prompt(messages[:1]), SamplingParams(max_new_tokens=48, temperature=0))
+        stopped += engine.finish_reason == "stop"
+    recall, stop_rate = recalled / len(conversations), stopped / len(conversations)
+    print(f"answer recall {recall:.0%}, stop rate {stop_rate:.0%} over {len(conversations)} questions")
+    assert recall >= 0.9 and stop_rate >= 0.95
+
+
+def test_chat_model_is_a_plain_hf_directory(chat_model_dir):
+    tok = AutoTokenizer.from_pretrained(chat_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(chat_model_dir)
+    eos = model.generation_config.eos_token_id
+    assert tok.convert_tokens_to_ids("<|im_end|>") in (eos if isinstance(eos, list) else [eos])
+    assert (Path(chat_model_dir) / "run_config.yaml").exists()
+
+
+def test_foreign_base_without_chat_template(tmp_path):
+    """A transformers model whose tokenizer has no ChatML tokens or template: sft adds both."""
+    texts = [f"sentence number {i} about cats and dogs" for i in range(200)]
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    raw.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<eos>")
+    base = tmp_path / "foreign"
+    tok.save_pretrained(base)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=1, n_head=2)).save_pretrained(base)
+    assert not AutoTokenizer.from_pretrained(base).chat_template
+
+    run_cli("sft", "--model", base, "--data", QA, "--out", tmp_path / "out", "--max-steps", 3, "--report-to", "none")
+    saved = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert saved.chat_template and "{% generation %}" in saved.chat_template
+    assert len(saved.encode("<|im_end|>", add_special_tokens=False)) == 1
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.get_input_embeddings().weight.shape[0] >= len(saved)
+
+
+def test_lora_merge_writes_full_weights(tmp_path, base_model_dir):
+    out = tmp_path / "lora"
+    run_cli("sft", "--model", base_model_dir, "--data", QA, "--out", out, "--lora", "--merge", "--max-steps", 3,
+            "--report-to", "none")
+    assert not (out / "adapter_config.json").exists()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert not any("lora" in name for name, _ in model.named_parameters())
+
+
+def test_packing_keeps_conversations_apart(base_model_dir):
+    """The packed batch sft uses gives each conversation the logits it has alone."""
+    tok = AutoTokenizer.from_pretrained(base_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_model_dir).eval()
+    conversations = [json.loads(line)["messages"] for line in QA.read_text(encoding="utf-8").splitlines()[:3]]
+    examples = [encode_conversation(tok, m, 128)[0] for m in conversations]
+    packed = DataCollatorWithFlattening()(examples)
+    with torch.no_grad():
+        together = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits[0]
+        start = 0
+        for example in examples:
+            n = len(example["input_ids"])
+            alone = model(input_ids=torch.tensor([example["input_ids"]])).logits[0]
+            assert torch.allclose(together[start:start + n], alone, atol=1e-4)
+            start += n
+
+
+def test_sft_packing_run(tmp_path, base_model_dir):
+    out = tmp_path / "packed"
+    run_cli("sft", "--model", base_model_dir, "--data", QA, "--out", out, "--packing", "--max-steps", 3,
+            "--report-to", "none")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["eval_loss"] > 0
