@@ -52,6 +52,10 @@ class PretrainConfig:
     precision: str = "auto"
     compile: bool = False
     gradient_checkpointing: bool = False
+    # speed switches (chatforge/fastloss.py); none changes the weights or the saved checkpoint
+    fused_loss: bool = True           # chunked LM-head cross-entropy: no fp32 copy of the full logits
+    fused_gelu: bool = True           # GPT-2's op-by-op tanh GELU -> torch's fused GELU (same function)
+    fast_batches: bool = True         # whole micro-batches gathered from the memmapped shards, no mask
     # data
     val_fraction: float = 0.005
     text_field: str = "text"
@@ -132,14 +136,16 @@ def flops_per_token(model, n_layer: int, d_model: int, seq: int) -> float:
     return 6 * n_matmul + 12 * n_layer * d_model * seq
 
 
-def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False, log=print) -> dict:
-    """Run (or resume) pretraining; returns the run summary."""
+def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False, log=print,
+             callbacks: tuple = ()) -> dict:
+    """Run (or resume) pretraining; returns the run summary. `callbacks`: extra TrainerCallbacks (benches)."""
     import torch
     from accelerate import PartialState
     from transformers import Trainer
 
     from chatforge import config as config_io
     from chatforge.data import PackedBlocks
+    from chatforge.fastloss import BlockBatches, collate_blocks, fuse_gelu, restore_forward, use_fused_loss
     from chatforge.modeling import count_parameters
     from chatforge.training import (RUN_CONFIG, CompleteMarker, Schedule, Throughput, WallClockBudget,
                                     check_output_dir, finish_distributed, make_optimizer, resolve_precision, resume_checkpoint,
@@ -159,9 +165,10 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
     precision = resolve_precision(cfg.precision)
     n_params = count_parameters(model)
 
-    train = PackedBlocks(data_dir, "train", ctx)
+    blocks = BlockBatches if cfg.fast_batches else PackedBlocks
+    train = blocks(data_dir, "train", ctx)
     val_tokens = manifest["val"]["tokens"]
-    val = PackedBlocks(data_dir, "val", min(ctx, val_tokens))
+    val = blocks(data_dir, "val", min(ctx, val_tokens))
     if len(train) == 0:
         raise ChatforgeError(f"{', '.join(cfg.data)}: {manifest['train']['tokens']} training tokens is less "
                              f"than one block of --context-length {ctx}")
@@ -194,6 +201,11 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
 
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    # before the Trainer wraps model.forward (autocast, DDP), so the wrappers apply to the fast forward
+    if cfg.fused_gelu:
+        fuse_gelu(model)
+    if cfg.fused_loss:
+        use_fused_loss(model)
     optimizer = make_optimizer(model, lr, cfg.weight_decay)
     schedule = Schedule(cfg.schedule, warmup, max_steps, cfg.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
@@ -202,16 +214,19 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
     n_layer = getattr(model.config, "n_layer", None) or model.config.num_hidden_layers
     throughput = Throughput(tokens_per_step, manifest["val"]["tokens"] / max(1, manifest["val"]["bytes"]),
                             flops_per_token(model, n_layer, d_model, ctx), _peak_flops())
-    callbacks = [throughput, CompleteMarker({"kind": "pretrain"})]
+    callbacks = [throughput, CompleteMarker({"kind": "pretrain"}), *callbacks]
     if cfg.max_time:
         callbacks.append(WallClockBudget(cfg.max_time, schedule))
     trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=val if len(val) else None,
-                      processing_class=tok, optimizers=(optimizer, scheduler))
+                      processing_class=tok, optimizers=(optimizer, scheduler),
+                      # stock: DataCollatorWithPadding, which pads in Python and adds an all-ones mask
+                      data_collator=collate_blocks if cfg.fast_batches else None)
     for cb in reversed(callbacks):  # first, so TensorBoard and the progress bar see what they add to logs
         trainer.callback_handler.callbacks.insert(0, cb)
     checkpoint = resume_checkpoint(cfg.out, log) if resume else None
     trainer.train(resume_from_checkpoint=checkpoint)
     metrics = trainer.evaluate() if len(val) else {}
+    restore_forward(model)  # the stock forward (logits) for whoever uses the model object next
     trainer.save_model(cfg.out)
     summary = {**throughput.summary(trainer.state), **{k: round(v, 4) for k, v in metrics.items()
                                                        if isinstance(v, float)}, "parameters": n_params}
@@ -241,6 +256,8 @@ def _training_args(cfg: PretrainConfig, max_steps: int, micro: int, accum: int, 
         dataloader_num_workers=cfg.num_workers, dataloader_pin_memory=torch.cuda.is_available(),
         prediction_loss_only=True, use_cpu=not torch.cuda.is_available(),
         ddp_find_unused_parameters=False,
+        logging_nan_inf_filter=False,  # True checks isnan(loss) every step: a host-device sync on GPU
+        remove_unused_columns=False,  # blocks hold only input_ids/labels; the filter would wrap the collator
     )
 
 

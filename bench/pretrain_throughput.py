@@ -1,0 +1,313 @@
+"""Pretraining throughput: `chatforge pretrain`'s real path vs a stock transformers Trainer, same run.
+
+Both paths train the same GPT-2 shape (same config, same seed, so the same initial weights) on the
+same corpus with the same tokenizer, batch, learning rate and schedule, alternating A B A B ... in one
+process so that a noisy machine slows both alike. Reported per path (median over rounds): tokens/s
+over the steps after `--warmup`, MFU on GPU (FLOPs/token = 6·N_matmul + 12·L·d·T over the dense bf16
+peak of the card), peak memory (GPU: max allocated; CPU: peak RSS, reset before each run), time to
+first step, and the validation loss after the same number of tokens, measured for both by the same
+fp32 evaluation of the saved model on chatforge's held-out blocks.
+
+- chatforge: `chatforge.pretrain.pretrain()` itself (Trainer + the fastloss speed switches, bf16 where
+  supported, `--compile` on GPU), on shards from `chatforge.data.prepare`.
+- stock: `Trainer` + `GPT2LMHeadModel` (sdpa) + `DataCollatorForLanguageModeling(mlm=False)` over
+  run_clm-style grouped blocks (`datasets.map` tokenize + `group_texts`), `bf16=True` where supported,
+  `torch_compile=True` on GPU, fused AdamW; the documents carry the same <|endoftext|> separator.
+
+    python bench/pretrain_throughput.py                      # CPU shape: 6x384, 6 heads, seq 256, batch 8
+    python bench/pretrain_throughput.py --shape gpt2         # GPU: GPT-2 124M shape, seq 1024, batch 32, compile
+
+Prints a markdown table; writes JSON to --json (default bench/results/pretrain_<shape>.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+
+SHAPES = {  # n_layer, d_model, n_head, seq, micro-batch
+    "cpu": (6, 384, 6, 256, 8),
+    "gpt2": (12, 768, 12, 1024, 32),
+}
+
+
+class StepTimer(TrainerCallback):
+    """The same clock for both paths: wall time at the end of every optimizer step."""
+
+    def __init__(self, t0: float):
+        self.t0, self.times = t0, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+
+
+def reset_peak_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        try:  # Linux: writing 5 to clear_refs resets VmHWM (peak RSS) of this process
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+
+
+def peak_memory_gib() -> float | None:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        return None
+    return None
+
+
+def peak_flops() -> float | None:
+    from chatforge.pretrain import _peak_flops
+
+    return _peak_flops()
+
+
+def prepare_inputs(args) -> tuple[str, str, str]:
+    """Corpus (synthetic, cached), tokenizer and chatforge shards in --work."""
+    from corpus import make_corpus
+
+    from chatforge.data import DataConfig, prepare
+    from chatforge.tokenizer import TokenizerConfig, load_tokenizer, train_tokenizer
+
+    work = Path(args.work)
+    corpus = make_corpus(work / f"corpus_{args.corpus_mb:g}mb.jsonl", args.corpus_mb)
+    tok_dir = args.tokenizer or str(work / f"tok_{args.corpus_mb:g}mb")
+    if not (Path(tok_dir) / "tokenizer.json").exists():
+        try:
+            train_tokenizer(TokenizerConfig(data=[str(corpus)], out=tok_dir, vocab_size=args.vocab_size), log=print)
+        except Exception as err:  # the synthetic corpus caps the vocabulary: use what it supports
+            supported = int(str(err).split("use --vocab-size ")[1].split()[0])
+            print(f"vocab {args.vocab_size} too large for the corpus, using {supported}")
+            train_tokenizer(TokenizerConfig(data=[str(corpus)], out=tok_dir, vocab_size=supported), log=print)
+    tok = load_tokenizer(tok_dir)
+    shards = str(work / f"shards_{Path(tok_dir).name}")
+    prepare(DataConfig(data=[str(corpus)], out=shards), tok=tok, log=print)
+    return str(corpus), tok_dir, shards
+
+
+def stock_dataset(corpus: str, tok_dir: str, seq: int, work: Path):
+    """run_clm.py's pipeline: datasets.map(tokenize) then group_texts into seq-token blocks.
+
+    The training documents are chatforge's (every 200th document is validation in both), each followed
+    by <|endoftext|> as chatforge does. Prepared once before timing.
+    """
+    from datasets import load_dataset
+    from transformers import AutoTokenizer
+
+    from chatforge.tokenizer import EOS
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    raw = load_dataset("json", data_files=corpus, split="train", cache_dir=str(work / "hf_cache"))
+    raw = raw.filter(lambda _, i: i % 200 != 0, with_indices=True)
+
+    def tokenize(batch):
+        return tok([t + EOS for t in batch["text"]])
+
+    def group_texts(examples):
+        concatenated = {k: sum(examples[k], []) for k in examples.keys()}
+        total = (len(concatenated["input_ids"]) // seq) * seq
+        result = {k: [t[i:i + seq] for i in range(0, total, seq)] for k, t in concatenated.items()}
+        result["labels"] = result["input_ids"].copy()
+        return result
+
+    ds = raw.map(tokenize, batched=True, remove_columns=raw.column_names)
+    return tok, ds.map(group_texts, batched=True)
+
+
+def training_plan(args, shape) -> dict:
+    n_layer, d, heads, seq, batch = shape
+    return {"n_layer": n_layer, "d_model": d, "n_head": heads, "seq": seq, "batch": batch,
+            "steps": args.warmup + args.steps, "lr": args.lr, "warmup_steps": max(1, (args.warmup + args.steps) // 20)}
+
+
+def run_chatforge(args, plan, tok_dir, shards, out: Path) -> dict:
+    from chatforge.pretrain import PretrainConfig, pretrain
+
+    cfg = PretrainConfig(
+        data=[shards], tokenizer=tok_dir, out=str(out), n_layer=plan["n_layer"], d_model=plan["d_model"],
+        n_head=plan["n_head"], context_length=plan["seq"], micro_batch_size=plan["batch"],
+        max_steps=plan["steps"], learning_rate=plan["lr"], warmup_steps=plan["warmup_steps"],
+        eval_every=10**9, save_every=10**9, log_every=10**9, report_to=["none"], seed=args.seed,
+        compile=args.compile, preset="tiny")
+    for flag in ("fused_loss", "fused_gelu", "fast_batches"):
+        setattr(cfg, flag, not args.no_fast)
+    t0 = time.perf_counter()
+    timer = StepTimer(t0)
+    pretrain(cfg, overwrite=True, log=lambda *_: None, callbacks=(timer,))
+    return {"times": timer.times, "t0": t0}
+
+
+def run_stock(args, plan, stock_tok, stock_ds, out: Path) -> dict:
+    from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    from chatforge.modeling import ModelShape, build_config
+    from chatforge.tokenizer import document_separator_id
+    from chatforge.training import resolve_precision
+
+    t0 = time.perf_counter()
+    eos = document_separator_id(stock_tok)
+    config = build_config(ModelShape(n_layer=plan["n_layer"], d_model=plan["d_model"], n_head=plan["n_head"],
+                                     context_length=plan["seq"], vocab_size=_padded(len(stock_tok))),
+                          bos_id=eos, eos_id=eos, pad_id=stock_tok.pad_token_id)
+    torch.manual_seed(args.seed)  # as chatforge.modeling.new_model: the same initial weights
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    precision = resolve_precision("auto")
+    targs = TrainingArguments(
+        output_dir=str(out), max_steps=plan["steps"], per_device_train_batch_size=plan["batch"],
+        learning_rate=plan["lr"], warmup_steps=plan["warmup_steps"], lr_scheduler_type="cosine",
+        weight_decay=0.1, adam_beta2=0.95, max_grad_norm=1.0, optim="adamw_torch_fused",
+        bf16=precision == "bf16", fp16=precision == "fp16", torch_compile=args.compile,
+        logging_steps=10**9, save_strategy="no", eval_strategy="no", report_to="none", seed=args.seed,
+        use_cpu=not torch.cuda.is_available(), dataloader_pin_memory=torch.cuda.is_available())
+    timer = StepTimer(t0)
+    collator = DataCollatorForLanguageModeling(stock_tok, mlm=False)
+    trainer = Trainer(model=model, args=targs, train_dataset=stock_ds, data_collator=collator, callbacks=[timer])
+    trainer.train()
+    trainer.save_model(str(out))
+    return {"times": timer.times, "t0": t0}
+
+
+def _padded(n: int) -> int:
+    from chatforge.modeling import padded_vocab
+
+    return padded_vocab(n)
+
+
+@torch.no_grad()
+def val_loss(model_dir: Path, shards: str, seq: int) -> float:
+    """The same yardstick for both: the saved model, stock forward, fp32, chatforge's val blocks."""
+    from chatforge.data import PackedBlocks
+    from chatforge.modeling import load_model
+
+    model = load_model(str(model_dir)).eval()
+    val = PackedBlocks(shards, "val", seq)
+    total, count = 0.0, 0
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(dev)
+    for i in range(0, len(val), 8):
+        ids = torch.stack([val[j]["input_ids"] for j in range(i, min(i + 8, len(val)))]).to(dev)
+        out = model(input_ids=ids, labels=ids)
+        n = ids.numel() - ids.shape[0]
+        total += out.loss.item() * n
+        count += n
+    return total / max(count, 1)
+
+
+def summarize(name, runs, plan, args, flops_tok, peak) -> dict:
+    tokens_per_step = plan["batch"] * plan["seq"]
+    rates, firsts, mems, losses = [], [], [], []
+    for r in runs:
+        times = r["times"]
+        rates.append(args.steps * tokens_per_step / (times[-1] - times[args.warmup - 1]))
+        firsts.append(times[0] - r["t0"])
+        mems.append(r["mem"])
+        losses.append(r["val_loss"])
+    tps = statistics.median(rates)
+    return {"path": name, "tokens_per_s": tps, "tokens_per_s_runs": rates,
+            "mfu": tps * flops_tok / peak if peak else None,
+            "peak_memory_gib": max(m for m in mems if m is not None) if any(m is not None for m in mems) else None,
+            "first_step_s": statistics.median(firsts), "val_loss": statistics.median(losses), "val_loss_runs": losses}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=list(SHAPES), default="gpt2" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=40, help="timed optimizer steps per run (after --warmup)")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=2, help="A/B alternations")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument("--corpus-mb", type=float, default=4)
+    parser.add_argument("--tokenizer", help="use this tokenizer directory instead of training one")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=torch.cuda.is_available(),
+                        help="torch.compile in both paths (default: on GPU only)")
+    parser.add_argument("--no-fast", action="store_true", help="chatforge with every speed switch off")
+    parser.add_argument("--work", default="/tmp/chatforge_bench")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+
+    from chatforge.pretrain import flops_per_token
+
+    shape = SHAPES[args.shape]
+    plan = training_plan(args, shape)
+    work = Path(args.work)
+    corpus, tok_dir, shards = prepare_inputs(args)
+    stock_tok, stock_ds = stock_dataset(corpus, tok_dir, plan["seq"], work)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    print(f"device: {device}; shape {args.shape} {plan}; {len(stock_ds)} stock blocks", flush=True)
+
+    runs = {"chatforge": [], "stock Trainer": []}
+    for rnd in range(args.rounds):
+        order = ["stock Trainer", "chatforge"] if rnd % 2 == 0 else ["chatforge", "stock Trainer"]
+        for name in order:
+            out = work / ("run_chatforge" if name == "chatforge" else "run_stock")
+            gc.collect()
+            reset_peak_memory()
+            if name == "chatforge":
+                r = run_chatforge(args, plan, tok_dir, shards, out)
+            else:
+                r = run_stock(args, plan, stock_tok, stock_ds, out)
+            r["mem"] = peak_memory_gib()
+            r["val_loss"] = val_loss(out, shards, plan["seq"])
+            rate = args.steps * plan["batch"] * plan["seq"] / (r["times"][-1] - r["times"][args.warmup - 1])
+            print(f"round {rnd}: {name}: {rate:,.0f} tokens/s, val loss {r['val_loss']:.4f}", flush=True)
+            runs[name].append(r)
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    probe = GPT2LMHeadModel(GPT2Config(vocab_size=_padded(len(stock_tok)), n_positions=plan["seq"],
+                                       n_embd=plan["d_model"], n_layer=plan["n_layer"], n_head=plan["n_head"]))
+    flops_tok = flops_per_token(probe, plan["n_layer"], plan["d_model"], plan["seq"])
+    peak = peak_flops()
+    rows = [summarize(name, rs, plan, args, flops_tok, peak) for name, rs in runs.items()]
+    base = rows[1]["tokens_per_s"]
+    mem_label = "peak GiB (GPU alloc)" if torch.cuda.is_available() else "peak RSS GiB"
+    print(f"\n{args.rounds} rounds x {args.steps} timed steps (+{args.warmup} warm-up), "
+          f"{plan['batch']}x{plan['seq']} tokens/step, vocab {_padded(len(stock_tok))}, {device}\n")
+    print(f"| path | tokens/s (median) | vs stock | MFU | {mem_label} | first step s | val loss |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        mfu = f"{row['mfu'] * 100:.1f}%" if row["mfu"] else "n/a (CPU)"
+        mem = f"{row['peak_memory_gib']:.2f}" if row["peak_memory_gib"] is not None else "n/a"
+        print(f"| {row['path']} | {row['tokens_per_s']:,.0f} | {row['tokens_per_s'] / base:.2f}x | {mfu} | {mem} | "
+              f"{row['first_step_s']:.1f} | {row['val_loss']:.4f} |")
+    result = {"device": device, "shape": args.shape, "plan": plan, "rounds": args.rounds, "warmup": args.warmup,
+              "compile": args.compile, "flops_per_token": flops_tok, "peak_flops": peak, "rows": rows,
+              "speedup": rows[0]["tokens_per_s"] / base,
+              "val_loss_rel_diff": (rows[0]["val_loss"] - rows[1]["val_loss"]) / rows[1]["val_loss"]}
+    path = Path(args.json or Path(__file__).parent / "results" / f"pretrain_{args.shape}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    print(f"\nspeedup {result['speedup']:.2f}x, val loss rel diff {result['val_loss_rel_diff'] * 100:+.2f}% -> {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Issue 5: the speed switches change how fast training runs, not what it computes or saves."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, run_cli
+
+from chatforge.fastloss import BlockBatches, chunked_lm_loss, collate_blocks, fuse_gelu, use_fused_loss
+
+
+def _tiny(arch: str):
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        config = GPT2Config(vocab_size=320, n_positions=48, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0,
+                            embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True)
+    else:
+        config = LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=48,
+                             tie_word_embeddings=True)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+
+
+def _grads(model) -> dict:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("num_items", [False, True])
+def test_fused_loss_and_gradients_equal_transformers(arch, num_items):
+    stock = _tiny(arch)
+    fast = copy.deepcopy(stock)
+    assert use_fused_loss(fast, chunk_rows=37)  # chunks that do not divide the rows
+    fuse_gelu(fast)
+    ids = torch.randint(0, 320, (3, 48))
+    labels = ids.clone()
+    labels[0, :7] = -100  # ignored positions are skipped exactly as transformers does
+    kw = {"num_items_in_batch": torch.tensor(100)} if num_items else {}
+    losses = []
+    for model in (stock, fast):
+        out = model(input_ids=ids, labels=labels, **kw)
+        out.loss.backward()
+        losses.append(out.loss)
+    assert torch.allclose(losses[0], losses[1], rtol=1e-5, atol=1e-5), losses
+    g_stock, g_fast = _grads(stock), _grads(fast)
+    assert g_stock.keys() == g_fast.keys()
+    for name in g_stock:
+        assert torch.allclose(g_stock[name], g_fast[name], rtol=1e-4, atol=1e-5), name
+    # no labels: the stock forward, logits and all
+    with torch.no_grad():
+        assert torch.allclose(stock(input_ids=ids).logits, fast(input_ids=ids).logits, atol=1e-5)
+
+
+def test_chunked_loss_bf16_autocast_close():
+    hidden = torch.randn(2, 40, 16, requires_grad=True)
+    weight = torch.randn(100, 16, requires_grad=True)
+    labels = torch.randint(0, 100, (2, 40))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = torch.nn.functional.cross_entropy((hidden @ weight.t())[:, :-1].float().reshape(-1, 100),
+                                                labels[:, 1:].reshape(-1))
+        fast = chunked_lm_loss(hidden, weight, labels, chunk_rows=16)
+    assert abs(ref.item() - fast.item()) < 2e-2 * abs(ref.item())
+
+
+def test_block_batches_match_packed_blocks(tmp_path, tokenizer_dir):
+    from chatforge.data import DataConfig, PackedBlocks, prepare
+
+    prepare(DataConfig(data=["demo:en"], out=str(tmp_path / "d"), tokenizer=tokenizer_dir), log=lambda *_: None)
+    plain, fast = PackedBlocks(tmp_path / "d", "train", 64), BlockBatches(tmp_path / "d", "train", 64)
+    idx = [5, 0, len(plain) - 1, 3]
+    batch = collate_blocks(fast.__getitems__(idx))
+    assert set(batch) == {"input_ids", "labels"}  # no attention_mask: SDPA runs is_causal
+    assert torch.equal(batch["input_ids"], torch.stack([plain[i]["input_ids"] for i in idx]))
+    assert torch.equal(collate_blocks([plain[i] for i in idx])["input_ids"], batch["input_ids"])
+
+
+def test_speed_options_same_loss_and_plain_checkpoints(tmp_path, tokenizer_dir):
+    from transformers import AutoModelForCausalLM
+
+    plain_cfg = tmp_path / "plain.yaml"
+    plain_cfg.write_text("fused_loss: false\nfused_gelu: false\nfast_batches: false\n")
+    common = ["--data", "demo:en", "--tokenizer", tokenizer_dir, *TINY, "--max-steps", 30, "--eval-every", 30,
+              "--save-every", 30, "--report-to", "none", "--log-every", 10]
+    run_cli("pretrain", *common, "--out", tmp_path / "fast")
+    run_cli("pretrain", *common, "--out", tmp_path / "plain", "--config", plain_cfg)
+    fast_sum = json.loads((tmp_path / "fast" / "summary.json").read_text())
+    plain_sum = json.loads((tmp_path / "plain" / "summary.json").read_text())
+    assert abs(fast_sum["eval_loss"] - plain_sum["eval_loss"]) <= 0.01 * plain_sum["eval_loss"], (fast_sum, plain_sum)
+    assert fast_sum["tokens_per_s"] > 0 and "first_step_s" in fast_sum
+
+    # plain transformers loads what the fast path wrote: same files, same keys, same config
+    assert (tmp_path / "fast" / "checkpoint-30" / "chatforge_complete.json").exists()
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "fast").eval()
+    ckpt = AutoModelForCausalLM.from_pretrained(tmp_path / "fast" / "checkpoint-30").eval()
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "plain").eval()
+    assert final.state_dict().keys() == plain.state_dict().keys()
+    fast_cfg = json.loads((tmp_path / "fast" / "config.json").read_text())
+    plain_cfg_json = json.loads((tmp_path / "plain" / "config.json").read_text())
+    assert fast_cfg == plain_cfg_json
+    assert sorted(p.name for p in (tmp_path / "fast").iterdir() if p.is_file()) == \
+        sorted(p.name for p in (tmp_path / "plain").iterdir() if p.is_file())
+    ids = torch.randint(0, 1000, (2, 32))
+    with torch.no_grad():
+        a, b, c = final(input_ids=ids).logits, ckpt(input_ids=ids).logits, plain(input_ids=ids).logits
+    assert torch.equal(a, b)  # checkpoint-30 and the final directory hold the same weights
+    # same init, same data order: the two runs differ only by bf16 rounding
+    assert (a.softmax(-1) - c.softmax(-1)).abs().max() < 0.05
