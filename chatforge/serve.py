@@ -335,9 +335,12 @@ class Handler(BaseHTTPRequestHandler):
 def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
                 model_name: str = "chatforge") -> ThreadingHTTPServer:
     handler = type("ChatforgeHandler", (Handler,), {"engine": engine, "api_key": api_key, "model_name": model_name})
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
-    return server
+    return _Server((host, port), handler)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256  # listen backlog: socketserver's default of 5 drops bursts of new clients
 
 
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
