@@ -123,6 +123,13 @@ def cmd_chat(args) -> None:
     reply(engine, messages + [{"role": "user", "content": args.prompt}], params)
 
 
+def cmd_quickstart(args) -> None:
+    from chatforge.quickstart import QuickstartConfig, quickstart
+
+    quickstart(QuickstartConfig(out=args.out, lang=args.lang, pretrain_seconds=args.pretrain_seconds,
+                                sft_seconds=args.sft_seconds))
+
+
 def cmd_serve(args) -> None:
     from chatforge.serve import serve
 
@@ -140,6 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="chatforge", description="Train your own ChatGPT-style assistant from scratch.",
         epilog="Run `chatforge COMMAND --help` for the options of each command.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    quick = sub.add_parser("quickstart", help="the whole pipeline on the built-in demo data (~10 min on a CPU)",
+                           description="Train a tokenizer, pretrain a tiny GPT, fine-tune it for chat and show a "
+                                       "sample conversation, all on the built-in demo corpus.")
+    quick.add_argument("--out", default="quickstart", metavar="DIR", help="default: quickstart")
+    quick.add_argument("--lang", default="en", help="demo corpus language: en, zh, de, fr, ... (default: en)")
+    quick.add_argument("--pretrain-seconds", type=float, metavar="S", help="pretraining budget (default: 240 on CPU)")
+    quick.add_argument("--sft-seconds", type=float, metavar="S", help="fine-tuning budget (default: 150 on CPU)")
+    quick.set_defaults(func=cmd_quickstart)
 
     tok = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer with chat tokens reserved")
     tok_sub = tok.add_subparsers(dest="sub", metavar="ACTION", required=True)
@@ -191,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(pre, "--precision", choices=["auto", "bf16", "fp16", "fp32"], help="default: bf16 where supported")
     _opt(pre, "--compile", action="store_true", help="torch.compile the model")
     _opt(pre, "--gradient-checkpointing", action="store_true")
+    # speed switches, all on by default; none changes the saved checkpoint (chatforge/fastloss.py)
+    _opt(pre, "--fused-loss", action=argparse.BooleanOptionalAction, help="chunked LM-head cross-entropy")
+    _opt(pre, "--fused-gelu", action=argparse.BooleanOptionalAction, help="GPT-2 GELU as one fused kernel")
+    _opt(pre, "--fast-batches", action=argparse.BooleanOptionalAction, help="micro-batches gathered from the shards")
     _opt(pre, "--val-fraction", type=float, metavar="F")
     _opt(pre, "--eval-every", type=int, metavar="STEPS")
     _opt(pre, "--save-every", type=int, metavar="STEPS")

@@ -162,7 +162,7 @@ def sft(cfg: SFTConfig, resume: bool = False, overwrite: bool = False, log=print
                               save_total_limit=cfg.save_total_limit, log_every=cfg.log_every,
                               report_to=cfg.report_to, seed=cfg.seed, has_eval=bool(evals))
     collator = DataCollatorWithFlattening() if cfg.packing else \
-        DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
+        DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100, pad_to_multiple_of=64)
     throughput = Throughput(int(mean_tokens * per_step), None)
     callbacks = [throughput, CompleteMarker({"kind": "sft"})]
     if cfg.max_time:

@@ -105,3 +105,33 @@ def test_sft_packing_run(tmp_path, base_model_dir):
             "--report-to", "none")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["eval_loss"] > 0
+
+
+def test_interactive_chat_reset_and_exit(chat_model_dir):
+    proc = run_cli("chat", chat_model_dir, "--temperature", "0", "--max-new-tokens", 48,
+                   input="What color is the sky?\n/reset\n熊猫吃什么？\n/exit\n")
+    assert "The sky is blue." in proc.stdout and "熊猫吃竹子。" in proc.stdout
+    assert "(conversation reset)" in proc.stdout
+
+
+def test_history_drops_oldest_turns_but_keeps_system(chat_model_dir):
+    from chatforge.chat import fit_history
+
+    engine = Engine(chat_model_dir)  # context window: 128 tokens
+    messages = [{"role": "system", "content": "Be brief."}]
+    for i in range(10):
+        messages += [{"role": "user", "content": f"question number {i}"}, {"role": "assistant", "content": f"answer {i}"}]
+    messages.append({"role": "user", "content": "the newest question"})
+    kept, ids = fit_history(engine, messages, reserve=32)
+    assert kept[0] == messages[0] and kept[-1] == messages[-1]
+    assert len(kept) < len(messages) and len(ids) + 32 <= engine.context_length
+    assert kept[1]["role"] == "user" and kept[1:] == messages[len(messages) - len(kept) + 1:]
+
+
+def test_quickstart_chinese_end_to_end(tmp_path):
+    """`--lang zh` through every stage (with short budgets: the full run is timed by hand, see README)."""
+    proc = run_cli("quickstart", "--lang", "zh", "--out", tmp_path / "qs", "--pretrain-seconds", 15,
+                   "--sft-seconds", 15)
+    assert "user: 你好" in proc.stdout and "chatforge chat" in proc.stdout
+    tok = AutoTokenizer.from_pretrained(tmp_path / "qs" / "chat")
+    assert tok.decode(tok.encode("你好，世界", add_special_tokens=False)) == "你好，世界"
