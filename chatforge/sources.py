@@ -141,9 +141,9 @@ def _read_file(path: str, doc_per_line: bool, stats: SourceStats, strict: bool) 
             data = json.loads(text)
         except json.JSONDecodeError as err:
             raise ChatforgeError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
-        if isinstance(data, dict):
-            lists = [v for v in data.values() if isinstance(v, list)]
-            data = lists[0] if len(lists) == 1 and "messages" not in data and "text" not in data else [data]
+        if isinstance(data, dict):  # {"data": [records]} or a single record
+            only = list(data.values())[0] if len(data) == 1 else None
+            data = only if isinstance(only, list) and all(isinstance(r, dict) for r in only) else [data]
         if not isinstance(data, list):
             raise ChatforgeError(f"{path}: expected a JSON list of objects")
         for index, record in enumerate(data):

@@ -134,15 +134,18 @@ def load_tokenizer(path: str):
 
 def ensure_chat_tokens(tok) -> int:
     """Give a foreign tokenizer the ChatML tokens, a pad token and our template; return tokens added."""
-    added = tok.add_special_tokens({"additional_special_tokens": [IM_START, IM_END]},
-                                   replace_extra_special_tokens=False) if IM_START not in tok.get_vocab() \
-        or IM_END not in tok.get_vocab() else 0
+    vocab = tok.get_vocab()
+    added = 0
+    if IM_START not in vocab or IM_END not in vocab:
+        added += tok.add_special_tokens({"additional_special_tokens": [IM_START, IM_END]},
+                                        replace_extra_special_tokens=False)
     if tok.pad_token is None:
         added += tok.add_special_tokens({"pad_token": PAD})
     if tok.eos_token is None:
         tok.eos_token = IM_END
-    if not tok.chat_template or "<|im_start|>" not in tok.chat_template or "generation" not in tok.chat_template:
-        tok.chat_template = CHAT_TEMPLATE
+    template = tok.chat_template or ""
+    if IM_START not in template or "{% generation %}" not in template:
+        tok.chat_template = CHAT_TEMPLATE  # ChatML with generation blocks, so assistant masks work
     return added
 
 
