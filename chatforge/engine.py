@@ -108,7 +108,9 @@ class _FastModel:
             emb = torch.cat((freqs, freqs), dim=-1)
             self.cos = (emb.cos() * rot.attention_scaling).to(p.dtype)
             self.sin = (emb.sin() * rot.attention_scaling).to(p.dtype)
-        shape = (max_batch, self.n_kv, ctx, self.head_dim)
+        # one slot to start; grows (doubling, up to max_batch) the first time more requests run at once
+        self.max_batch = max_batch
+        shape = (1, self.n_kv, ctx, self.head_dim)
         self.k = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in self.layers]
         self.v = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in self.layers]
         self.device = p.device
@@ -126,6 +128,11 @@ class _FastModel:
         return False
 
     def prefill(self, slot: int, ids: list[int]) -> torch.Tensor:
+        cap = self.k[0].shape[0]
+        if slot >= cap:
+            grow = min(self.max_batch, max(slot + 1, 2 * cap)) - cap
+            self.k = [torch.cat([t, t.new_zeros((grow, *t.shape[1:]))]) for t in self.k]
+            self.v = [torch.cat([t, t.new_zeros((grow, *t.shape[1:]))]) for t in self.v]
         x = torch.tensor([ids], device=self.device)
         return self._forward(x, slice(slot, slot + 1), torch.arange(len(ids), device=self.device)[None], None)[0]
 
@@ -374,6 +381,7 @@ class Engine:
         from chatforge.modeling import context_length, load_model
         from chatforge.tokenizer import load_tokenizer
 
+        self.name = model_dir
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if dtype is None:
             dtype = torch.bfloat16 if self.device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32

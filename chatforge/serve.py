@@ -263,12 +263,17 @@ class Handler(BaseHTTPRequestHandler):
 
     def _events(self, req):
         """The request's (kind, value) events, ending early if the client disconnects."""
+        checked = time.monotonic()
         while True:
             try:
                 kind, value = req.events.get(timeout=0.1)
             except queue.Empty:
+                kind = None
+            if time.monotonic() - checked > 0.1 or kind is None:  # at most ~10 polls a second
+                checked = time.monotonic()
                 if self._client_gone():
-                    raise ConnectionResetError("client disconnected") from None
+                    raise ConnectionResetError("client disconnected")
+            if kind is None:
                 continue
             yield kind, value
             if kind != "text":

@@ -237,6 +237,19 @@ def test_disconnect_frees_the_slot(slow_server):
     assert status == 200 and r["usage"]["completion_tokens"] == 5 and time.time() - start < 5
 
 
+def test_disconnect_while_waiting_for_a_whole_answer(slow_server):
+    host, port = slow_server.split(":")
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    body = json.dumps({"prompt": "Once", "max_tokens": 4000, "temperature": 0}).encode()
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    deadline = time.time() + 5
+    while request(slow_server, "GET", "/health", key=None)[2]["active"] == 0 and time.time() < deadline:
+        time.sleep(0.02)
+    sock.shutdown(socket.SHUT_RDWR)
+    sock.close()
+    assert wait_idle(slow_server, within=1.0)
+
+
 def test_full_queue_is_503_with_retry_after(slow_server):
     running = open_stream(slow_server)
     assert running[1].readline().startswith(b"data: ")

@@ -32,6 +32,7 @@ def test_chat_page_streams_and_stops(page_url, tmp_path):
         page.click("summary")
         page.fill("#system", "You are a helpful assistant.")
         page.fill("#temperature", "0.8")
+        page.fill("#maxtokens", "24")  # two turns fit the test model's 128-token window
 
         # SSE chunks counted as they arrive show the answer really streams
         page.evaluate("""() => { window.deltas = 0; const orig = TextDecoder.prototype.decode;
@@ -40,10 +41,11 @@ def test_chat_page_streams_and_stops(page_url, tmp_path):
             page.fill("#input", text)
             page.press("#input", "Enter")
             page.wait_for_function("n => document.querySelectorAll('.msg.user').length === n", arg=turn)
-            page.wait_for_function(
+            page.wait_for_function(  # an answer appears (or an error does: fail fast below)
                 "n => { const a = document.querySelectorAll('.msg.assistant'); "
-                "return a.length === n && a[n - 1].textContent.length > 0; }", arg=turn, timeout=30_000)
-            page.wait_for_selector("#send", state="visible", timeout=30_000)  # the answer finished
+                "return document.querySelector('.msg.error') || a.length === n && a[n - 1].textContent.trim() "
+                "&& !document.getElementById('send').hidden; }", arg=turn, timeout=30_000)
+            assert page.locator(".msg.error").count() == 0, page.locator(".msg.error").all_inner_texts()
         assert page.evaluate("window.deltas") > 2
         assert page.locator(".msg.error").count() == 0
         answers = page.locator(".msg.assistant").all_inner_texts()
