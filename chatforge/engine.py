@@ -16,6 +16,7 @@ tokens (<|im_end|>, <|endoftext|>) or a stop string.
 
 from __future__ import annotations
 
+import codecs
 import collections
 import queue
 import threading
@@ -339,6 +340,8 @@ class Request:
         self.emitted = 0                     # characters of text already handed out
         self.prefix_off = self.read_off = 0  # incremental detokenization window (as in vLLM)
         self.prefix_text = ""
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # byte-level fast path
+        self.greedy_token: int | None = None  # argmax from the batched step, when greedy
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.done = False
@@ -389,6 +392,7 @@ class Engine:
         self.model = load_model(model_dir, dtype=dtype).to(self.device).eval()
         self.context_length = context_length(self.model.config)
         self.stop_ids = self._stop_ids()
+        self.token_bytes = _byte_table(self.tokenizer)  # None: not byte-level BPE, decode with the tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         backend = _FastModel if fast and _FastModel.supports(self.model) else _HFModel
         self.backend = backend(self.model, max_batch, self.context_length)
@@ -466,6 +470,8 @@ class Engine:
         with self._cv:
             self._closed = True
             self._cv.notify()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
 
     # ------------------------------------------------------------ the engine thread
 
@@ -500,6 +506,7 @@ class Engine:
             req.slot = len(self._active)
             self._active.append(req)
             req.logits = self.backend.prefill(req.slot, req.prompt_ids)[None]
+            req.greedy_token = None
         # 2. pick each request's next token; retire finished ones
         done = [r for r in self._active if r.cancelled.is_set() or not self._advance(r)]
         for req in sorted(done, key=lambda r: -r.slot):
@@ -508,14 +515,18 @@ class Engine:
             return
         # 3. one batched forward for everyone still running
         logits = self.backend.decode([r.ids[-1] for r in self._active], [len(r.ids) - 1 for r in self._active])
+        best = logits.argmax(dim=-1).tolist()  # one call for every greedy request in the batch
         for i, req in enumerate(self._active):
-            req.logits = logits[i:i + 1]
+            req.logits, req.greedy_token = logits[i:i + 1], best[i]
 
     def _advance(self, req: Request) -> bool:
         """Sample one token for req and stream its text; False when the request is finished."""
         p = req.params
-        history = torch.tensor([req.ids], device=req.logits.device) if p.repetition_penalty != 1.0 else None
-        token = int(sample_next(req.logits, p, req.generator, history)[0])
+        if p.greedy and req.greedy_token is not None:
+            token = req.greedy_token
+        else:
+            history = torch.tensor([req.ids], device=req.logits.device) if p.repetition_penalty != 1.0 else None
+            token = int(sample_next(req.logits, p, req.generator, history)[0])
         if token in self.stop_ids:
             self._detokenize(req, final=True)  # flush a trailing partial character
             self._finish(req, "stop")
@@ -532,12 +543,17 @@ class Engine:
         return True
 
     def _detokenize(self, req: Request, final: bool) -> None:
-        """Append newly printable text (decoding only a few tokens) and emit what no stop string can claim."""
-        new = self.decode(req.out[req.prefix_off:])
-        if len(new) > len(req.prefix_text) and (final or not new.endswith("\ufffd")):
-            req.text += new[len(req.prefix_text):]
-            req.prefix_off, req.read_off = req.read_off, len(req.out)
-            req.prefix_text = self.decode(req.out[req.prefix_off:req.read_off])
+        """Append newly printable text (decoding only the new tokens) and emit what no stop string can claim."""
+        table = self.token_bytes
+        if table is not None:  # byte-level BPE: token bytes through an incremental UTF-8 decoder
+            new_ids, req.read_off = req.out[req.read_off:], len(req.out)
+            req.text += req.utf8.decode(b"".join(table[t] if t < len(table) else b"" for t in new_ids), final)
+        else:
+            new = self.decode(req.out[req.prefix_off:])
+            if len(new) > len(req.prefix_text) and (final or not new.endswith("\ufffd")):
+                req.text += new[len(req.prefix_text):]
+                req.prefix_off, req.read_off = req.read_off, len(req.out)
+                req.prefix_text = self.decode(req.out[req.prefix_off:req.read_off])
         stops = req.params.stop
         stop_at = _find_stop(req.text, stops, req.emitted)
         if stop_at is not None:
@@ -569,6 +585,40 @@ class Engine:
             last.slot = req.slot
             self._active[req.slot] = last
         self._active.pop()
+
+
+def _byte_table(tok) -> list[bytes] | None:
+    """Each token id's bytes for a byte-level BPE tokenizer (special tokens: none), so streaming text costs
+    a table lookup per token instead of a tokenizer.decode() call; None for other tokenizers."""
+    from tokenizers import decoders
+
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None or not isinstance(backend.decoder, decoders.ByteLevel) \
+            or getattr(tok, "clean_up_tokenization_spaces", False):
+        return None
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):  # GPT-2's byte -> printable character map, inverted
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    byte_of = {chr(c): b for b, c in zip(bs, cs)}
+    vocab = tok.get_vocab()
+    special = set(tok.all_special_ids)
+    added = {i for i, t in tok.added_tokens_decoder.items()}
+    table = [b""] * (max(vocab.values()) + 1)
+    for token, i in vocab.items():
+        if i in special:
+            continue
+        if i in added:
+            table[i] = token.encode()
+            continue
+        try:
+            table[i] = bytes(byte_of[c] for c in token)
+        except KeyError:
+            return None
+    return table
 
 
 def _find_stop(text: str, stops: list[str], start: int) -> int | None:

@@ -202,8 +202,11 @@ class Handler(BaseHTTPRequestHandler):
     def _client_gone(self) -> bool:
         """True when the client closed its end (a readable socket with nothing to read)."""
         try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
-            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+            poll = select.poll()  # not select(): that fails on descriptors above 1023
+            poll.register(self.connection, select.POLLIN | select.POLLHUP)
+            if not poll.poll(0):
+                return False
+            return self.connection.recv(1, socket.MSG_PEEK) == b""
         except (OSError, ValueError):
             return True
 
