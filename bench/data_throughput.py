@@ -23,6 +23,7 @@ import os
 import shutil
 import statistics
 import sys
+from itertools import chain
 import time
 from pathlib import Path
 
@@ -53,7 +54,7 @@ def run_clm(corpus: Path, tok, block: int, procs: int, cache: Path) -> int:
         return tok(batch["text"])
 
     def group_texts(examples):
-        concatenated = {k: sum(examples[k], []) for k in examples.keys()}
+        concatenated = {k: list(chain(*examples[k])) for k in examples.keys()}
         total = (len(concatenated["input_ids"]) // block) * block
         result = {k: [t[i:i + block] for i in range(0, total, block)] for k, t in concatenated.items()}
         result["labels"] = result["input_ids"].copy()

@@ -60,7 +60,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(compute_dtype)
             loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-            need_grad = hidden.requires_grad or weight.requires_grad
+            need_grad = any(ctx.needs_input_grad[:2])  # False under no_grad (evaluation): loss only
             grad_hidden = torch.empty_like(hidden) if need_grad else None
             grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad else None
             for start in range(0, n, chunk_rows):

@@ -83,12 +83,11 @@ def test_block_batches_match_packed_blocks(tmp_path, tokenizer_dir):
 def test_speed_options_same_loss_and_plain_checkpoints(tmp_path, tokenizer_dir):
     from transformers import AutoModelForCausalLM
 
-    plain_cfg = tmp_path / "plain.yaml"
-    plain_cfg.write_text("fused_loss: false\nfused_gelu: false\nfast_batches: false\n")
     common = ["--data", "demo:en", "--tokenizer", tokenizer_dir, *TINY, "--max-steps", 30, "--eval-every", 30,
               "--save-every", 30, "--report-to", "none", "--log-every", 10]
     run_cli("pretrain", *common, "--out", tmp_path / "fast")
-    run_cli("pretrain", *common, "--out", tmp_path / "plain", "--config", plain_cfg)
+    run_cli("pretrain", *common, "--out", tmp_path / "plain", "--no-fused-loss", "--no-fused-gelu", "--no-fast-batches")
+    assert "fused_loss: false" in (tmp_path / "plain" / "run_config.yaml").read_text()
     fast_sum = json.loads((tmp_path / "fast" / "summary.json").read_text())
     plain_sum = json.loads((tmp_path / "plain" / "summary.json").read_text())
     assert abs(fast_sum["eval_loss"] - plain_sum["eval_loss"]) <= 0.01 * plain_sum["eval_loss"], (fast_sum, plain_sum)
@@ -111,3 +110,14 @@ def test_speed_options_same_loss_and_plain_checkpoints(tmp_path, tokenizer_dir):
     assert torch.equal(a, b)  # checkpoint-30 and the final directory hold the same weights
     # same init, same data order: the two runs differ only by bf16 rounding
     assert (a.softmax(-1) - c.softmax(-1)).abs().max() < 0.05
+
+
+def test_fused_forward_compiles_without_graph_breaks():
+    """`--compile` compiles the whole model: the fused-loss training forward is one graph."""
+    model = _tiny("gpt2")
+    use_fused_loss(model, chunk_rows=40)
+    fuse_gelu(model)
+    ids = torch.randint(0, 320, (2, 48))
+    explained = torch._dynamo.explain(model.forward)(input_ids=ids, labels=ids, num_items_in_batch=torch.tensor(94))
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    assert explained.graph_count == 1
