@@ -91,14 +91,22 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return gh, gw, None, None, None, None
 
 
+def default_chunk_rows(device: torch.device) -> int:
+    """Rows of logits per chunk. CPU: 512 keeps a (512, V) fp32 block in cache (measured, 6x384 shape,
+    V 7.7k, bf16: loss fwd+bwd 133 ms at 512 rows vs 201 ms at 2048 vs 266 ms for transformers' loss).
+    GPU: 2048 rows keep the LM-head matmuls large (and a (2048, 50k) fp32 block is ~400 MB)."""
+    return 512 if device.type == "cpu" else 2048
+
+
 def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                    num_items_in_batch=None, chunk_rows: int = 2048) -> torch.Tensor:
+                    num_items_in_batch=None, chunk_rows: int | None = None) -> torch.Tensor:
     """transformers' causal-LM loss (shift by one, ignore -100; mean, or sum / num_items_in_batch when
     given) for `logits = hidden @ weight.T`, without materialising the logits.
 
     hidden: (B, T, d) final hidden states; weight: (V, d) LM-head weight (no bias); labels: (B, T).
     """
     b, t, d = hidden.shape
+    chunk_rows = chunk_rows or default_chunk_rows(hidden.device)
     # same shift as transformers' ForCausalLMLoss: pad labels with -100 on the right, drop the first
     targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].reshape(-1).to(hidden.device)
     if num_items_in_batch is not None:
@@ -117,7 +125,7 @@ def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
 # ---------------------------------------------------------------- model patches (no parameter changes)
 
 
-def use_fused_loss(model, chunk_rows: int = 2048) -> bool:
+def use_fused_loss(model, chunk_rows: int | None = None) -> bool:
     """Make `model(input_ids, labels=...)` return the chunked loss and no logits.
 
     Only the instance's `forward` changes (set before the Trainer wraps it with autocast / DDP, so
