@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--out", default="quickstart", metavar="DIR", help="default: quickstart")
     quick.add_argument("--lang", default="en", help="demo corpus language: en, zh, de, fr, ... (default: en)")
     quick.add_argument("--pretrain-seconds", type=float, metavar="S", help="pretraining budget (default: 240 on CPU)")
-    quick.add_argument("--sft-seconds", type=float, metavar="S", help="fine-tuning budget (default: 150 on CPU)")
+    quick.add_argument("--sft-seconds", type=float, metavar="S", help="fine-tuning budget (default: 180)")
     quick.set_defaults(func=cmd_quickstart)
 
     tok = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer with chat tokens reserved")

@@ -186,7 +186,7 @@ def read_manifest(folder: str | Path) -> dict:
 
 
 def load_split(folder: str | Path, split: str) -> np.ndarray:
-    """All tokens of one split as a single (memory-mapped when possible) array."""
+    """All tokens of one split as one array, for inspection (a multi-shard split is read into memory)."""
     manifest = read_manifest(folder)
     arrays = [np.memmap(Path(folder) / s["file"], dtype=manifest["dtype"], mode="r")
               for s in manifest[split]["shards"] if s["tokens"] > 0]
@@ -196,25 +196,43 @@ def load_split(folder: str | Path, split: str) -> np.ndarray:
 
 
 class PackedBlocks:
-    """Map-style dataset of non-overlapping `block_size` windows over a split's token stream.
+    """Map-style dataset of non-overlapping `block_size` windows over a split's memory-mapped shards.
 
     Items are {"input_ids", "labels"} with labels == input_ids: the causal-LM head shifts them, so the
-    model predicts every next token, across document boundaries (separated by <|endoftext|>).
+    model predicts every next token, across document boundaries (separated by <|endoftext|>). Blocks
+    never span two shards (a shard's last partial block is left out), so nothing is ever concatenated
+    in memory: corpora larger than RAM stay on disk.
     """
 
     def __init__(self, folder: str | Path, split: str, block_size: int):
-        self.tokens = load_split(folder, split)
+        manifest = read_manifest(folder)
         self.block_size = block_size
-        self.n_blocks = len(self.tokens) // block_size
+        self.shards = []
+        for shard in manifest[split]["shards"]:
+            n = shard["tokens"] // block_size
+            if n:
+                tokens = np.memmap(Path(folder) / shard["file"], dtype=manifest["dtype"], mode="r")
+                self.shards.append(tokens[: n * block_size].reshape(n, block_size))
+        self.offsets = np.cumsum([0] + [len(s) for s in self.shards])
+        self.n_blocks = int(self.offsets[-1])
 
     def __len__(self) -> int:
         return self.n_blocks
 
+    def rows(self, indices) -> np.ndarray:
+        """The blocks at `indices` as one int64 array, gathered shard by shard."""
+        indices = np.asarray(indices, dtype=np.int64)
+        which = np.searchsorted(self.offsets, indices, side="right") - 1
+        out = np.empty((len(indices), self.block_size), dtype=np.int64)
+        for shard in np.unique(which):
+            sel = which == shard
+            out[sel] = self.shards[shard][indices[sel] - self.offsets[shard]]
+        return out
+
     def __getitem__(self, index: int) -> dict:
         import torch
 
-        start = index * self.block_size
-        ids = torch.from_numpy(self.tokens[start:start + self.block_size].astype(np.int64))
+        ids = torch.from_numpy(self.rows([index])[0])
         return {"input_ids": ids, "labels": ids}
 
 
@@ -225,7 +243,10 @@ def bits_per_byte(loss_nats: float, tokens: int, n_bytes: int) -> float:
 
 def unigram_entropy(folder: str | Path, split: str = "train") -> float:
     """Entropy (nats) of the split's unigram token distribution: the loss of a model that ignores context."""
-    tokens = load_split(folder, split)
-    counts = np.bincount(tokens.astype(np.int64))
+    manifest = read_manifest(folder)
+    counts = np.zeros(manifest["vocab_size"], dtype=np.int64)
+    for shard in manifest[split]["shards"]:
+        counts += np.bincount(np.memmap(Path(folder) / shard["file"], dtype=manifest["dtype"], mode="r"),
+                              minlength=len(counts))[: len(counts)]
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import types
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -182,12 +181,8 @@ class BlockBatches(PackedBlocks):
     item and collating; the sampler (and so the order, shuffling and resume position) is unchanged.
     """
 
-    def __init__(self, folder, split: str, block_size: int):
-        super().__init__(folder, split, block_size)
-        self.blocks = self.tokens[: self.n_blocks * block_size].reshape(self.n_blocks, block_size)
-
     def __getitems__(self, indices) -> dict:
-        ids = torch.from_numpy(self.blocks[np.asarray(indices, dtype=np.int64)].astype(np.int64))
+        ids = torch.from_numpy(self.rows(indices))
         return {"input_ids": ids, "labels": ids}
 
 

@@ -9,7 +9,6 @@ Hugging Face directory in `out/` (checkpoints in `out/checkpoint-N/`, resumable)
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -147,9 +146,9 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
     from chatforge.data import PackedBlocks
     from chatforge.fastloss import BlockBatches, collate_blocks, fuse_gelu, restore_forward, use_fused_loss
     from chatforge.modeling import count_parameters
-    from chatforge.training import (RUN_CONFIG, CompleteMarker, Schedule, Throughput, WallClockBudget,
-                                    check_output_dir, finish_distributed, make_optimizer, resolve_precision, resume_checkpoint,
-                                    world_size, write_summary)
+    from chatforge.training import (RUN_CONFIG, CompleteMarker, Schedule, Throughput, WallClockBudget, add_callbacks,
+                                    check_output_dir, finish_distributed, make_optimizer, resolve_precision,
+                                    resume_checkpoint, training_arguments, world_size, write_summary)
 
     if not cfg.data:
         raise ChatforgeError("pretrain needs --data (a folder, files, hf:NAME or demo)")
@@ -209,7 +208,11 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
     optimizer = make_optimizer(model, lr, cfg.weight_decay)
     schedule = Schedule(cfg.schedule, warmup, max_steps, cfg.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    args = _training_args(cfg, max_steps, micro, accum, precision)
+    args = training_arguments(cfg.out, max_steps=max_steps, micro=micro, accum=accum, precision=precision,
+                              grad_clip=cfg.grad_clip, eval_every=cfg.eval_every, save_every=cfg.save_every,
+                              save_total_limit=cfg.save_total_limit, log_every=cfg.log_every,
+                              report_to=cfg.report_to, seed=cfg.seed, compile=cfg.compile,
+                              num_workers=cfg.num_workers, has_eval=len(val) > 0)
     d_model = getattr(model.config, "n_embd", None) or model.config.hidden_size
     n_layer = getattr(model.config, "n_layer", None) or model.config.num_hidden_layers
     throughput = Throughput(tokens_per_step, manifest["val"]["tokens"] / max(1, manifest["val"]["bytes"]),
@@ -221,8 +224,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
                       processing_class=tok, optimizers=(optimizer, scheduler),
                       # stock: DataCollatorWithPadding, which pads in Python and adds an all-ones mask
                       data_collator=collate_blocks if cfg.fast_batches else None)
-    for cb in reversed(callbacks):  # first, so TensorBoard and the progress bar see what they add to logs
-        trainer.callback_handler.callbacks.insert(0, cb)
+    add_callbacks(trainer, callbacks)
     checkpoint = resume_checkpoint(cfg.out, log) if resume else None
     trainer.train(resume_from_checkpoint=checkpoint)
     metrics = trainer.evaluate() if len(val) else {}
@@ -239,26 +241,6 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
             f"val loss {summary.get('eval_loss')}, bits/byte {summary.get('eval_bpb')} -> {cfg.out}")
     finish_distributed()
     return summary
-
-
-def _training_args(cfg: PretrainConfig, max_steps: int, micro: int, accum: int, precision: str):
-    import torch
-    from transformers import TrainingArguments
-
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(cfg.out) / "logs")
-    return TrainingArguments(
-        output_dir=cfg.out, max_steps=max_steps, per_device_train_batch_size=micro,
-        per_device_eval_batch_size=micro, gradient_accumulation_steps=accum, max_grad_norm=cfg.grad_clip,
-        bf16=precision == "bf16", fp16=precision == "fp16", torch_compile=cfg.compile,
-        eval_strategy="steps", eval_steps=min(cfg.eval_every, max_steps), save_strategy="steps",
-        save_steps=cfg.save_every, save_total_limit=cfg.save_total_limit, logging_steps=cfg.log_every,
-        report_to=cfg.report_to, seed=cfg.seed, data_seed=cfg.seed,
-        dataloader_num_workers=cfg.num_workers, dataloader_pin_memory=torch.cuda.is_available(),
-        prediction_loss_only=True, use_cpu=not torch.cuda.is_available(),
-        ddp_find_unused_parameters=False,
-        logging_nan_inf_filter=False,  # True checks isnan(loss) every step: a host-device sync on GPU
-        remove_unused_columns=False,  # blocks hold only input_ids/labels; the filter would wrap the collator
-    )
 
 
 def _peak_flops() -> float | None:

@@ -22,7 +22,7 @@ class QuickstartConfig:
     out: str = "quickstart"
     lang: str = "en"
     pretrain_seconds: float | None = None   # default: 240 on CPU, 300 on GPU
-    sft_seconds: float | None = None        # default: 150 on CPU, 180 on GPU
+    sft_seconds: float | None = None        # default: 180 on CPU and GPU
     vocab_size: int = 2048
 
 
@@ -50,7 +50,7 @@ def quickstart(cfg: QuickstartConfig, log=print) -> dict:
 
     log("[3/4] sft: fine-tune it into a chat assistant on the demo dialogues")
     chat = sft(SFTConfig(model=str(out / "base"), data=data, out=str(out / "chat"), epochs=30,
-                         max_time=cfg.sft_seconds or (180 if gpu else 150), learning_rate=1e-3, eval_every=100,
+                         max_time=cfg.sft_seconds or 180, learning_rate=1e-3, eval_every=100,
                          save_every=1000, log_every=25, report_to=["tensorboard"]), overwrite=True, log=log)
 
     log("[4/4] a sample conversation (greedy decoding)")

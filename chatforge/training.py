@@ -228,25 +228,36 @@ class Throughput(TrainerCallback):
 
 
 class WallClockBudget(TrainerCallback):
-    """`--max-time`: after a few steps, shrink the schedule to the steps that fit, then stop there."""
+    """`--max-time`: fit the LR schedule (length and warm-up) to the steps that fit in the time, then stop.
 
-    def __init__(self, seconds: float, schedule: Schedule, measure_after: int = 5):
-        self.seconds, self.schedule, self.measure_after = seconds, schedule, measure_after
-        self.start = None
-        self.start_step = 0
-        self.planned = False
+    The plan is remade at steps 5, 10, 20, 40, ... from the rate measured after the first steps, which
+    are slow (allocation, kernel selection) and would otherwise make the run stop far too early.
+    """
+
+    def __init__(self, seconds: float, schedule: Schedule, first_plan: int = 5):
+        self.seconds, self.schedule = seconds, schedule
+        self.cap, self.warmup = schedule.total_steps, schedule.warmup_steps
+        self.next_plan = first_plan
+        self.start = self.mark = None
+        self.start_step = self.mark_step = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.start, self.start_step = time.time(), state.global_step
+        self.start = self.mark = time.time()
+        self.start_step = self.mark_step = state.global_step
 
     def on_step_end(self, args, state, control, **kwargs):
+        now = time.time()
+        elapsed = now - self.start
         done = state.global_step - self.start_step
-        elapsed = time.time() - self.start
-        if not self.planned and done >= self.measure_after:
-            per_step = elapsed / done
-            fit = state.global_step + int((self.seconds - elapsed) / per_step * 0.95)
-            self.schedule.total_steps = max(state.global_step + 1, min(self.schedule.total_steps, fit))
-            self.planned = True
+        if done >= self.next_plan:
+            if state.global_step > self.mark_step:
+                per_step = (now - self.mark) / (state.global_step - self.mark_step)
+                fit = state.global_step + int((self.seconds - elapsed) / per_step * 0.95)
+                self.schedule.total_steps = max(state.global_step + 1, min(self.cap, fit))
+                self.schedule.warmup_steps = min(self.warmup, max(1, self.schedule.total_steps // 20))
+            if self.next_plan == 5:  # measure from here on: the warm-up steps are not representative
+                self.mark, self.mark_step = now, state.global_step
+            self.next_plan *= 2
         if state.global_step >= self.schedule.total_steps or elapsed >= self.seconds:
             control.should_training_stop = True
             control.should_save = True
@@ -281,6 +292,8 @@ def training_arguments(out: str, *, max_steps: int, micro: int, accum: int, prec
         logging_steps=log_every, report_to=report_to, seed=seed, data_seed=seed,
         dataloader_num_workers=num_workers, dataloader_pin_memory=torch.cuda.is_available(),
         prediction_loss_only=True, use_cpu=not torch.cuda.is_available(), ddp_find_unused_parameters=False,
+        logging_nan_inf_filter=False,  # True checks isnan(loss) every step: a host-device sync on GPU
+        remove_unused_columns=False,  # our datasets hold only model inputs; the filter would wrap the collator
     )
 
 
