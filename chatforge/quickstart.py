@@ -44,7 +44,7 @@ def quickstart(cfg: QuickstartConfig, log=print) -> dict:
     log(f"[2/4] pretrain: a {'small (~30M)' if gpu else 'tiny (~2M)'} GPT-2 from scratch on the same text")
     base = pretrain(PretrainConfig(
         data=data, out=str(out / "base"), tokenizer=str(out / "tokenizer"), preset="small" if gpu else "tiny",
-        max_time=cfg.pretrain_seconds or (300 if gpu else 240), max_epochs=30, val_fraction=0.02,
+        max_time=cfg.pretrain_seconds or (300 if gpu else 240), max_epochs=12, val_fraction=0.02,
         micro_batch_size=16 if gpu else 8, learning_rate=2e-3 if not gpu else 1e-3, eval_every=100,
         save_every=1000, log_every=25, report_to=["tensorboard"]), overwrite=True, log=log)
 
