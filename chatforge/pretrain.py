@@ -239,6 +239,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
         write_summary(cfg.out, summary)
         log(f"done: {summary.get('steps')} steps, {summary.get('tokens_per_s')} tokens/s, "
             f"val loss {summary.get('eval_loss')}, bits/byte {summary.get('eval_bpb')} -> {cfg.out}")
+    del trainer, model  # before the process group goes: see finish_distributed
     finish_distributed()
     return summary
 

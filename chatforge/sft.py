@@ -179,6 +179,7 @@ def sft(cfg: SFTConfig, resume: bool = False, overwrite: bool = False, log=print
         write_summary(cfg.out, summary)
         log(f"done: {summary['steps']} steps, eval loss {summary.get('eval_loss')} -> {cfg.out}\n"
             f"talk to it: chatforge chat {cfg.out}")
+    del trainer, model  # before the process group goes: see finish_distributed
     finish_distributed()
     return summary
 

@@ -265,9 +265,17 @@ class WallClockBudget(TrainerCallback):
 
 
 def finish_distributed() -> None:
-    """Tear the process group down cleanly: gloo aborts the process at exit if it is left up."""
+    """Tear the process group down: gloo aborts a process that exits with it still up.
+
+    Callers drop their Trainer first, so the DDP reducer (which holds the group) is collected here,
+    while the group is alive: freed after `destroy_process_group` instead, its destructor joins gloo's
+    worker thread while holding the GIL that thread is waiting for, and the process hangs. No barrier
+    either: its work object, released on gloo's thread, races the same way.
+    """
+    import gc
+
+    gc.collect()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
