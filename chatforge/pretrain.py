@@ -13,10 +13,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from chatforge.errors import ChatforgeError
+from chatforge.training import RunSettings
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(RunSettings):
     """Everything that defines a pretraining run; saved as out/run_config.yaml."""
 
     data: list[str] = field(default_factory=list)
@@ -33,22 +34,15 @@ class PretrainConfig:
     context_length: int | None = None
     dropout: float = 0.0
     init_from: str | None = None      # continue pretraining a local Hugging Face checkpoint
-    # budget: max_steps > max_tokens > compute-aware default; max_time caps any of them
-    max_steps: int | None = None
+    # budget: max_steps > max_tokens > compute-aware default; max_time caps any of them. Learning rate
+    # auto: 1e-3 below 50M parameters, else 6e-4; warm-up auto: 5% of steps, at most 200
     max_tokens: int | None = None
-    max_time: float | None = None     # seconds
     tokens_per_param: float = 20.0
     max_epochs: float = 10.0
     # optimisation
     batch_tokens: int | None = None   # tokens per optimizer step; gradient accumulation makes it up
     micro_batch_size: int | None = None
-    learning_rate: float | None = None  # auto: 1e-3 below 50M parameters, else 6e-4
     min_lr_ratio: float = 0.1
-    warmup_steps: int | None = None     # auto: 5% of steps, at most 200
-    schedule: str = "cosine"
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    precision: str = "auto"
     compile: bool = False
     gradient_checkpointing: bool = False
     # speed switches (chatforge/fastloss.py); none changes the weights or the saved checkpoint
@@ -60,13 +54,6 @@ class PretrainConfig:
     text_field: str = "text"
     doc_per_line: bool = False
     strict: bool = False
-    # bookkeeping
-    eval_every: int = 200
-    save_every: int = 500
-    save_total_limit: int = 2
-    log_every: int = 10
-    seed: int = 1337
-    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     num_workers: int = 0
 
 
@@ -208,11 +195,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
     optimizer = make_optimizer(model, lr, cfg.weight_decay)
     schedule = Schedule(cfg.schedule, warmup, max_steps, cfg.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    args = training_arguments(cfg.out, max_steps=max_steps, micro=micro, accum=accum, precision=precision,
-                              grad_clip=cfg.grad_clip, eval_every=cfg.eval_every, save_every=cfg.save_every,
-                              save_total_limit=cfg.save_total_limit, log_every=cfg.log_every,
-                              report_to=cfg.report_to, seed=cfg.seed, compile=cfg.compile,
-                              num_workers=cfg.num_workers, has_eval=len(val) > 0)
+    args = training_arguments(cfg, cfg.out, max_steps=max_steps, micro=micro, accum=accum, precision=precision,
+                              has_eval=len(val) > 0, compile=cfg.compile, num_workers=cfg.num_workers)
     d_model = getattr(model.config, "n_embd", None) or model.config.hidden_size
     n_layer = getattr(model.config, "n_layer", None) or model.config.num_hidden_layers
     throughput = Throughput(tokens_per_step, manifest["val"]["tokens"] / max(1, manifest["val"]["bytes"]),

@@ -24,11 +24,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from chatforge.errors import ChatforgeError
+from chatforge.training import RunSettings
 
 
 @dataclass
-class SFTConfig:
-    """Everything that defines a fine-tuning run; saved as out/run_config.yaml."""
+class SFTConfig(RunSettings):
+    """Everything that defines a fine-tuning run; saved as out/run_config.yaml. Learning rate auto:
+    2e-4 with LoRA; 5e-4 below 50M parameters, else 5e-5."""
 
     model: str = ""
     data: list[str] = field(default_factory=list)
@@ -37,27 +39,15 @@ class SFTConfig:
     packing: bool = False
     eval_fraction: float = 0.05
     epochs: float = 3.0
-    max_steps: int | None = None
-    max_time: float | None = None
     micro_batch_size: int = 8
     grad_accum: int = 1
-    learning_rate: float | None = None  # auto: 2e-4 with LoRA; 5e-4 below 50M parameters, else 5e-5
-    warmup_steps: int | None = None
-    schedule: str = "cosine"
     weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    precision: str = "auto"
     lora: bool = False
     lora_r: int = 16
     lora_alpha: int = 32
     merge: bool = False
     strict: bool = False
     eval_every: int = 100
-    save_every: int = 500
-    save_total_limit: int = 2
-    log_every: int = 10
-    seed: int = 1337
-    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
 
 
 def encode_conversation(tok, messages: list[dict], max_length: int) -> tuple[dict, bool]:
@@ -157,10 +147,8 @@ def sft(cfg: SFTConfig, resume: bool = False, overwrite: bool = False, log=print
     optimizer = make_optimizer(model, lr, cfg.weight_decay)
     schedule = Schedule(cfg.schedule, warmup, max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    args = training_arguments(cfg.out, max_steps=max_steps, micro=micro, accum=cfg.grad_accum, precision=precision,
-                              grad_clip=cfg.grad_clip, eval_every=cfg.eval_every, save_every=cfg.save_every,
-                              save_total_limit=cfg.save_total_limit, log_every=cfg.log_every,
-                              report_to=cfg.report_to, seed=cfg.seed, has_eval=bool(evals))
+    args = training_arguments(cfg, cfg.out, max_steps=max_steps, micro=micro, accum=cfg.grad_accum,
+                              precision=precision, has_eval=bool(evals))
     collator = DataCollatorWithFlattening() if cfg.packing else \
         DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100, pad_to_multiple_of=64)
     throughput = Throughput(int(mean_tokens * per_step), None)

@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,6 +24,27 @@ from chatforge.errors import ChatforgeError
 COMPLETE_MARKER = "chatforge_complete.json"
 RUN_CONFIG = "run_config.yaml"
 SUMMARY = "summary.json"
+
+
+@dataclass
+class RunSettings:
+    """What every training stage shares: budget, optimisation, precision and bookkeeping.
+    `PretrainConfig` and `SFTConfig` extend it (and may change its defaults)."""
+
+    max_steps: int | None = None
+    max_time: float | None = None       # seconds; the LR schedule is fitted to it
+    learning_rate: float | None = None  # auto per stage
+    warmup_steps: int | None = None     # auto per stage
+    schedule: str = "cosine"
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    precision: str = "auto"
+    eval_every: int = 200
+    save_every: int = 500
+    save_total_limit: int = 2
+    log_every: int = 10
+    seed: int = 1337
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
 
 
 # ---------------------------------------------------------------- hardware
@@ -283,21 +305,19 @@ def write_summary(out: str, summary: dict) -> None:
     Path(out, SUMMARY).write_text(json.dumps(summary, indent=2))
 
 
-def training_arguments(out: str, *, max_steps: int, micro: int, accum: int, precision: str, grad_clip: float,
-                       eval_every: int, save_every: int, save_total_limit: int, log_every: int,
-                       report_to: list[str], seed: int, compile: bool = False, num_workers: int = 0,
-                       has_eval: bool = True):
+def training_arguments(cfg: RunSettings, out: str, *, max_steps: int, micro: int, accum: int, precision: str,
+                       has_eval: bool, compile: bool = False, num_workers: int = 0):
     """The TrainingArguments both stages use; TensorBoard logs go to out/logs."""
     from transformers import TrainingArguments
 
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(out) / "logs")
     return TrainingArguments(
         output_dir=out, max_steps=max_steps, per_device_train_batch_size=micro, per_device_eval_batch_size=micro,
-        gradient_accumulation_steps=accum, max_grad_norm=grad_clip, bf16=precision == "bf16",
+        gradient_accumulation_steps=accum, max_grad_norm=cfg.grad_clip, bf16=precision == "bf16",
         fp16=precision == "fp16", torch_compile=compile,
-        eval_strategy="steps" if has_eval else "no", eval_steps=max(1, min(eval_every, max_steps)),
-        save_strategy="steps", save_steps=save_every, save_total_limit=save_total_limit,
-        logging_steps=log_every, report_to=report_to, seed=seed, data_seed=seed,
+        eval_strategy="steps" if has_eval else "no", eval_steps=max(1, min(cfg.eval_every, max_steps)),
+        save_strategy="steps", save_steps=cfg.save_every, save_total_limit=cfg.save_total_limit,
+        logging_steps=cfg.log_every, report_to=cfg.report_to, seed=cfg.seed, data_seed=cfg.seed,
         dataloader_num_workers=num_workers, dataloader_pin_memory=torch.cuda.is_available(),
         prediction_loss_only=True, use_cpu=not torch.cuda.is_available(), ddp_find_unused_parameters=False,
         logging_nan_inf_filter=False,  # True checks isnan(loss) every step: a host-device sync on GPU
