@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import time
@@ -234,11 +233,6 @@ class PackedBlocks:
 
         ids = torch.from_numpy(self.rows([index])[0])
         return {"input_ids": ids, "labels": ids}
-
-
-def bits_per_byte(loss_nats: float, tokens: int, n_bytes: int) -> float:
-    """Tokenizer-independent loss: nats per token × tokens per byte / ln 2."""
-    return loss_nats * tokens / max(n_bytes, 1) / math.log(2)
 
 
 def unigram_entropy(folder: str | Path, split: str = "train") -> float:

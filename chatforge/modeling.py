@@ -135,8 +135,5 @@ def context_length(config) -> int:
     return 2048
 
 
-def count_parameters(model, non_embedding: bool = False) -> int:
-    n = sum(p.numel() for p in model.parameters())
-    if non_embedding:
-        n -= model.get_input_embeddings().weight.numel()
-    return n
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())

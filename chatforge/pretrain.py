@@ -214,11 +214,9 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
     metrics = trainer.evaluate() if len(val) else {}
     restore_forward(model)  # the stock forward (logits) for whoever uses the model object next
     trainer.save_model(cfg.out)
+    # the final evaluate() was logged, so Throughput's summary already carries its ppl and bits per byte
     summary = {**throughput.summary(trainer.state), **{k: round(v, 4) for k, v in metrics.items()
                                                        if isinstance(v, float)}, "parameters": n_params}
-    if "eval_loss" in metrics:
-        summary["eval_ppl"] = round(math.exp(min(metrics["eval_loss"], 50)), 3)
-        summary["eval_bpb"] = round(metrics["eval_loss"] * val_tokens / max(1, manifest["val"]["bytes"]) / math.log(2), 4)
     if state.is_main_process:
         write_summary(cfg.out, summary)
         log(f"done: {summary.get('steps')} steps, {summary.get('tokens_per_s')} tokens/s, "

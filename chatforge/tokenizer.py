@@ -11,7 +11,6 @@ ChatML `chat_template`); `AutoTokenizer.from_pretrained(DIR)` loads it with no c
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,8 +162,3 @@ def fingerprint(tok) -> str:
     """A stable hash of the tokenizer's full definition (vocabulary, merges, normalisation, specials)."""
     payload = tok.backend_tokenizer.to_str()
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
-
-
-def tokenizer_summary(tok) -> dict:
-    return {"vocab_size": len(tok), "fingerprint": fingerprint(tok),
-            "special_tokens": json.loads(json.dumps(tok.all_special_tokens))}
