@@ -5,8 +5,11 @@
 
 Greedy decoding, NEW tokens per request after a 16-token prompt. Batch 1 is one request's tokens/s;
 8 and 32 are aggregate tokens/s of that many concurrent requests (the engine batches them continuously,
-generate() gets them as one padded-free batch of equal-length prompts). Best of --repeats runs, because
-a shared machine is noisy. Prints a markdown table and writes bench/results/decode_speed.json.
+generate() gets them as one batch of equal-length prompts). Best of --repeats runs, because a shared
+machine is noisy. Every (model, path, dtype) runs in a fresh Python process: one path's OpenMP thread
+pool must not slow the next one (see chatforge.engine.Engine). Each path is measured with the weights in
+fp32 (the checkpoint's dtype, generate()'s default) and in bf16. Prints a markdown table and writes
+bench/results/decode_speed.json.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -59,39 +63,65 @@ def best_of(repeats: int, fn) -> float:
     return min(times)
 
 
-def bench_model(model_dir: str, new: int, batches: list[int], repeats: int) -> dict:
-    engine = Engine(model_dir, max_batch=max(batches))
-    model = engine.model
+def measure(model_dir: str, path: str, dtype: str, new: int, batches: list[int], repeats: int) -> dict:
+    """tokens/s of one path at each batch size (run in a worker process)."""
+    from chatforge.tokenizer import load_tokenizer
+
+    n_vocab = len(load_tokenizer(model_dir))
     gen = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(100, len(engine.tokenizer) - 100, (16,), generator=gen).tolist() for _ in range(max(batches))]
+    prompts = [torch.randint(100, n_vocab - 100, (16,), generator=gen).tolist() for _ in range(max(batches))]
     greedy = SamplingParams(max_new_tokens=new, temperature=0)
-    row = {"params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1)}
+    row = {}
+    if path == "engine":
+        engine = Engine(model_dir, max_batch=max(batches), dtype=dtype)
+        row["params_M"] = round(sum(p.numel() for p in engine.model.parameters()) / 1e6, 1)
 
-    def run_engine(b):
-        reqs = [engine.submit(p, greedy) for p in prompts[:b]]
-        for r in reqs:
-            "".join(r)
-            assert r.completion_tokens == new, r.completion_tokens
+        def run(b):
+            reqs = [engine.submit(p, greedy) for p in prompts[:b]]
+            for r in reqs:
+                "".join(r)
+                assert r.completion_tokens == new, r.completion_tokens
+    else:
+        from chatforge.modeling import inference_dtype, load_model
 
-    def run_generate(b, cache):
-        ids = torch.tensor(prompts[:b])
-        kw = {"cache_implementation": "static"} if cache == "static" else {}
-        with torch.inference_mode():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
-                                 do_sample=False, **kw)
-        assert out.shape[1] == 16 + new
+        model = load_model(model_dir, dtype=inference_dtype(dtype))
+        kw = {"cache_implementation": "static"} if path == "static" else {}
+
+        def run(b):
+            ids = torch.tensor(prompts[:b])
+            with torch.inference_mode():
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                                     min_new_tokens=new, do_sample=False, **kw)
+            assert out.shape[1] == 16 + new
 
     for b in batches:
-        run_engine(b)  # warm-up
-        row[f"engine_b{b}"] = b * new / best_of(repeats, lambda: run_engine(b))
-        for cache in ("dynamic", "static"):
-            try:
-                run_generate(b, cache)
-                row[f"generate_{cache}_b{b}"] = b * new / best_of(repeats, lambda: run_generate(b, cache))
-            except Exception as err:  # e.g. a static cache this model does not support
-                row[f"generate_{cache}_b{b}"] = None
-                row[f"generate_{cache}_error"] = str(err)[:200]
-    engine.close()
+        try:
+            run(b)  # warm-up
+            row[b] = b * new / best_of(repeats, lambda: run(b))
+        except Exception as err:  # e.g. a static cache this model does not support
+            row[b], row["error"] = None, str(err)[:200]
+    if path == "engine":
+        engine.close()
+    return row
+
+
+PATHS = [("engine", "bf16"), ("engine", "fp32"), ("dynamic", "fp32"), ("static", "fp32"), ("dynamic", "bf16"),
+         ("static", "bf16")]
+
+
+def bench_model(model_dir: str, args, batches: list[int]) -> dict:
+    row = {}
+    for path, dtype in PATHS:
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", model_dir, "--path", path, "--dtype", dtype,
+               "--new-tokens", str(args.new_tokens), "--batches", args.batches, "--repeats", str(args.repeats)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"worker failed: {' '.join(cmd)}\n{done.stderr[-2000:]}")
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        row.setdefault("params_M", result.pop("params_M", None))
+        for key, value in result.items():
+            row[f"{path}_{dtype}_{'b' + key if key != 'error' else key}"] = value
+        print(f"  {os.path.basename(model_dir)} {path} {dtype}: {result}", flush=True)
     return row
 
 
@@ -103,32 +133,53 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "decode_speed.json"))
+    ap.add_argument("--worker", metavar="MODEL_DIR", help=argparse.SUPPRESS)  # one measurement, JSON on stdout
+    ap.add_argument("--path", choices=["engine", "dynamic", "static"], help=argparse.SUPPRESS)
+    ap.add_argument("--dtype", choices=["bf16", "fp32"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
+    if args.worker:
+        row = measure(args.worker, args.path, args.dtype, args.new_tokens, batches, args.repeats)
+        print(json.dumps({str(k): v for k, v in row.items()}))
+        return
 
     tmp = tempfile.mkdtemp(prefix="cf-decode-")
     models = {os.path.basename(os.path.abspath(m)): m for m in args.model} if args.model else {
         f"{p} ({args.arch}, random)": make_random_model(os.path.join(tmp, p), p, args.arch) for p in PRESETS}
-    results = {name: bench_model(path, args.new_tokens, batches, args.repeats) for name, path in models.items()}
+    results = {name: bench_model(path, args, batches) for name, path in models.items()}
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    default = "bf16" if device == "cuda" else ("bf16" if _cpu_bf16() else "fp32")
     print(f"\nDecode tokens/s, greedy, {args.new_tokens} new tokens after a 16-token prompt; device {device}, "
-          f"torch threads {torch.get_num_threads()}, best of {args.repeats}\n")
-    print("| model | params | batch | chatforge engine | generate() dynamic | generate() static | engine / dynamic |")
-    print("|---|---|---|---|---|---|---|")
+          f"torch threads {torch.get_num_threads()}, best of {args.repeats}; engine's default dtype here: {default}\n")
+    print("| model | batch | engine bf16 | engine fp32 | generate() fp32 dynamic / static | generate() bf16 dynamic / "
+          "static | engine / best generate(), fp32 | same, bf16 | engine default / generate() default (fp32 dynamic) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     fmt = lambda v: f"{v:,.0f}" if v else "n/a"  # noqa: E731
+    ratio = lambda a, b: f"{a / b:.1f}x" if a and b else "n/a"  # noqa: E731
     for name, row in results.items():
         for b in batches:
-            e, d, s = row[f"engine_b{b}"], row[f"generate_dynamic_b{b}"], row[f"generate_static_b{b}"]
-            print(f"| {name} | {row['params_M']}M | {b} | {fmt(e)} | {fmt(d)} | {fmt(s)} | "
-                  f"{e / d:.1f}x |" if d else "n/a |")
+            get = lambda path, dt: row.get(f"{path}_{dt}_b{b}")  # noqa: E731
+            best = {dt: max([v for v in (get("dynamic", dt), get("static", dt)) if v] or [0]) for dt in ("fp32", "bf16")}
+            print(f"| {name}, {row['params_M']}M | {b} | {fmt(get('engine', 'bf16'))} | {fmt(get('engine', 'fp32'))} | "
+                  f"{fmt(get('dynamic', 'fp32'))} / {fmt(get('static', 'fp32'))} | "
+                  f"{fmt(get('dynamic', 'bf16'))} / {fmt(get('static', 'bf16'))} | "
+                  f"{ratio(get('engine', 'fp32'), best['fp32'])} | {ratio(get('engine', 'bf16'), best['bf16'])} | "
+                  f"{ratio(get('engine', default), get('dynamic', 'fp32'))} |")
     if device == "cpu":
         print("\nGPU figures: pending (no GPU on this machine).")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"device": device, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-                   "torch": torch.__version__, "new_tokens": args.new_tokens, "results": results}, f, indent=2)
+                   "torch": torch.__version__, "new_tokens": args.new_tokens, "engine_default_dtype": default,
+                   "results": results}, f, indent=2)
     print(f"\nwrote {args.out}")
+
+
+def _cpu_bf16() -> bool:
+    from chatforge.modeling import cpu_has_bf16
+
+    return cpu_has_bf16()
 
 
 if __name__ == "__main__":

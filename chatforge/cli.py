@@ -48,6 +48,11 @@ def _sampling_options(parser, temperature: float) -> None:
     parser.add_argument("--seed", type=int, default=None)
 
 
+def _dtype_option(parser) -> None:
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                        help="weights' dtype; auto: bf16 on GPUs and on CPUs with native bf16, else fp32")
+
+
 def _sampling(args):
     from chatforge.engine import SamplingParams
 
@@ -92,7 +97,7 @@ def cmd_pretrain(args) -> None:
 def cmd_generate(args) -> None:
     from chatforge.engine import Engine
 
-    engine = Engine(args.model)
+    engine = Engine(args.model, dtype=args.dtype)
     params = _sampling(args)
     print(args.prompt, end="", flush=True)
     for piece in engine.stream(engine.encode(args.prompt), params):
@@ -114,7 +119,7 @@ def cmd_chat(args) -> None:
     from chatforge.chat import chat_loop, reply
     from chatforge.engine import Engine
 
-    engine = Engine(args.model)
+    engine = Engine(args.model, dtype=args.dtype)
     params = _sampling(args)
     if args.prompt is None:
         chat_loop(engine, params, system=args.system)
@@ -136,7 +141,7 @@ def cmd_serve(args) -> None:
     if args.max_batch < 1 or args.max_queue < 0:
         raise ChatforgeError("--max-batch must be >= 1 and --max-queue >= 0")
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("CHATFORGE_API_KEY"),
-          max_batch=args.max_batch, max_queue=args.max_queue, model_name=args.model_name)
+          max_batch=args.max_batch, max_queue=args.max_queue, model_name=args.model_name, dtype=args.dtype)
 
 
 # ---------------------------------------------------------------- parser
@@ -225,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("model", metavar="MODEL_DIR")
     gen.add_argument("--prompt", required=True)
     _sampling_options(gen, temperature=0.8)
+    _dtype_option(gen)
     gen.set_defaults(func=cmd_generate)
 
     tune = sub.add_parser("sft", help="fine-tune a model into a chat assistant",
@@ -267,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     talk.add_argument("--system", help="system prompt")
     talk.add_argument("--prompt", help="answer this one message, print the answer and exit")
     _sampling_options(talk, temperature=0.7)
+    _dtype_option(talk)
     talk.set_defaults(func=cmd_chat)
 
     srv = sub.add_parser("serve", help="serve a model: OpenAI-compatible API and a web chat page",
@@ -281,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-queue", type=int, default=64, metavar="N",
                      help="requests allowed to wait; more get 503 + Retry-After (default: 64)")
     srv.add_argument("--model-name", default=None, metavar="NAME", help="model id in the API (default: MODEL_DIR's name)")
+    _dtype_option(srv)
     srv.set_defaults(func=cmd_serve)
     return parser
 

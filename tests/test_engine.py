@@ -38,7 +38,7 @@ def model_dir(request, tmp_path_factory, tokenizer_dir) -> str:
 
 @pytest.fixture(scope="module")
 def engine(model_dir):
-    eng = Engine(model_dir, max_batch=4, max_queue=8)
+    eng = Engine(model_dir, max_batch=4, max_queue=8, dtype="fp32")  # generate() runs the fp32 checkpoint
     yield eng
     eng.close()
 
@@ -74,7 +74,7 @@ def test_greedy_equals_generate(engine, prompt):
 
 
 def test_generic_path_equals_generate(model_dir):
-    eng = Engine(model_dir, fast=False)
+    eng = Engine(model_dir, fast=False, dtype="fp32")
     assert not eng.fast
     ids = eng.encode(PROMPTS[0])
     assert _run(eng, ids, GREEDY)[0] == _hf_greedy(eng, ids, GREEDY.max_new_tokens)
@@ -145,3 +145,24 @@ def test_bad_requests(engine):
         engine.submit([], GREEDY)
     with pytest.raises(ChatforgeError):
         engine.submit([1], SamplingParams(max_new_tokens=0))
+
+
+def test_bf16_weights_match_fp32(engine, model_dir):
+    """The default on bf16-capable CPUs and GPUs: bf16 weights (attention still fp32 on CPU) give the
+    fp32 model's logits to bf16 rounding, at prefill and at batched decode steps."""
+    low = Engine(model_dir, dtype="bf16")
+    try:
+        assert next(low.model.parameters()).dtype == torch.bfloat16
+        ids = engine.encode(PROMPTS[0])
+        with torch.inference_mode():
+            pairs = [(engine.backend.prefill(0, ids), low.backend.prefill(0, ids)),
+                     (engine.backend.prefill(1, ids[:3]), low.backend.prefill(1, ids[:3]))]
+            for step in range(3):
+                tokens, positions = [ids[step], ids[step + 1]], [len(ids) + step, 3 + step]
+                pairs.append((engine.backend.decode(tokens, positions), low.backend.decode(tokens, positions)))
+        for full, half in pairs:
+            assert half.dtype == torch.float32 and half.shape == full.shape
+            assert (half - full).abs().max() <= 0.05 * full.abs().max()
+            assert torch.nn.functional.cosine_similarity(half, full, dim=-1).min() > 0.995
+    finally:
+        low.close()
