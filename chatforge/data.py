@@ -20,7 +20,6 @@ import os
 import shutil
 import time
 from dataclasses import dataclass, field
-from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -133,18 +132,18 @@ def prepare(cfg: DataConfig, tok=None, log=print) -> dict:
     def flush(batch: list[str]) -> None:
         """Tokenize a batch and append it to the shards: one array and one write per split, not per document."""
         nonlocal doc_index
-        parts: dict[str, list] = {"train": [], "val": []}
-        sizes = {"train": 0, "val": 0}
+        ids: dict[str, list[int]] = {"train": [], "val": []}
+        docs, sizes = {"train": 0, "val": 0}, {"train": 0, "val": 0}
         for text, enc in zip(batch, encode(batch, add_special_tokens=False)):
             split = "val" if doc_index % period == 0 else "train"
-            parts[split].append(enc.ids)
-            parts[split].append((sep,))
+            ids[split] += enc.ids  # list += list runs in C; np.array of one flat list is ~3x np.fromiter
+            ids[split].append(sep)
+            docs[split] += 1
             sizes[split] += len(text.encode("utf-8"))
             doc_index += 1
-        for split, chunks in parts.items():
-            if chunks:
-                ids = np.fromiter(chain.from_iterable(chunks), dtype=dtype)
-                writers[split].write(ids, len(chunks) // 2, sizes[split])
+        for split, flat in ids.items():
+            if flat:
+                writers[split].write(np.array(flat, dtype=dtype), docs[split], sizes[split])
         bar.update(len(batch))
 
     try:
