@@ -159,7 +159,7 @@ def run_chatforge(args, plan, tok_dir, shards, out: Path) -> dict:
         max_steps=plan["steps"], learning_rate=plan["lr"], warmup_steps=plan["warmup_steps"],
         eval_every=10**9, save_every=10**9, log_every=10**9, report_to=["none"], seed=args.seed,
         compile=args.compile, preset="tiny")
-    for flag in ("fused_loss", "fused_gelu", "fast_batches"):
+    for flag in ("fused_loss", "fused_gelu", "fast_batches", "cpu_attention"):
         setattr(cfg, flag, not args.no_fast)
     t0 = time.perf_counter()
     timer = StepTimer(t0)

@@ -49,6 +49,7 @@ class PretrainConfig(RunSettings):
     fused_loss: bool = True           # chunked LM-head cross-entropy: no fp32 copy of the full logits
     fused_gelu: bool = True           # GPT-2's op-by-op tanh GELU -> torch's fused GELU (same function)
     fast_batches: bool = True         # whole micro-batches gathered from the memmapped shards, no mask
+    cpu_attention: bool = True        # CPU: causal attention as matmuls + masked softmax (SDPA's kernel is slower)
     # data
     val_fraction: float = 0.005
     text_field: str = "text"
@@ -131,7 +132,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
 
     from chatforge import config as config_io
     from chatforge.data import PackedBlocks
-    from chatforge.fastloss import BlockBatches, collate_blocks, fuse_gelu, restore_forward, use_fused_loss
+    from chatforge.fastloss import (BlockBatches, collate_blocks, fuse_gelu, restore_forward, use_cpu_attention,
+                                    use_fused_loss)
     from chatforge.modeling import count_parameters
     from chatforge.training import (RUN_CONFIG, CompleteMarker, Schedule, Throughput, WallClockBudget, add_callbacks,
                                     check_output_dir, finish_distributed, make_optimizer, resolve_precision,
@@ -192,6 +194,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
         fuse_gelu(model)
     if cfg.fused_loss:
         use_fused_loss(model)
+    if cfg.cpu_attention and not cfg.compile and not torch.cuda.is_available():
+        use_cpu_attention(model)
     optimizer = make_optimizer(model, lr, cfg.weight_decay)
     schedule = Schedule(cfg.schedule, warmup, max_steps, cfg.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

@@ -9,7 +9,8 @@ import pytest
 import torch
 from conftest import TINY, run_cli
 
-from chatforge.fastloss import BlockBatches, chunked_lm_loss, collate_blocks, fuse_gelu, use_fused_loss
+from chatforge.fastloss import (BlockBatches, chunked_lm_loss, collate_blocks, fuse_gelu, restore_forward,
+                                use_cpu_attention, use_fused_loss)
 
 
 def _tiny(arch: str):
@@ -37,6 +38,7 @@ def test_fused_loss_and_gradients_equal_transformers(arch, num_items):
     fast = copy.deepcopy(stock)
     assert use_fused_loss(fast, chunk_rows=37)  # chunks that do not divide the rows
     fuse_gelu(fast)
+    use_cpu_attention(fast)  # llama's grouped KV heads take the SDPA fallback
     ids = torch.randint(0, 320, (3, 48))
     labels = ids.clone()
     labels[0, :7] = -100  # ignored positions are skipped exactly as transformers does
@@ -51,9 +53,16 @@ def test_fused_loss_and_gradients_equal_transformers(arch, num_items):
     assert g_stock.keys() == g_fast.keys()
     for name in g_stock:
         assert torch.allclose(g_stock[name], g_fast[name], rtol=1e-4, atol=1e-5), name
-    # no labels: the stock forward, logits and all
+    # no labels: the stock forward, logits and all; a padding mask takes SDPA
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
     with torch.no_grad():
         assert torch.allclose(stock(input_ids=ids).logits, fast(input_ids=ids).logits, atol=1e-5)
+        real = mask.bool()  # padding positions attend to nothing: their logits are meaningless
+        assert torch.allclose(stock(input_ids=ids, attention_mask=mask).logits[real],
+                              fast(input_ids=ids, attention_mask=mask).logits[real], atol=1e-5)
+    restore_forward(fast)
+    assert fast.config._attn_implementation == "sdpa"
 
 
 def test_chunked_loss_bf16_autocast_close():
@@ -85,7 +94,8 @@ def test_speed_options_same_loss_and_plain_checkpoints(tmp_path, tokenizer_dir):
     common = ["--data", "demo:en", "--tokenizer", tokenizer_dir, *TINY, "--max-steps", 30, "--eval-every", 30,
               "--save-every", 30, "--report-to", "none", "--log-every", 10]
     run_cli("pretrain", *common, "--out", tmp_path / "fast")
-    run_cli("pretrain", *common, "--out", tmp_path / "plain", "--no-fused-loss", "--no-fused-gelu", "--no-fast-batches")
+    run_cli("pretrain", *common, "--out", tmp_path / "plain", "--no-fused-loss", "--no-fused-gelu", "--no-fast-batches",
+            "--no-cpu-attention")
     assert "fused_loss: false" in (tmp_path / "plain" / "run_config.yaml").read_text()
     fast_sum = json.loads((tmp_path / "fast" / "summary.json").read_text())
     plain_sum = json.loads((tmp_path / "plain" / "summary.json").read_text())
