@@ -203,6 +203,51 @@ def run_stock(args, plan, stock_tok, stock_ds, out: Path) -> dict:
     return {"times": timer.times, "t0": t0}
 
 
+def run_plain_loop(args, plan, stock_tok, shards, out: Path) -> dict:
+    """Reference, not a competitor: the stock model in a hand-written loop (no Trainer) on chatforge's
+    blocks, bf16 autocast where supported, the same optimizer, schedule and clipping. It shows what the
+    Trainer itself costs on this machine."""
+    from transformers import AutoModelForCausalLM
+
+    from chatforge.data import PackedBlocks
+    from chatforge.modeling import ModelShape, build_config
+    from chatforge.tokenizer import document_separator_id
+    from chatforge.training import Schedule, make_optimizer, resolve_precision
+
+    t0 = time.perf_counter()
+    eos = document_separator_id(stock_tok)
+    config = build_config(ModelShape(n_layer=plan["n_layer"], d_model=plan["d_model"], n_head=plan["n_head"],
+                                     context_length=plan["seq"], vocab_size=_padded(len(stock_tok))),
+                          bos_id=eos, eos_id=eos, pad_id=stock_tok.pad_token_id)
+    torch.manual_seed(args.seed)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32).to(dev)
+    if args.compile:
+        model = torch.compile(model)
+    optimizer = make_optimizer(model, plan["lr"], 0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, Schedule("cosine", plan["warmup_steps"], plan["steps"]))
+    blocks = PackedBlocks(shards, "train", plan["seq"])
+    order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    precision = resolve_precision("auto")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    times = []
+    for step in range(plan["steps"]):
+        idx = order[step * plan["batch"]:(step + 1) * plan["batch"]]
+        ids = torch.from_numpy(blocks.rows(idx)).to(dev, non_blocking=True)
+        with torch.autocast(dev, dtype=dtype, enabled=dtype is not None):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter())
+    getattr(model, "_orig_mod", model).save_pretrained(str(out))
+    return {"times": times, "t0": t0}
+
+
 def _padded(n: int) -> int:
     from chatforge.modeling import padded_vocab
 
@@ -273,17 +318,19 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {device}; shape {args.shape} {plan}; {len(stock_ds)} stock blocks", flush=True)
 
-    runs = {"chatforge": [], "stock Trainer": []}
+    runs = {"chatforge": [], "stock Trainer": [], "stock model, plain loop (reference)": []}
     for rnd in range(args.rounds):
-        order = ["stock Trainer", "chatforge"] if rnd % 2 == 0 else ["chatforge", "stock Trainer"]
+        order = list(runs) if rnd % 2 else list(reversed(runs))
         for name in order:
-            out = work / ("run_chatforge" if name == "chatforge" else "run_stock")
+            out = work / f"run_{name.split()[0]}_{len(name)}"
             gc.collect()
             reset_peak_memory()
             if name == "chatforge":
                 r = run_chatforge(args, plan, tok_dir, shards, out)
-            else:
+            elif name == "stock Trainer":
                 r = run_stock(args, plan, stock_tok, stock_ds, out)
+            else:
+                r = run_plain_loop(args, plan, stock_tok, shards, out)
             r["mem"] = peak_memory_gib()
             r["val_loss"] = val_loss(out, shards, plan["seq"])
             rate = args.steps * plan["batch"] * plan["seq"] / (r["times"][-1] - r["times"][args.warmup - 1])
