@@ -5,11 +5,11 @@
 
 Greedy decoding, NEW tokens per request after a 16-token prompt. Batch 1 is one request's tokens/s;
 8 and 32 are aggregate tokens/s of that many concurrent requests (the engine batches them continuously,
-generate() gets them as one batch of equal-length prompts). Best of --repeats runs, because a shared
-machine is noisy. Every (model, path, dtype) runs in a fresh Python process: one path's OpenMP thread
-pool must not slow the next one (see chatforge.engine.Engine). Each path is measured with the weights in
-fp32 (the checkpoint's dtype, generate()'s default) and in bf16. Prints a markdown table and writes
-bench/results/decode_speed.json.
+generate() gets them as one batch of equal-length prompts). Every (model, path, dtype) runs in a fresh
+Python process (one path's OpenMP threads must not slow the next one, see chatforge.engine.Engine),
+--rounds times in alternating order, each time best of --repeats runs: a shared machine is noisy. Each
+path is measured with the weights in fp32 (the checkpoint's dtype, generate()'s default) and in bf16.
+Prints a markdown table and writes bench/results/decode_speed.json.
 """
 
 from __future__ import annotations
@@ -110,18 +110,22 @@ PATHS = [("engine", "bf16"), ("engine", "fp32"), ("dynamic", "fp32"), ("static",
 
 
 def bench_model(model_dir: str, args, batches: list[int]) -> dict:
-    row = {}
-    for path, dtype in PATHS:
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", model_dir, "--path", path, "--dtype", dtype,
-               "--new-tokens", str(args.new_tokens), "--batches", args.batches, "--repeats", str(args.repeats)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise SystemExit(f"worker failed: {' '.join(cmd)}\n{done.stderr[-2000:]}")
-        result = json.loads(done.stdout.strip().splitlines()[-1])
-        row.setdefault("params_M", result.pop("params_M", None))
-        for key, value in result.items():
-            row[f"{path}_{dtype}_{'b' + key if key != 'error' else key}"] = value
-        print(f"  {os.path.basename(model_dir)} {path} {dtype}: {result}", flush=True)
+    """Every path in a fresh worker process, --rounds times in alternating order (forward, then reversed),
+    so that a slow spell of a shared machine hits all paths alike; the best run of each path counts."""
+    row: dict = {}
+    for rnd in range(args.rounds):
+        for path, dtype in (PATHS if rnd % 2 == 0 else PATHS[::-1]):
+            cmd = [sys.executable, os.path.abspath(__file__), "--worker", model_dir, "--path", path, "--dtype", dtype,
+                   "--new-tokens", str(args.new_tokens), "--batches", args.batches, "--repeats", str(args.repeats)]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise SystemExit(f"worker failed: {' '.join(cmd)}\n{done.stderr[-2000:]}")
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            row["params_M"] = result.pop("params_M", row.get("params_M"))
+            for key, value in result.items():
+                name = f"{path}_{dtype}_{'b' + key if key != 'error' else key}"
+                row[name] = value if key == "error" or not row.get(name) else max(row[name], value or 0)
+            print(f"  round {rnd}: {os.path.basename(model_dir)} {path} {dtype}: {result}", flush=True)
     return row
 
 
@@ -131,7 +135,8 @@ def main() -> None:
     ap.add_argument("--arch", default="gpt2", choices=["gpt2", "llama"], help="for the random models")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--batches", default="1,8,32")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=2, help="timed runs per worker (after one warm-up)")
+    ap.add_argument("--rounds", type=int, default=2, help="workers per path, in alternating order")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "decode_speed.json"))
     ap.add_argument("--worker", metavar="MODEL_DIR", help=argparse.SUPPRESS)  # one measurement, JSON on stdout
     ap.add_argument("--path", choices=["engine", "dynamic", "static"], help=argparse.SUPPRESS)
@@ -151,7 +156,8 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     default = "bf16" if device == "cuda" else ("bf16" if _cpu_bf16() else "fp32")
     print(f"\nDecode tokens/s, greedy, {args.new_tokens} new tokens after a 16-token prompt; device {device}, "
-          f"torch threads {torch.get_num_threads()}, best of {args.repeats}; engine's default dtype here: {default}\n")
+          f"torch threads {torch.get_num_threads()}, best of {args.rounds} rounds x {args.repeats} runs; "
+          f"engine's default dtype here: {default}\n")
     print("| model | batch | engine bf16 | engine fp32 | generate() fp32 dynamic / static | generate() bf16 dynamic / "
           "static | engine / best generate(), fp32 | same, bf16 | engine default / generate() default (fp32 dynamic) |")
     print("|---|---|---|---|---|---|---|---|---|")
