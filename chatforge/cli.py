@@ -183,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(prep, "--tokenizer", required=True, metavar="DIR", help="any Hugging Face tokenizer directory")
     _opt(prep, "--out", required=True, metavar="DIR")
     _opt(prep, "--val-fraction", type=float, metavar="F", help="documents held out for validation (default: 0.005)")
+    _opt(prep, "--fast-tokenizer", action=argparse.BooleanOptionalAction,
+         help="tiktoken's BPE over the same vocabulary when it applies: same ids, faster (default: on)")
     prep.add_argument("--config", metavar="YAML")
     prep.set_defaults(func=cmd_data_prepare)
 

@@ -648,18 +648,13 @@ def _byte_table(tok) -> list[bytes] | None:
     a table lookup per token instead of a tokenizer.decode() call; None for other tokenizers."""
     from tokenizers import decoders
 
+    from chatforge.tokenizer import byte_decoder
+
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is None or not isinstance(backend.decoder, decoders.ByteLevel) \
             or getattr(tok, "clean_up_tokenization_spaces", False):
         return None
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):  # GPT-2's byte -> printable character map, inverted
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    byte_of = {chr(c): b for b, c in zip(bs, cs)}
+    byte_of = byte_decoder()
     vocab = tok.get_vocab()
     special = set(tok.all_special_ids)
     added = {i for i, t in tok.added_tokens_decoder.items()}

@@ -11,6 +11,7 @@ ChatML `chat_template`); `AutoTokenizer.from_pretrained(DIR)` loads it with no c
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,3 +163,62 @@ def fingerprint(tok) -> str:
     """A stable hash of the tokenizer's full definition (vocabulary, merges, normalisation, specials)."""
     payload = tok.backend_tokenizer.to_str()
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+
+
+# GPT-2's pre-tokenizer pattern: what `pre_tokenizers.ByteLevel(use_regex=True)` splits on
+GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet inverted: the printable character standing for each byte -> the byte."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def fast_batch_encoder(tok):
+    """A batch encoder (list of texts -> list of id lists) running tiktoken's BPE over this tokenizer's own
+    vocabulary, or None when the tokenizer is not a plain byte-level BPE (or tiktoken is missing).
+
+    Why: tokenizing is most of `data prepare`'s time, and tiktoken's BPE is faster than `tokenizers`'
+    `encode_batch_fast` on the same vocabulary (measured, 16 MB of English, 2 cores: 2.0 vs 3.5 s).
+    The result is the same ids: the same GPT-2 split pattern, the same vocabulary, and special tokens in
+    the text still become their ids. tiktoken merges by the rank of the merged token where `tokenizers`
+    follows its merge list; with ids assigned in merge order (as BPE training does, checked here) the
+    two agree, and `data.prepare` re-checks a sample of every batch against `tokenizers`.
+    """
+    try:
+        import tiktoken
+    except ImportError:
+        return None
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+    if (spec.get("normalizer") or model.get("type") != "BPE" or model.get("byte_fallback") or model.get("dropout")
+            or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix")
+            or pre.get("type") != "ByteLevel" or not pre.get("use_regex", True) or pre.get("add_prefix_space")):
+        return None
+    added = spec.get("added_tokens") or []
+    if any(t.get("lstrip") or t.get("rstrip") or t.get("single_word") for t in added):
+        return None
+    specials = {t["content"]: t["id"] for t in added}
+    vocab = model["vocab"]
+    last = -1
+    for merge in model.get("merges") or []:
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        merged = vocab.get(left + right)
+        if merged is None or merged <= last:  # ids not in merge order: ranks would disagree
+            return None
+        last = merged
+    byte_of = byte_decoder()
+    try:
+        ranks = {bytes(byte_of[c] for c in token): i for token, i in vocab.items() if token not in specials}
+    except KeyError:
+        return None
+    encoding = tiktoken.Encoding("chatforge", pat_str=GPT2_SPLIT, mergeable_ranks=ranks, special_tokens=specials)
+    threads = os.cpu_count() or 1
+    return lambda texts: encoding.encode_batch(texts, num_threads=threads, allowed_special="all")

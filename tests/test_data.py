@@ -4,6 +4,7 @@ import gzip
 import json
 
 import numpy as np
+import pytest
 import zstandard
 from transformers import AutoTokenizer
 
@@ -22,11 +23,12 @@ def _corpus(tmp_path, n=50):
     return docs
 
 
-def test_shards_hold_every_token_with_boundaries(tmp_path, tokenizer_dir):
+@pytest.mark.parametrize("fast_tokenizer", [True, False])
+def test_shards_hold_every_token_with_boundaries(tmp_path, tokenizer_dir, fast_tokenizer):
     docs = _corpus(tmp_path)
     out = tmp_path / "shards"
     manifest = prepare(DataConfig(data=[str(tmp_path / "corpus")], out=str(out), tokenizer=tokenizer_dir,
-                                  val_fraction=0.1), log=lambda *_: None)
+                                  val_fraction=0.1, fast_tokenizer=fast_tokenizer, batch_docs=16), log=lambda *_: None)
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     sep = tok.convert_tokens_to_ids("<|endoftext|>")
     expected = {"train": [], "val": []}

@@ -32,3 +32,23 @@ def test_special_tokens_are_single_ids(tokenizer_dir):
 
 def test_vocab_size_matches_request(tokenizer_dir):
     assert len(AutoTokenizer.from_pretrained(tokenizer_dir)) == 1024
+
+
+def test_fast_batch_encoder_gives_the_same_ids(tokenizer_dir):
+    """`data prepare`'s tiktoken path: the same ids as the tokenizer itself, Chinese, special tokens written
+    in the text, emoji and odd whitespace included; anything not plain byte-level BPE gets no fast path."""
+    from tokenizers import normalizers
+
+    from chatforge.sources import iter_texts
+    from chatforge.tokenizer import fast_batch_encoder, load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    encode = fast_batch_encoder(tok)
+    assert encode is not None
+    texts = list(iter_texts(["demo:en", "demo:zh"])) + [
+        "a<|endoftext|>b <|im_start|>user\nhi<|im_end|>", "  two  spaces  ", "数字123 和 emoji 😀🎉\t\ttabs\n\n\n",
+        "中文标点，。！？——《》", "", "x" * 3000, "don't we'll I'd"]
+    assert encode(texts) == [tok.encode(t, add_special_tokens=False) for t in texts]
+
+    tok.backend_tokenizer.normalizer = normalizers.NFKC()
+    assert fast_batch_encoder(tok) is None
