@@ -1,9 +1,9 @@
 """Stage 2: turn a text corpus into packed token shards on disk, once.
 
 Documents are tokenized in batches over all cores, each followed by the document separator
-(<|endoftext|>), and appended to flat binary shards
-(uint16 when the vocabulary fits, else uint32). Training memory-maps the shards, so a corpus larger
-than RAM streams through and no tokenization happens during training. For a plain byte-level BPE (what
+(<|endoftext|>), and appended to flat binary shards (uint16 when the vocabulary fits, else uint32).
+Training memory-maps the shards, so a corpus larger than RAM streams through and no tokenization
+happens during training. For a plain byte-level BPE (what
 `chatforge tokenizer train` writes) the tokenizing runs on tiktoken's BPE over the same vocabulary (the
 same ids, faster: see `tokenizer.fast_batch_encoder`), else on the Rust `tokenizers` library.
 
