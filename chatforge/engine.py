@@ -205,7 +205,8 @@ class _FastModel:
         return weight * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + self.eps)).to(h.dtype)
 
     def _bind_weights(self, model) -> None:
-        """Plain tensors laid out for `x @ W` (transposed once here), QKV and gate/up fused."""
+        """Tensors laid out for `x @ W` (transposed once here), QKV and gate/up fused; on a bf16 CPU,
+        copies packed for oneDNN instead (see `linear`)."""
         cfg, t = model.config, lambda lin: lin.weight.detach().t().contiguous()
         self.weights = []
         if self.arch == "gpt2":
