@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(pre, "--fused-loss", action=argparse.BooleanOptionalAction, help="chunked LM-head cross-entropy")
     _opt(pre, "--fused-gelu", action=argparse.BooleanOptionalAction, help="GPT-2 GELU as one fused kernel")
     _opt(pre, "--fast-batches", action=argparse.BooleanOptionalAction, help="micro-batches gathered from the shards")
-    _opt(pre, "--cpu-attention", action=argparse.BooleanOptionalAction, help="CPU: attention as matmuls, not SDPA")
+    _opt(pre, "--cpu-attention", action=argparse.BooleanOptionalAction, help="CPU, bf16: attention as matmuls, not SDPA")
     _opt(pre, "--val-fraction", type=float, metavar="F")
     _opt(pre, "--eval-every", type=int, metavar="STEPS")
     _opt(pre, "--save-every", type=int, metavar="STEPS")
