@@ -1,6 +1,7 @@
 """Decode speed: chatforge's engine vs transformers `generate()` (dynamic and static cache) on the same model.
 
-    python bench/decode_speed.py                    # tiny and mini presets, random init (speed only)
+    python bench/decode_speed.py                    # tiny and mini presets (GPU: GPT-2 124M), random init
+    python bench/decode_speed.py --presets gpt2     # GPT-2 124M shape, vocab 50304
     python bench/decode_speed.py --model RUN_DIR    # a real checkpoint
 
 Greedy decoding, NEW tokens per request after a 16-token prompt. Batch 1 is one request's tokens/s;
@@ -30,7 +31,11 @@ sys.path.insert(0, ROOT)
 
 from chatforge.engine import Engine, SamplingParams  # noqa: E402
 
-PRESETS = {"tiny": dict(n_layer=4, d_model=192, n_head=6), "mini": dict(n_layer=6, d_model=384, n_head=6)}
+PRESETS = {  # shape, context, vocabulary
+    "tiny": (dict(n_layer=4, d_model=192, n_head=6), 256, 8192),
+    "mini": (dict(n_layer=6, d_model=384, n_head=6), 256, 8192),
+    "gpt2": (dict(n_layer=12, d_model=768, n_head=12), 1024, 50304),  # GPT-2 124M: the GPU target's model
+}
 
 
 def make_random_model(out: str, preset: str, arch: str = "gpt2", tokenizer_dir: str | None = None) -> str:
@@ -44,7 +49,8 @@ def make_random_model(out: str, preset: str, arch: str = "gpt2", tokenizer_dir: 
         if not os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json")):
             train_tokenizer(TokenizerConfig(data=["demo:en", "demo:zh"], out=tokenizer_dir, vocab_size=6000))
     tok = load_tokenizer(tokenizer_dir)
-    shape = ModelShape(arch=arch, context_length=256, vocab_size=max(8192, len(tok)), **PRESETS[preset])
+    dims, ctx, vocab = PRESETS[preset]
+    shape = ModelShape(arch=arch, context_length=ctx, vocab_size=max(vocab, len(tok)), **dims)
     model = new_model(shape, tok, seed=0)
     with torch.no_grad():
         stops = [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
@@ -84,11 +90,12 @@ def measure(model_dir: str, path: str, dtype: str, new: int, batches: list[int],
     else:
         from chatforge.modeling import inference_dtype, load_model
 
-        model = load_model(model_dir, dtype=inference_dtype(dtype))
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = load_model(model_dir, dtype=inference_dtype(dtype)).to(device)
         kw = {"cache_implementation": "static"} if path == "static" else {}
 
         def run(b):
-            ids = torch.tensor(prompts[:b])
+            ids = torch.tensor(prompts[:b], device=device)
             with torch.inference_mode():
                 out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
                                      min_new_tokens=new, do_sample=False, **kw)
@@ -131,7 +138,9 @@ def bench_model(model_dir: str, args, batches: list[int]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", action="append", help="model directory (repeatable); default: tiny and mini, random")
+    ap.add_argument("--model", action="append", help="model directory (repeatable); default: random --presets")
+    ap.add_argument("--presets", default="gpt2" if torch.cuda.is_available() else "tiny,mini",
+                    help=f"random-init models to build ({', '.join(PRESETS)}; default: tiny,mini on CPU, gpt2 on GPU)")
     ap.add_argument("--arch", default="gpt2", choices=["gpt2", "llama"], help="for the random models")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--batches", default="1,8,32")
@@ -150,7 +159,8 @@ def main() -> None:
 
     tmp = tempfile.mkdtemp(prefix="cf-decode-")
     models = {os.path.basename(os.path.abspath(m)): m for m in args.model} if args.model else {
-        f"{p} ({args.arch}, random)": make_random_model(os.path.join(tmp, p), p, args.arch) for p in PRESETS}
+        f"{p} ({args.arch}, random)": make_random_model(os.path.join(tmp, p), p, args.arch)
+        for p in args.presets.split(",")}
     results = {name: bench_model(path, args, batches) for name, path in models.items()}
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
