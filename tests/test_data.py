@@ -86,3 +86,21 @@ def test_doc_per_line_and_invalid_utf8(tmp_path, tokenizer_dir):
     strict = run_cli("data", "prepare", "--data", tmp_path / "lines.txt", "--doc-per-line", "--strict",
                      "--tokenizer", tokenizer_dir, "--out", tmp_path / "out2", check=False)
     assert strict.returncode == 2 and "lines.txt:4: invalid UTF-8" in strict.stderr
+
+
+def test_fast_tokenizer_disagreement_falls_back(tmp_path, tokenizer_dir, monkeypatch):
+    """If the tiktoken path ever splits a checked document differently, that batch and every later one
+    are tokenized by `tokenizers`, and the run says so."""
+    import chatforge.data as data_module
+
+    docs = _corpus(tmp_path)
+    monkeypatch.setattr(data_module, "CHECK_EVERY", 1)
+    monkeypatch.setattr("chatforge.tokenizer.fast_batch_encoder", lambda tok: lambda texts: [[1] for _ in texts])
+    lines = []
+    prepare(DataConfig(data=[str(tmp_path / "corpus")], out=str(tmp_path / "shards"), tokenizer=tokenizer_dir,
+                       val_fraction=0.1, batch_docs=16), log=lines.append)
+    assert any("tokenizers from here on" in line for line in lines)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    sep = tok.convert_tokens_to_ids("<|endoftext|>")
+    expected = [t for i, d in enumerate(docs) if i % 10 for t in tok.encode(d, add_special_tokens=False) + [sep]]
+    assert load_split(tmp_path / "shards", "train").tolist() == expected
