@@ -88,10 +88,10 @@ def measure(model_dir: str, path: str, dtype: str, new: int, batches: list[int],
                 "".join(r)
                 assert r.completion_tokens == new, r.completion_tokens
     else:
-        from chatforge.modeling import inference_dtype, load_model
+        from chatforge.modeling import load_model, torch_dtype
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = load_model(model_dir, dtype=inference_dtype(dtype)).to(device)
+        model = load_model(model_dir, dtype=torch_dtype(dtype)).to(device)
         kw = {"cache_implementation": "static"} if path == "static" else {}
 
         def run(b):

@@ -170,9 +170,9 @@ def run_chatforge(args, plan, tok_dir, shards, out: Path) -> dict:
 def run_stock(args, plan, stock_tok, stock_ds, out: Path) -> dict:
     from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
-    from chatforge.modeling import ModelShape, build_config
+    from chatforge.modeling import ModelShape, build_config, resolve_precision
     from chatforge.tokenizer import document_separator_id
-    from chatforge.training import Schedule, make_optimizer, resolve_precision
+    from chatforge.training import Schedule, make_optimizer
 
     t0 = time.perf_counter()
     eos = document_separator_id(stock_tok)
@@ -210,9 +210,9 @@ def run_plain_loop(args, plan, stock_tok, shards, out: Path) -> dict:
     from transformers import AutoModelForCausalLM
 
     from chatforge.data import PackedBlocks
-    from chatforge.modeling import ModelShape, build_config
+    from chatforge.modeling import ModelShape, build_config, resolve_precision
     from chatforge.tokenizer import document_separator_id
-    from chatforge.training import Schedule, make_optimizer, resolve_precision
+    from chatforge.training import Schedule, make_optimizer
 
     t0 = time.perf_counter()
     eos = document_separator_id(stock_tok)

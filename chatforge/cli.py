@@ -11,6 +11,7 @@ import os
 import sys
 
 from chatforge.errors import ChatforgeError
+from chatforge.modeling import PRECISIONS
 
 S = argparse.SUPPRESS
 RUN_FLAGS = ("command", "sub", "config", "resume", "overwrite", "func")
@@ -49,7 +50,7 @@ def _sampling_options(parser, temperature: float) -> None:
 
 
 def _dtype_option(parser) -> None:
-    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+    parser.add_argument("--dtype", default="auto", choices=PRECISIONS,
                         help="weights' dtype; auto: bf16 on GPUs and on CPUs with native bf16, else fp32")
 
 
@@ -211,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(pre, "--warmup-steps", type=int, metavar="N")
     _opt(pre, "--schedule", choices=["cosine", "wsd", "constant"])
     _opt(pre, "--weight-decay", type=float, metavar="W")
-    _opt(pre, "--precision", choices=["auto", "bf16", "fp16", "fp32"], help="default: bf16 where supported")
+    _opt(pre, "--precision", choices=PRECISIONS, help="default: bf16 where supported")
     _opt(pre, "--compile", action="store_true", help="torch.compile the model")
     _opt(pre, "--gradient-checkpointing", action="store_true")
     # speed switches, all on by default; none changes the saved checkpoint (chatforge/fastloss.py)
@@ -256,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(tune, "--learning-rate", type=float, metavar="LR")
     _opt(tune, "--warmup-steps", type=int, metavar="N")
     _opt(tune, "--schedule", choices=["cosine", "wsd", "constant"])
-    _opt(tune, "--precision", choices=["auto", "bf16", "fp16", "fp32"])
+    _opt(tune, "--precision", choices=PRECISIONS)
     _opt(tune, "--lora", action="store_true", help="train LoRA adapters (PEFT) instead of all weights")
     _opt(tune, "--lora-r", type=int, metavar="R")
     _opt(tune, "--merge", action="store_true", help="with --lora: write merged full weights")

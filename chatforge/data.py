@@ -3,9 +3,9 @@
 Documents are tokenized in batches over all cores, each followed by the document separator
 (<|endoftext|>), and appended to flat binary shards (uint16 when the vocabulary fits, else uint32).
 Training memory-maps the shards, so a corpus larger than RAM streams through and no tokenization
-happens during training. For a plain byte-level BPE (what
-`chatforge tokenizer train` writes) the tokenizing runs on tiktoken's BPE over the same vocabulary (the
-same ids, faster: see `tokenizer.fast_batch_encoder`), else on the Rust `tokenizers` library.
+happens during training. For a plain byte-level BPE (what `chatforge tokenizer train` writes) the
+tokenizing runs on tiktoken's BPE over the same vocabulary (the same ids, faster: see
+`tokenizer.fast_batch_encoder`), else on the Rust `tokenizers` library.
 
 Every `VAL_PERIOD`-th document (0.5% by default, document 0 included, so at least one) goes to the
 validation split: deterministic, and held out by document rather than by token range.

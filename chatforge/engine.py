@@ -418,13 +418,13 @@ class Engine:
 
     def __init__(self, model_dir: str, device: str | None = None, dtype: str | torch.dtype = "auto",
                  max_batch: int = 16, max_queue: int = 64, fast: bool = True):
-        from chatforge.modeling import inference_dtype
+        from chatforge.modeling import resolve_precision, torch_dtype
         from chatforge.tokenizer import load_tokenizer
 
         self.name = model_dir
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if not isinstance(dtype, torch.dtype):
-            dtype = inference_dtype(dtype, self.device)
+            dtype = torch_dtype(resolve_precision(dtype, "--dtype", cuda=self.device.startswith("cuda")))
         self.tokenizer = load_tokenizer(model_dir)
         self.token_bytes = _byte_table(self.tokenizer)  # None: not byte-level BPE, decode with the tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
@@ -438,8 +438,8 @@ class Engine:
         # Every torch op runs on the engine thread, loading included. Why: PyTorch's OpenMP (libgomp)
         # gives each thread that runs a parallel region its own worker team; once the teams' threads
         # outnumber the cores, idle workers sleep instead of spinning and every op pays a wake-up.
-        # Measured on 2 cores, tiny preset: batch 1 787 vs 436 tokens/s, batch 32 4,626 vs 2,825,
-        # against the same engine with the model loaded on the caller's thread.
+        # Measured on 2 cores, tiny preset: batch 1 787 vs 436 tokens/s, batch 32 4,626 vs 2,825, against
+        # the same engine while the caller's thread also owns a team (as loading the model there makes).
         self._ready = threading.Event()
         self._load_error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, args=(model_dir, dtype, fast),
@@ -658,7 +658,7 @@ def _byte_table(tok) -> list[bytes] | None:
     byte_of = byte_decoder()
     vocab = tok.get_vocab()
     special = set(tok.all_special_ids)
-    added = {i for i, t in tok.added_tokens_decoder.items()}
+    added = set(tok.added_tokens_decoder)
     table = [b""] * (max(vocab.values()) + 1)
     for token, i in vocab.items():
         if i in special:

@@ -118,22 +118,28 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-DTYPES = ("auto", "bf16", "fp16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
-def inference_dtype(name: str = "auto", device: str = "cpu"):
-    """The weights' dtype for generation. auto: bf16 on GPUs and CPUs with native bf16, else fp32/fp16.
-    On a 2-core AVX512-BF16 CPU, bf16 decodes faster at every batch size (bench/decode_speed.py)."""
+def resolve_precision(precision: str, flag: str = "--precision", cuda: bool | None = None) -> str:
+    """auto: bf16 on GPUs (fp16 where bf16 is missing) and on CPUs with native bf16, else fp32. Training
+    uses it for autocast; generation for the weights' dtype (bf16 decodes faster on such CPUs too,
+    bench/decode_speed.py). `cuda`: the device in use (default: whether there is a GPU)."""
     import torch
 
-    if name not in DTYPES:
-        raise ChatforgeError(f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}")
-    if name == "auto":
-        if device.startswith("cuda"):
-            name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        else:
-            name = "bf16" if cpu_has_bf16() else "fp32"
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+    if precision not in PRECISIONS:
+        raise ChatforgeError(f"{flag} must be auto, bf16, fp16 or fp32, got {precision!r}")
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available() if cuda is None else cuda:
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_bf16() else "fp32"
+
+
+def torch_dtype(precision: str):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
 
 def load_model(path: str, dtype=None):

@@ -134,10 +134,10 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
     from chatforge.data import PackedBlocks
     from chatforge.fastloss import (BlockBatches, collate_blocks, fuse_gelu, restore_forward, use_cpu_attention,
                                     use_fused_loss)
-    from chatforge.modeling import count_parameters
+    from chatforge.modeling import count_parameters, resolve_precision
     from chatforge.training import (RUN_CONFIG, CompleteMarker, Schedule, Throughput, WallClockBudget, add_callbacks,
-                                    check_output_dir, finish_distributed, make_optimizer, resolve_precision,
-                                    resume_checkpoint, training_arguments, world_size, write_summary)
+                                    check_output_dir, finish_distributed, make_optimizer, resume_checkpoint,
+                                    training_arguments, world_size, write_summary)
 
     if not cfg.data:
         raise ChatforgeError("pretrain needs --data (a folder, files, hf:NAME or demo)")

@@ -112,10 +112,10 @@ def sft(cfg: SFTConfig, resume: bool = False, overwrite: bool = False, log=print
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer
 
     from chatforge import config as config_io
-    from chatforge.modeling import context_length, count_parameters
+    from chatforge.modeling import context_length, count_parameters, resolve_precision
     from chatforge.training import (RUN_CONFIG, CompleteMarker, Schedule, Throughput, WallClockBudget, add_callbacks,
-                                    check_output_dir, finish_distributed, make_optimizer, resolve_precision,
-                                    resume_checkpoint, training_arguments, world_size, write_summary)
+                                    check_output_dir, finish_distributed, make_optimizer, resume_checkpoint,
+                                    training_arguments, world_size, write_summary)
 
     if not cfg.model:
         raise ChatforgeError("sft needs --model MODEL_DIR (a pretrained causal LM)")

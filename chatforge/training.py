@@ -20,7 +20,6 @@ import torch
 from transformers import TrainerCallback
 
 from chatforge.errors import ChatforgeError
-from chatforge.modeling import cpu_has_bf16
 
 COMPLETE_MARKER = "chatforge_complete.json"
 RUN_CONFIG = "run_config.yaml"
@@ -49,16 +48,6 @@ class RunSettings:
 
 
 # ---------------------------------------------------------------- hardware
-
-
-def resolve_precision(precision: str) -> str:
-    if precision not in ("auto", "bf16", "fp16", "fp32"):
-        raise ChatforgeError(f"--precision must be auto, bf16, fp16 or fp32, got {precision!r}")
-    if precision != "auto":
-        return precision
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_has_bf16() else "fp32"
 
 
 def world_size() -> int:
