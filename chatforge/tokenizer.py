@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -186,7 +187,8 @@ def fast_batch_encoder(tok):
     vocabulary, or None when the tokenizer is not a plain byte-level BPE (or tiktoken is missing).
 
     Why: tokenizing is most of `data prepare`'s time, and tiktoken's BPE is faster than `tokenizers`'
-    `encode_batch_fast` on the same vocabulary (measured, 16 MB of English, 2 cores: 2.0 vs 3.5 s).
+    `encode_batch_fast` on the same vocabulary (measured, `data prepare` of 16 MB of English on 2 cores:
+    1.2 vs 2.3 s).
     The result is the same ids: the same GPT-2 split pattern, the same vocabulary, and special tokens in
     the text still become their ids. tiktoken merges by the rank of the merged token where `tokenizers`
     follows its merge list; with ids assigned in merge order (as BPE training does, checked here) the
@@ -221,4 +223,19 @@ def fast_batch_encoder(tok):
         return None
     encoding = tiktoken.Encoding("chatforge", pat_str=GPT2_SPLIT, mergeable_ranks=ranks, special_tokens=specials)
     threads = os.cpu_count() or 1
-    return lambda texts: encoding.encode_batch(texts, num_threads=threads, allowed_special="all")
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="chatforge-bpe")
+    allowed = encoding.special_tokens_set
+
+    def encode_slice(texts: list[str]) -> list[list[int]]:
+        return [encoding.encode(text, allowed_special=allowed) for text in texts]
+
+    def encode_batch(texts: list[str]) -> list[list[int]]:
+        # One task per thread, not tiktoken's `encode_batch` (one future per text): its per-future locking
+        # cost as much as the encoding itself (measured, 14k documents of ~1 KB on 2 cores: 0.71 vs 1.16 s).
+        size = -(-len(texts) // threads)
+        ids: list[list[int]] = []
+        for part in pool.map(encode_slice, [texts[i:i + size] for i in range(0, len(texts), size or 1)]):
+            ids += part
+        return ids
+
+    return encode_batch
