@@ -78,8 +78,8 @@ def measure(model_dir: str, path: str, dtype: str, new: int, batches: list[int],
     prompts = [torch.randint(100, n_vocab - 100, (16,), generator=gen).tolist() for _ in range(max(batches))]
     greedy = SamplingParams(max_new_tokens=new, temperature=0)
     row = {}
-    if path == "engine":
-        engine = Engine(model_dir, max_batch=max(batches), dtype=dtype)
+    if path in ("engine", "eager"):  # eager: the engine without CUDA graphs (GPU; the same as engine on CPU)
+        engine = Engine(model_dir, max_batch=max(batches), dtype=dtype, static=False if path == "eager" else None)
         row["params_M"] = round(sum(p.numel() for p in engine.model.parameters()) / 1e6, 1)
 
         def run(b):
@@ -107,13 +107,13 @@ def measure(model_dir: str, path: str, dtype: str, new: int, batches: list[int],
             row[b] = b * new / best_of(repeats, lambda: run(b))
         except Exception as err:  # e.g. a static cache this model does not support
             row[b], row["error"] = None, str(err)[:200]
-    if path == "engine":
+    if path in ("engine", "eager"):
         engine.close()
     return row
 
 
 PATHS = [("engine", "bf16"), ("engine", "fp32"), ("dynamic", "fp32"), ("static", "fp32"), ("dynamic", "bf16"),
-         ("static", "bf16")]
+         ("static", "bf16")] + ([("eager", "bf16")] if torch.cuda.is_available() else [])
 
 
 def bench_model(model_dir: str, args, batches: list[int]) -> dict:
@@ -148,7 +148,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="workers per path, in alternating order")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "decode_speed.json"))
     ap.add_argument("--worker", metavar="MODEL_DIR", help=argparse.SUPPRESS)  # one measurement, JSON on stdout
-    ap.add_argument("--path", choices=["engine", "dynamic", "static"], help=argparse.SUPPRESS)
+    ap.add_argument("--path", choices=["engine", "eager", "dynamic", "static"], help=argparse.SUPPRESS)
     ap.add_argument("--dtype", choices=["bf16", "fp32"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
@@ -184,6 +184,10 @@ def main() -> None:
                   f"{ratio(get('engine', default), get('dynamic', 'fp32'))} |")
     if device == "cpu":
         print("\nGPU figures: pending (no GPU on this machine).")
+    else:
+        for name, row in results.items():
+            print(f"\n{name}: engine bf16 without CUDA graphs (--enforce-eager): " + ", ".join(
+                f"batch {b} {fmt(row.get(f'eager_bf16_b{b}'))}" for b in batches))
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"device": device, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),

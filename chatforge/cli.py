@@ -49,9 +49,17 @@ def _sampling_options(parser, temperature: float) -> None:
     parser.add_argument("--seed", type=int, default=None)
 
 
-def _dtype_option(parser) -> None:
+def _engine_options(parser) -> None:
     parser.add_argument("--dtype", default="auto", choices=PRECISIONS,
                         help="weights' dtype; auto: bf16 on GPUs and on CPUs with native bf16, else fp32")
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="GPU: decode step by step instead of replaying CUDA graphs (as in vLLM)")
+
+
+def _engine(args):
+    from chatforge.engine import Engine
+
+    return Engine(args.model, dtype=args.dtype, static=False if args.enforce_eager else None)
 
 
 def _sampling(args):
@@ -96,9 +104,7 @@ def cmd_pretrain(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    from chatforge.engine import Engine
-
-    engine = Engine(args.model, dtype=args.dtype)
+    engine = _engine(args)
     params = _sampling(args)
     print(args.prompt, end="", flush=True)
     for piece in engine.stream(engine.encode(args.prompt), params):
@@ -118,9 +124,8 @@ def cmd_sft(args) -> None:
 
 def cmd_chat(args) -> None:
     from chatforge.chat import chat_loop, reply
-    from chatforge.engine import Engine
 
-    engine = Engine(args.model, dtype=args.dtype)
+    engine = _engine(args)
     params = _sampling(args)
     if args.prompt is None:
         chat_loop(engine, params, system=args.system)
@@ -142,7 +147,8 @@ def cmd_serve(args) -> None:
     if args.max_batch < 1 or args.max_queue < 0:
         raise ChatforgeError("--max-batch must be >= 1 and --max-queue >= 0")
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("CHATFORGE_API_KEY"),
-          max_batch=args.max_batch, max_queue=args.max_queue, model_name=args.model_name, dtype=args.dtype)
+          max_batch=args.max_batch, max_queue=args.max_queue, model_name=args.model_name, dtype=args.dtype,
+          static=False if args.enforce_eager else None)
 
 
 # ---------------------------------------------------------------- parser
@@ -234,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("model", metavar="MODEL_DIR")
     gen.add_argument("--prompt", required=True)
     _sampling_options(gen, temperature=0.8)
-    _dtype_option(gen)
+    _engine_options(gen)
     gen.set_defaults(func=cmd_generate)
 
     tune = sub.add_parser("sft", help="fine-tune a model into a chat assistant",
@@ -277,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     talk.add_argument("--system", help="system prompt")
     talk.add_argument("--prompt", help="answer this one message, print the answer and exit")
     _sampling_options(talk, temperature=0.7)
-    _dtype_option(talk)
+    _engine_options(talk)
     talk.set_defaults(func=cmd_chat)
 
     srv = sub.add_parser("serve", help="serve a model: OpenAI-compatible API and a web chat page",
@@ -292,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-queue", type=int, default=64, metavar="N",
                      help="requests allowed to wait; more get 503 + Retry-After (default: 64)")
     srv.add_argument("--model-name", default=None, metavar="NAME", help="model id in the API (default: MODEL_DIR's name)")
-    _dtype_option(srv)
+    _engine_options(srv)
     srv.set_defaults(func=cmd_serve)
     return parser
 

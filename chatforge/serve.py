@@ -352,10 +352,11 @@ class _Server(ThreadingHTTPServer):
 
 
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          max_batch: int = 16, max_queue: int = 64, model_name: str | None = None, dtype: str = "auto") -> None:
+          max_batch: int = 16, max_queue: int = 64, model_name: str | None = None, dtype: str = "auto",
+          static: bool | None = None) -> None:
     if not 0 <= port < 65536:
         raise ChatforgeError(f"--port must be in 0..65535, got {port}")
-    engine = Engine(model_dir, max_batch=max_batch, max_queue=max_queue, dtype=dtype)
+    engine = Engine(model_dir, max_batch=max_batch, max_queue=max_queue, dtype=dtype, static=static)
     name = model_name or os.path.basename(os.path.abspath(model_dir))
     try:
         server = make_server(engine, host, port, api_key, name)

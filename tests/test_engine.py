@@ -60,6 +60,13 @@ def _run(engine: Engine, ids: list[int], params: SamplingParams) -> tuple[list[i
     return req.out, text, req.finish_reason
 
 
+def _run_together(engine: Engine, prompts: list[list[int]], params: list[SamplingParams]) -> list[list[int]]:
+    reqs = [engine.submit(ids, p) for ids, p in zip(prompts, params)]  # all queued before any finishes
+    for req in reqs:
+        "".join(req)
+    return [req.out for req in reqs]
+
+
 def test_fast_path_is_used(engine):
     assert engine.fast
 
@@ -85,10 +92,24 @@ def test_batching_gives_the_same_tokens(engine):
     prompts = [engine.encode(p) for p in PROMPTS] + [engine.chat_prompt([{"role": "user", "content": "hi"}])]
     alone = [_run(engine, ids, GREEDY)[0] for ids in prompts]
     # five requests, four slots: they join and leave the batch between steps
-    reqs = [engine.submit(ids, SamplingParams(max_new_tokens=40 - 5 * i, temperature=0))
-            for i, ids in enumerate(prompts)]
-    together = [("".join(r), r.out)[1] for r in reqs]
-    assert together == [a[:40 - 5 * i] for i, a in enumerate(alone)]
+    params = [SamplingParams(max_new_tokens=40 - 5 * i, temperature=0) for i in range(len(prompts))]
+    assert _run_together(engine, prompts, params) == [a[:40 - 5 * i] for i, a in enumerate(alone)]
+
+
+def test_static_step_equals_dynamic(model_dir, engine):
+    """The fixed-shape step a GPU replays from CUDA graphs (run eagerly here): batch padded to a bucket,
+    attention over the whole cache. Same greedy tokens as generate() alone and as the dynamic step in a
+    batch where requests join and leave (5 requests, 4 slots: buckets 1, 2 and 4 all run)."""
+    static = Engine(model_dir, max_batch=4, max_queue=8, dtype="fp32", static=True)
+    try:
+        assert static.fast and static.backend.static and static.backend.buckets == [1, 2, 4]
+        prompts = [static.encode(p) for p in PROMPTS] + [static.chat_prompt([{"role": "user", "content": "hi"}])]
+        for ids in prompts[:2]:
+            assert _run(static, ids, GREEDY)[0] == _hf_greedy(static, ids, GREEDY.max_new_tokens)
+        params = [SamplingParams(max_new_tokens=40 - 5 * i, temperature=0) for i in range(len(prompts))]
+        assert _run_together(static, prompts, params) == _run_together(engine, prompts, params)
+    finally:
+        static.close()
 
 
 def test_seeded_sampling_is_reproducible(engine):
