@@ -226,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(pre, "--fused-gelu", action=argparse.BooleanOptionalAction, help="GPT-2 GELU as one fused kernel")
     _opt(pre, "--fast-batches", action=argparse.BooleanOptionalAction, help="micro-batches gathered from the shards")
     _opt(pre, "--cpu-attention", action=argparse.BooleanOptionalAction, help="CPU, bf16: attention as matmuls, not SDPA")
+    _opt(pre, "--flash-attention", action=argparse.BooleanOptionalAction,
+         help="GPU: FlashAttention 3/2 when installed (flash-attn), else SDPA")
+    _opt(pre, "--fp8", action="store_true", help="FP8 matmuls via torchao (Ada/Hopper GPU, --arch llama); off by default")
     _opt(pre, "--val-fraction", type=float, metavar="F")
     _opt(pre, "--eval-every", type=int, metavar="STEPS")
     _opt(pre, "--save-every", type=int, metavar="STEPS")

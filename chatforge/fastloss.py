@@ -20,6 +20,10 @@ method on the instance, an activation module without parameters, the dataloader'
   as one fused kernel.
 - `use_cpu_attention`: on a CPU in bf16, causal self-attention over packed blocks as two batched matmuls
   and a softmax instead of SDPA's flash kernel, which is slower at training block sizes here.
+- `flash_attention_implementation`: on a GPU, transformers' FlashAttention 3 / 2 when the package is
+  installed (nothing is downloaded); SDPA otherwise.
+- `use_fp8` (off by default): torchao's FP8 training matmuls in the nn.Linear layers (Llama-style
+  models; GPT-2's layers are Conv1D), same parameters.
 - `BlockBatches` + `collate_blocks`: a whole micro-batch gathered from the memory-mapped shards with
   one numpy index (`__getitems__`), no per-sample tensors, no padding, no attention_mask, so SDPA
   runs with `is_causal=True` and no T x T mask is built.
@@ -33,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from chatforge.data import PackedBlocks
+from chatforge.errors import ChatforgeError
 
 IGNORE_INDEX = -100
 
@@ -155,10 +160,11 @@ def use_fused_loss(model, chunk_rows: int | None = None) -> bool:
 
 
 def restore_forward(model) -> None:
-    """Undo `use_fused_loss` (and any wrapper set on the instance) and `use_cpu_attention`."""
+    """Undo `use_fused_loss` (and any wrapper set on the instance), `use_cpu_attention` and a FlashAttention
+    implementation: the model object goes back to the SDPA it was built with."""
     model.__dict__.pop("forward", None)
     model.__dict__.pop("_original_forward", None)
-    if model.config._attn_implementation == CPU_ATTENTION:
+    if model.config._attn_implementation != "sdpa":
         model.set_attn_implementation("sdpa")
 
 
@@ -223,6 +229,43 @@ def use_cpu_attention(model) -> None:
     # the masks SDPA would get (None for unpadded causal batches); without this, padding would be ignored
     AttentionMaskInterface.register(CPU_ATTENTION, sdpa_mask)
     model.set_attn_implementation(CPU_ATTENTION)
+
+
+# ---------------------------------------------------------------- GPU: FlashAttention, FP8
+
+
+def flash_attention_implementation() -> str | None:
+    """transformers' FlashAttention implementation for this machine: "flash_attention_3" on Hopper when
+    the `flash_attn_interface` package (FA3) is installed, "flash_attention_2" when `flash_attn` is, None
+    otherwise (SDPA stays, whose CUDA kernels include a FlashAttention-2 port). Never installs anything."""
+    if not torch.cuda.is_available():
+        return None
+    from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
+
+    if torch.cuda.get_device_capability()[0] == 9 and is_flash_attn_3_available():
+        return "flash_attention_3"
+    return "flash_attention_2" if is_flash_attn_2_available() else None
+
+
+def use_fp8(model) -> int:
+    """FP8 matmuls for training through torchao (dynamic per-tensor scales; e4m3 forward, e5m2
+    gradients) in every nn.Linear whose sizes are multiples of 16, the LM head excepted (its logits
+    feed the loss). torchao's Float8Linear is an nn.Linear holding the same high-precision parameters, so
+    state_dict keys, shapes and saved checkpoints do not change. Returns how many layers were converted."""
+    try:
+        from torchao.float8 import convert_to_float8_training
+    except ImportError as err:
+        raise ChatforgeError("--fp8 needs torchao: pip install torchao") from err
+    head = model.get_output_embeddings()
+
+    def eligible(module, fqn: str) -> bool:
+        return (isinstance(module, torch.nn.Linear) and module is not head
+                and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+
+    plain = lambda: sum(type(m) is torch.nn.Linear for m in model.modules())  # noqa: E731
+    before = plain()
+    convert_to_float8_training(model, module_filter_fn=eligible)
+    return before - plain()
 
 
 # ---------------------------------------------------------------- batches straight from the shards

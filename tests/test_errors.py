@@ -72,3 +72,9 @@ def test_bad_config_file(tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_text("data: [demo]\nlearning_rat: 0.1\n")
     _fails("pretrain", "--config", cfg, "--out", tmp_path / "o", match="unknown option(s) learning_rat")
+
+
+def test_fp8_without_an_fp8_gpu(tmp_path):
+    """Checked before any work: no tokenizer, shards or model are made."""
+    _fails("pretrain", "--data", "demo:en", "--out", tmp_path / "run", "--fp8", match="--fp8 needs an NVIDIA GPU")
+    assert not (tmp_path / "run" / "tokenizer").exists()

@@ -10,7 +10,7 @@ import torch
 from conftest import TINY, run_cli
 
 from chatforge.fastloss import (BlockBatches, chunked_lm_loss, collate_blocks, fuse_gelu, restore_forward,
-                                use_cpu_attention, use_fused_loss)
+                                use_cpu_attention, use_fp8, use_fused_loss)
 
 
 def _tiny(arch: str):
@@ -130,3 +130,32 @@ def test_fused_forward_compiles_without_graph_breaks():
     explained = torch._dynamo.explain(model.forward)(input_ids=ids, labels=ids, num_items_in_batch=torch.tensor(94))
     assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
     assert explained.graph_count == 1
+
+
+def test_fp8_trains_close_to_bf16_and_saves_plain_checkpoints(tmp_path):
+    """`--fp8` (torchao Float8Linear; emulated on a CPU, the same conversion a GPU runs): the parameters and
+    the saved checkpoint are the stock model's, and a few training steps track the bf16 run."""
+    pytest.importorskip("torchao.float8")
+    from transformers import AutoModelForCausalLM
+
+    plain, fp8 = _tiny("llama"), _tiny("llama")  # same seed: same weights
+    assert use_fp8(fp8) == 14  # q, k, v, o, gate, up, down in 2 layers; never the LM head
+    assert type(fp8.lm_head) is torch.nn.Linear and type(fp8.model.layers[0].mlp.up_proj) is not torch.nn.Linear
+    assert {k: v.shape for k, v in fp8.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
+    ids = torch.randint(0, 320, (4, 48), generator=torch.Generator().manual_seed(0))
+    losses = {}
+    for name, model in (("plain", plain), ("fp8", fp8)):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        for _ in range(6):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        losses[name] = loss.item()
+    assert losses["fp8"] < 5.5 and abs(losses["fp8"] - losses["plain"]) < 0.05 * losses["plain"], losses  # ln 320 = 5.77
+    fp8.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(loaded.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    saved = loaded.state_dict()
+    assert all(torch.equal(saved[k], v) for k, v in fp8.state_dict().items())
