@@ -129,8 +129,9 @@ class _FastModel:
             self._slots = torch.arange(max_batch, device=p.device)
             self._span = torch.arange(ctx, device=p.device)
             self.buckets = sorted({min(2 ** i, max_batch) for i in range(max_batch.bit_length() + 1)})
-            self._graphs: dict[int, tuple] | None = {} if p.device.type == "cuda" else None
-            self._pool = torch.cuda.graph_pool_handle() if p.device.type == "cuda" else None
+            self._graphs: dict[int, tuple] | None = None
+            if p.device.type == "cuda":
+                self._capture_graphs()
 
     @staticmethod
     def supports(model) -> bool:
@@ -198,12 +199,9 @@ class _FastModel:
         pad = [0] * (bucket - B)
         self._inputs[:, :bucket].copy_(torch.tensor([tokens + pad, positions + pad]))
         if self._graphs is not None:
-            if bucket not in self._graphs:
-                self._capture(bucket)
-            if self._graphs is not None:
-                graph, logits = self._graphs[bucket]
-                graph.replay()
-                return logits[:B].clone()  # the graph's output buffer is rewritten by the next replay
+            graph, logits = self._graphs[bucket]
+            graph.replay()
+            return logits[:B].clone()  # the graphs share a memory pool: the next replay may reuse this buffer
         return self._static_step(bucket)[:B]
 
     def _static_step(self, bucket: int) -> torch.Tensor:
@@ -222,26 +220,38 @@ class _FastModel:
 
         return self._step(x, pos, attend)
 
-    def _capture(self, bucket: int) -> None:
-        """Record the static step for `bucket` rows as a CUDA graph (warm-up runs first, on a side
-        stream, as torch.cuda.graphs requires). The warm-up runs the real inputs: its cache writes are
-        the ones the replay makes. If capture fails, decoding goes on without graphs."""
-        try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    self._static_step(bucket)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                logits = self._static_step(bucket)
-            self._graphs[bucket] = (graph, logits)
-        except RuntimeError as err:
-            import warnings
+    def _capture_graphs(self) -> None:
+        """Record the static step of every bucket as a CUDA graph, at load time (a failure shows before
+        any request runs), largest first so that the smaller graphs reuse its memory pool. Warm-up runs
+        first, on a side stream, as torch.cuda.graphs requires; with no request yet, its cache writes
+        land in free slots. On any failure, decoding goes on without graphs (the same step, eagerly)."""
+        import warnings
 
+        main, side, pool = torch.cuda.current_stream(), torch.cuda.Stream(), torch.cuda.graph_pool_handle()
+        graphs = {}
+        try:
+            with torch.inference_mode():
+                for bucket in reversed(self.buckets):
+                    side.wait_stream(main)
+                    try:
+                        with torch.cuda.stream(side):
+                            for _ in range(2):
+                                self._static_step(bucket)
+                    finally:
+                        main.wait_stream(side)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool):
+                        logits = self._static_step(bucket)
+                    graphs[bucket] = (graph, logits)
+            self._graphs = graphs
+        except Exception as err:  # a capture that raised leaves the capture stream current and the pool open
+            torch.cuda.set_stream(main)
+            try:
+                torch._C._cuda_endAllocateToPool(self.device.index or 0, pool)
+            except (AttributeError, RuntimeError):
+                pass
+            torch.cuda.synchronize()
             warnings.warn(f"CUDA graph capture failed, decoding without graphs: {err}")
-            self._graphs = None
 
     def _step(self, x: torch.Tensor, pos: torch.Tensor, attend) -> torch.Tensor:
         """The layer stack for one token per row; `attend(layer, q, k, v)` stores k/v in the cache and
@@ -613,6 +623,8 @@ class Engine:
 
     def _loop(self, model_dir: str, dtype: torch.dtype, fast: bool) -> None:
         try:
+            if torch.device(self.device).type == "cuda" and torch.device(self.device).index is not None:
+                torch.cuda.set_device(self.device)  # streams and CUDA graphs belong to the current device
             self._load(model_dir, dtype, fast)
         except BaseException as err:  # re-raised by __init__ on the caller's thread
             self._load_error = err
