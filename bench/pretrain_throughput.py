@@ -203,10 +203,12 @@ def run_stock(args, plan, stock_tok, stock_ds, out: Path) -> dict:
     return {"times": timer.times, "t0": t0}
 
 
-def run_plain_loop(args, plan, stock_tok, shards, out: Path) -> dict:
+def run_plain_loop(args, plan, stock_tok, shards, out: Path, nanogpt: str | None = None) -> dict:
     """Reference, not a competitor: the stock model in a hand-written loop (no Trainer) on chatforge's
     blocks, bf16 autocast where supported, the same optimizer, schedule and clipping. It shows what the
-    Trainer itself costs on this machine."""
+    Trainer itself costs on this machine. With `nanogpt` (the path of nanoGPT's model.py, not shipped
+    here), nanoGPT's GPT of the same shape (biases, no dropout) instead; its validation loss is computed
+    here, with its own forward in fp32, since it cannot be saved as a Hugging Face model."""
     from transformers import AutoModelForCausalLM
 
     from chatforge.data import PackedBlocks
@@ -221,7 +223,22 @@ def run_plain_loop(args, plan, stock_tok, shards, out: Path) -> dict:
                           bos_id=eos, eos_id=eos, pad_id=stock_tok.pad_token_id)
     torch.manual_seed(args.seed)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32).to(dev)
+    if nanogpt:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("nanogpt_model", nanogpt)
+        nano = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(nano)
+        model = nano.GPT(nano.GPTConfig(block_size=plan["seq"], vocab_size=config.vocab_size, n_layer=plan["n_layer"],
+                                        n_head=plan["n_head"], n_embd=plan["d_model"], dropout=0.0, bias=True)).to(dev)
+    else:
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32).to(dev)
+
+    def loss_of(m, ids):
+        if nanogpt:  # nanoGPT takes the targets already shifted and ignores -1
+            return m(ids, torch.nn.functional.pad(ids[:, 1:], (0, 1), value=-1))[1]
+        return m(input_ids=ids, labels=ids).loss
+
     if args.compile:
         model = torch.compile(model)
     optimizer = make_optimizer(model, plan["lr"], 0.1)
@@ -235,7 +252,7 @@ def run_plain_loop(args, plan, stock_tok, shards, out: Path) -> dict:
         idx = order[step * plan["batch"]:(step + 1) * plan["batch"]]
         ids = torch.from_numpy(blocks.rows(idx)).to(dev, non_blocking=True)
         with torch.autocast(dev, dtype=dtype, enabled=dtype is not None):
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = loss_of(model, ids)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -244,6 +261,13 @@ def run_plain_loop(args, plan, stock_tok, shards, out: Path) -> dict:
         if dev == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter())
+    if nanogpt:
+        val = PackedBlocks(shards, "val", plan["seq"])
+        model.eval()
+        with torch.no_grad():
+            losses = [loss_of(model, torch.from_numpy(val.rows(list(range(i, min(i + 8, len(val)))))).to(dev)).item()
+                      for i in range(0, len(val), 8)]
+        return {"times": times, "t0": t0, "val_loss": statistics.mean(losses)}
     getattr(model, "_orig_mod", model).save_pretrained(str(out))
     return {"times": times, "t0": t0}
 
@@ -304,6 +328,8 @@ def main() -> None:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=torch.cuda.is_available(),
                         help="torch.compile in both paths (default: on GPU only)")
     parser.add_argument("--no-fast", action="store_true", help="chatforge with every speed switch off")
+    parser.add_argument("--nanogpt", metavar="MODEL_PY", help="add a reference row: nanoGPT's model.py (give its path) "
+                        "in the same plain loop")
     parser.add_argument("--work", default="/tmp/chatforge_bench")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -319,6 +345,8 @@ def main() -> None:
     print(f"device: {device}; shape {args.shape} {plan}; {len(stock_ds)} stock blocks", flush=True)
 
     runs = {"chatforge": [], "stock Trainer": [], "stock model, plain loop (reference)": []}
+    if args.nanogpt:
+        runs["nanoGPT model.py, plain loop (reference)"] = []
     for rnd in range(args.rounds):
         order = list(runs) if rnd % 2 else list(reversed(runs))
         for name in order:
@@ -330,9 +358,10 @@ def main() -> None:
             elif name == "stock Trainer":
                 r = run_stock(args, plan, stock_tok, stock_ds, out)
             else:
-                r = run_plain_loop(args, plan, stock_tok, shards, out)
+                r = run_plain_loop(args, plan, stock_tok, shards, out, args.nanogpt if name.startswith("nanoGPT") else None)
             r["mem"] = peak_memory_gib()
-            r["val_loss"] = val_loss(out, shards, plan["seq"])
+            if "val_loss" not in r:
+                r["val_loss"] = val_loss(out, shards, plan["seq"])
             rate = args.steps * plan["batch"] * plan["seq"] / (r["times"][-1] - r["times"][args.warmup - 1])
             print(f"round {rnd}: {name}: {rate:,.0f} tokens/s, val loss {r['val_loss']:.4f}", flush=True)
             runs[name].append(r)
