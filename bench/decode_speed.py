@@ -9,7 +9,8 @@ Greedy decoding, NEW tokens per request after a 16-token prompt. Batch 1 is one 
 generate() gets them as one batch of equal-length prompts). Every (model, path, dtype) runs in a fresh
 Python process (one path's OpenMP threads must not slow the next one, see chatforge.engine.Engine),
 --rounds times in alternating order, each time best of --repeats runs: a shared machine is noisy. Each
-path is measured with the weights in fp32 (the checkpoint's dtype, generate()'s default) and in bf16.
+path is measured with the weights in fp32 (the checkpoint's dtype, generate()'s default) and in bf16
+(on a GPU only bf16 by default: `--dtypes`).
 Prints a markdown table and writes bench/results/decode_speed.json.
 """
 
@@ -121,7 +122,8 @@ def bench_model(model_dir: str, args, batches: list[int]) -> dict:
     so that a slow spell of a shared machine hits all paths alike; the best run of each path counts."""
     row: dict = {}
     for rnd in range(args.rounds):
-        for path, dtype in (PATHS if rnd % 2 == 0 else PATHS[::-1]):
+        paths = [(path, dtype) for path, dtype in PATHS if dtype in args.dtypes.split(",")]
+        for path, dtype in (paths if rnd % 2 == 0 else paths[::-1]):
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", model_dir, "--path", path, "--dtype", dtype,
                    "--new-tokens", str(args.new_tokens), "--batches", args.batches, "--repeats", str(args.repeats)]
             done = subprocess.run(cmd, capture_output=True, text=True)
@@ -144,6 +146,8 @@ def main() -> None:
     ap.add_argument("--arch", default="gpt2", choices=["gpt2", "llama"], help="for the random models")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--dtypes", default="bf16" if torch.cuda.is_available() else "fp32,bf16",
+                    help="weight dtypes to measure (default: bf16 on GPU, the target's; fp32,bf16 on CPU)")
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per worker (after one warm-up)")
     ap.add_argument("--rounds", type=int, default=2, help="workers per path, in alternating order")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "decode_speed.json"))
