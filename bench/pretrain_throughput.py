@@ -158,8 +158,8 @@ def run_chatforge(args, plan, tok_dir, shards, out: Path) -> dict:
         n_head=plan["n_head"], context_length=plan["seq"], micro_batch_size=plan["batch"],
         max_steps=plan["steps"], learning_rate=plan["lr"], warmup_steps=plan["warmup_steps"],
         eval_every=10**9, save_every=10**9, log_every=10**9, report_to=["none"], seed=args.seed,
-        compile=args.compile, preset="tiny")
-    for flag in ("fused_loss", "fused_gelu", "fast_batches", "cpu_attention"):
+        compile=args.compile, preset="tiny", model_vocab_size=args.model_vocab)
+    for flag in ("fused_loss", "fused_gelu", "fast_batches", "cpu_attention", "flash_attention"):
         setattr(cfg, flag, not args.no_fast)
     t0 = time.perf_counter()
     timer = StepTimer(t0)
@@ -177,8 +177,9 @@ def run_stock(args, plan, stock_tok, stock_ds, out: Path) -> dict:
     t0 = time.perf_counter()
     eos = document_separator_id(stock_tok)
     config = build_config(ModelShape(n_layer=plan["n_layer"], d_model=plan["d_model"], n_head=plan["n_head"],
-                                     context_length=plan["seq"], vocab_size=_padded(len(stock_tok))),
+                                     context_length=plan["seq"], vocab_size=_vocab(stock_tok, args)),
                           bos_id=eos, eos_id=eos, pad_id=stock_tok.pad_token_id)
+    config.loss_type = "ForCausalLM"  # unset, transformers warns from inside the compiled forward: a graph break
     torch.manual_seed(args.seed)  # as chatforge.modeling.new_model: the same initial weights
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
     precision = resolve_precision("auto")
@@ -187,7 +188,8 @@ def run_stock(args, plan, stock_tok, stock_ds, out: Path) -> dict:
         learning_rate=plan["lr"], max_grad_norm=1.0,
         bf16=precision == "bf16", fp16=precision == "fp16", torch_compile=args.compile,
         logging_steps=10**9, save_strategy="no", eval_strategy="no", report_to="none", seed=args.seed,
-        use_cpu=not torch.cuda.is_available(), dataloader_pin_memory=torch.cuda.is_available())
+        use_cpu=not torch.cuda.is_available(), dataloader_pin_memory=torch.cuda.is_available(),
+        logging_nan_inf_filter=False)  # its best setting: the default checks isnan(loss), a GPU sync, every step
     timer = StepTimer(t0)
     collator = DataCollatorForLanguageModeling(stock_tok, mlm=False)
     # the same optimizer (fused AdamW, betas 0.9/0.95, decay 0.1 on matrices) and LR schedule (warm-up,
@@ -219,8 +221,9 @@ def run_plain_loop(args, plan, stock_tok, shards, out: Path, nanogpt: str | None
     t0 = time.perf_counter()
     eos = document_separator_id(stock_tok)
     config = build_config(ModelShape(n_layer=plan["n_layer"], d_model=plan["d_model"], n_head=plan["n_head"],
-                                     context_length=plan["seq"], vocab_size=_padded(len(stock_tok))),
+                                     context_length=plan["seq"], vocab_size=_vocab(stock_tok, args)),
                           bos_id=eos, eos_id=eos, pad_id=stock_tok.pad_token_id)
+    config.loss_type = "ForCausalLM"
     torch.manual_seed(args.seed)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     if nanogpt:
@@ -272,10 +275,13 @@ def run_plain_loop(args, plan, stock_tok, shards, out: Path, nanogpt: str | None
     return {"times": times, "t0": t0}
 
 
-def _padded(n: int) -> int:
+def _vocab(tok, args) -> int:
+    """The models' vocabulary: the tokenizer's, or --model-vocab rows (GPT-2 124M's 50,304 on the gpt2
+    shape: the synthetic corpus supports only ~7.6k BPE tokens, and the LM head is a large share of
+    that model's FLOPs and memory), padded to 64 as chatforge pads it."""
     from chatforge.modeling import padded_vocab
 
-    return padded_vocab(n)
+    return padded_vocab(max(len(tok), args.model_vocab or 0))
 
 
 @torch.no_grad()
@@ -323,7 +329,10 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--vocab-size", type=int, default=8192)
-    parser.add_argument("--corpus-mb", type=float, default=4)
+    parser.add_argument("--corpus-mb", type=float, help="synthetic corpus size (default: 4 on the cpu shape, "
+                        "10 on gpt2: every timed step needs fresh blocks)")
+    parser.add_argument("--model-vocab", type=int, help="model vocabulary rows (default: 50304 on the gpt2 shape, "
+                        "as GPT-2 124M; else the tokenizer's)")
     parser.add_argument("--tokenizer", help="use this tokenizer directory instead of training one")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=torch.cuda.is_available(),
                         help="torch.compile in both paths (default: on GPU only)")
@@ -338,9 +347,16 @@ def main() -> None:
 
     shape = SHAPES[args.shape]
     plan = training_plan(args, shape)
+    if args.corpus_mb is None:
+        args.corpus_mb = 10 if args.shape == "gpt2" else 4
+    if args.model_vocab is None and args.shape == "gpt2":
+        args.model_vocab = 50304
     work = Path(args.work)
     corpus, tok_dir, shards = prepare_inputs(args)
     stock_tok, stock_ds = stock_dataset(corpus, tok_dir, plan["seq"], work)
+    if len(stock_ds) < plan["steps"] * plan["batch"]:  # a second epoch would time a partial, recompiled batch
+        raise SystemExit(f"{len(stock_ds)} blocks of {plan['seq']} tokens is less than the {plan['steps']} x "
+                         f"{plan['batch']} the runs read: raise --corpus-mb")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {device}; shape {args.shape} {plan}; {len(stock_ds)} stock blocks", flush=True)
 
@@ -368,7 +384,7 @@ def main() -> None:
 
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    probe = GPT2LMHeadModel(GPT2Config(vocab_size=_padded(len(stock_tok)), n_positions=plan["seq"],
+    probe = GPT2LMHeadModel(GPT2Config(vocab_size=_vocab(stock_tok, args), n_positions=plan["seq"],
                                        n_embd=plan["d_model"], n_layer=plan["n_layer"], n_head=plan["n_head"]))
     flops_tok = flops_per_token(probe, plan["n_layer"], plan["d_model"], plan["seq"])
     peak = peak_flops()
@@ -376,7 +392,7 @@ def main() -> None:
     base = rows[1]["tokens_per_s"]
     mem_label = "peak GiB (GPU alloc)" if torch.cuda.is_available() else "peak RSS GiB"
     print(f"\n{args.rounds} rounds x {args.steps} timed steps (+{args.warmup} warm-up), "
-          f"{plan['batch']}x{plan['seq']} tokens/step, vocab {_padded(len(stock_tok))}, {device}\n")
+          f"{plan['batch']}x{plan['seq']} tokens/step, vocab {_vocab(stock_tok, args)}, {device}\n")
     print(f"| path | tokens/s (median) | vs stock | MFU | {mem_label} | first step s | val loss |")
     print("|---|---|---|---|---|---|---|")
     for row in rows:

@@ -202,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(pre, "--out", metavar="DIR", help="run directory (default: run)")
     _opt(pre, "--tokenizer", metavar="DIR", help="tokenizer directory; trained on --data when not given")
     _opt(pre, "--vocab-size", type=int, metavar="N", help="vocabulary of the tokenizer trained when none is given")
+    _opt(pre, "--model-vocab-size", type=int, metavar="N",
+         help="the model's vocabulary if larger than the tokenizer's (rounded up to 64): room for added tokens")
     _opt(pre, "--arch", choices=["gpt2", "llama"], help="model architecture (default: gpt2)")
     _opt(pre, "--preset", metavar="NAME", help="size: tiny, mini, small, gpt2-small, gpt2-medium, gpt2-large "
                                                 "(default: tiny on CPU, gpt2-small on GPU)")

@@ -25,8 +25,8 @@ method on the instance, an activation module without parameters, the dataloader'
 - `use_fp8` (off by default): torchao's FP8 training matmuls in the nn.Linear layers (Llama-style
   models; GPT-2's layers are Conv1D), same parameters.
 - `BlockBatches` + `collate_blocks`: a whole micro-batch gathered from the memory-mapped shards with
-  one numpy index (`__getitems__`), no per-sample tensors, no padding, no attention_mask, so SDPA
-  runs with `is_causal=True` and no T x T mask is built.
+  one numpy index (`__getitems__`), no per-sample tensors, no padding, no attention_mask; with
+  `use_packed_sdpa`, SDPA runs with `is_causal=True` and no T x T mask is built, compiled or not.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 picked = logits.gather(1, safe_y[:, None]).squeeze(1)
                 loss += ((lse - picked) * valid).sum()
                 if need_grad:  # d loss / d logits = softmax - onehot, on valid rows, times scale
-                    grad = torch.exp(logits.sub_(lse[:, None]))       # softmax, in place of the logits
+                    grad = logits.sub_(lse[:, None]).exp_()           # softmax, in place of the logits
                     grad.scatter_add_(1, safe_y[:, None], -torch.ones_like(lse)[:, None])
                     grad.mul_((valid.to(grad.dtype) * scale)[:, None])
                     grad = grad.to(compute_dtype)
@@ -184,6 +184,7 @@ def fuse_gelu(model) -> int:
 # ---------------------------------------------------------------- causal attention on CPU
 
 CPU_ATTENTION = "chatforge_cpu"
+PACKED_SDPA = "chatforge_packed_sdpa"
 _CAUSAL_BIAS: dict = {}
 
 
@@ -219,16 +220,42 @@ def cpu_causal_attention(module, query, key, value, attention_mask, dropout: flo
     return (weights @ value).transpose(1, 2).contiguous(), None
 
 
+def packed_causal_mask(*args, **kwargs):
+    """transformers' SDPA mask, except None (SDPA's own `is_causal=True`) for a batch without padding and
+    without a cache. Why: transformers builds a (B, 1, T, T) mask whenever it is being traced (under
+    torch.compile, in 5.x before torch 2.14), and on a GPU a mask rules out SDPA's flash kernel."""
+    from transformers.masking_utils import causal_mask_function, sdpa_mask
+
+    plain_causal = (kwargs.get("mask_function") is causal_mask_function and kwargs.get("allow_is_causal_skip", True)
+                    and kwargs.get("attention_mask") is None and kwargs.get("q_length") == kwargs.get("kv_length")
+                    and not kwargs.get("q_offset") and not kwargs.get("kv_offset"))
+    return None if plain_causal else sdpa_mask(*args, **kwargs)
+
+
+def _register(name: str, attention) -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(name, attention)
+    # without a registered mask function transformers hands a custom implementation no mask at all:
+    # padding would be silently ignored
+    AttentionMaskInterface.register(name, packed_causal_mask)
+
+
 def use_cpu_attention(model) -> None:
     """Route the model's attention through `cpu_causal_attention` (registered with transformers'
     AttentionInterface). Only the in-memory setting changes: config.json does not record it."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(CPU_ATTENTION, cpu_causal_attention)
-    # the masks SDPA would get (None for unpadded causal batches); without this, padding would be ignored
-    AttentionMaskInterface.register(CPU_ATTENTION, sdpa_mask)
+    _register(CPU_ATTENTION, cpu_causal_attention)
     model.set_attn_implementation(CPU_ATTENTION)
+
+
+def use_packed_sdpa(model) -> None:
+    """SDPA with `packed_causal_mask`: for `--fast-batches` (no padding), so that a compiled model still
+    calls SDPA with `is_causal=True` instead of a materialised T x T mask."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    _register(PACKED_SDPA, sdpa_attention_forward)
+    model.set_attn_implementation(PACKED_SDPA)
 
 
 # ---------------------------------------------------------------- GPU: FlashAttention, FP8

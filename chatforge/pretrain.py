@@ -24,6 +24,7 @@ class PretrainConfig(RunSettings):
     out: str = "run"
     tokenizer: str | None = None      # a tokenizer directory; trained on `data` when not given
     vocab_size: int = 8192            # for the tokenizer trained when none is given
+    model_vocab_size: int | None = None  # embedding rows if more than the tokenizer's (GPT-2: 50304): room to add tokens
     # model
     arch: str = "gpt2"
     preset: str = "auto"              # auto: tiny on CPU, gpt2-small on GPU
@@ -114,8 +115,10 @@ def _build_model(cfg: PretrainConfig, tok, log):
             raise ChatforgeError(f"{cfg.init_from}: the model's vocabulary is smaller than its tokenizer's")
         set_generation_defaults(model, tok)
         return model, ctx
-    shape = resolve_shape(cfg.arch, cfg.preset, len(tok), cfg.n_layer, cfg.d_model, cfg.n_head,
-                          cfg.n_kv_head, cfg.context_length, cfg.dropout)
+    if cfg.model_vocab_size is not None and cfg.model_vocab_size < len(tok):
+        raise ChatforgeError(f"--model-vocab-size {cfg.model_vocab_size} is below the tokenizer's {len(tok)} tokens")
+    shape = resolve_shape(cfg.arch, cfg.preset, max(len(tok), cfg.model_vocab_size or 0), cfg.n_layer, cfg.d_model,
+                          cfg.n_head, cfg.n_kv_head, cfg.context_length, cfg.dropout)
     return new_model(shape, tok, seed=cfg.seed), shape.context_length
 
 
@@ -135,7 +138,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
     from chatforge import config as config_io
     from chatforge.data import PackedBlocks
     from chatforge.fastloss import (BlockBatches, collate_blocks, flash_attention_implementation, fuse_gelu,
-                                    restore_forward, use_cpu_attention, use_fp8, use_fused_loss)
+                                    restore_forward, use_cpu_attention, use_fp8, use_fused_loss, use_packed_sdpa)
     from chatforge.modeling import count_parameters, resolve_precision
     from chatforge.training import (RUN_CONFIG, CompleteMarker, Schedule, Throughput, WallClockBudget, add_callbacks,
                                     check_output_dir, finish_distributed, make_optimizer, resume_checkpoint,
@@ -205,6 +208,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
     if flash:
         model.set_attn_implementation(flash)
         log(f"attention: {flash}")
+    elif cfg.fast_batches and model.config._attn_implementation == "sdpa":
+        use_packed_sdpa(model)
     if cfg.fp8:
         converted = use_fp8(model)
         if not converted:

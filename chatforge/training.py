@@ -300,6 +300,8 @@ def training_arguments(cfg: RunSettings, out: str, *, max_steps: int, micro: int
         save_strategy="steps", save_steps=cfg.save_every, save_total_limit=cfg.save_total_limit,
         logging_steps=cfg.log_every, report_to=cfg.report_to, seed=cfg.seed, data_seed=cfg.seed,
         dataloader_num_workers=num_workers, dataloader_pin_memory=torch.cuda.is_available(),
+        # from pinned memory, without a stream sync per tensor (accelerate's default copy is blocking)
+        accelerator_config={"non_blocking": torch.cuda.is_available()},
         prediction_loss_only=True, use_cpu=not torch.cuda.is_available(), ddp_find_unused_parameters=False,
         logging_nan_inf_filter=False,  # True checks isnan(loss) every step: a host-device sync on GPU
         remove_unused_columns=False,  # our datasets hold only model inputs; the filter would wrap the collator

@@ -98,3 +98,20 @@ def test_two_process_ddp(tmp_path, base_model_dir, tokenizer_dir):
     assert "batch_tokens: 2048" in config  # 2 processes x micro-batch 8 x 128 tokens per step
     AutoModelForCausalLM.from_pretrained(out)
     AutoTokenizer.from_pretrained(out)
+
+
+def test_model_vocab_size_pads_the_embeddings(tokenizer_dir):
+    from chatforge.errors import ChatforgeError
+    from chatforge.pretrain import PretrainConfig, _build_model
+    from chatforge.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    model, _ = _build_model(PretrainConfig(data=["demo"], preset="tiny", n_layer=1, d_model=32, n_head=2, context_length=32,
+                                           model_vocab_size=len(tok) + 100), tok, print)
+    assert model.config.vocab_size == model.get_input_embeddings().weight.shape[0] == -(-(len(tok) + 100) // 64) * 64
+    try:
+        _build_model(PretrainConfig(data=["demo"], preset="tiny", model_vocab_size=len(tok) - 1), tok, print)
+    except ChatforgeError as err:
+        assert "below the tokenizer's" in str(err)
+    else:
+        raise AssertionError("a model vocabulary below the tokenizer's must be refused")

@@ -10,7 +10,7 @@ import torch
 from conftest import TINY, run_cli
 
 from chatforge.fastloss import (BlockBatches, chunked_lm_loss, collate_blocks, fuse_gelu, restore_forward,
-                                use_cpu_attention, use_fp8, use_fused_loss)
+                                use_cpu_attention, use_fp8, use_fused_loss, use_packed_sdpa)
 
 
 def _tiny(arch: str):
@@ -159,3 +159,36 @@ def test_fp8_trains_close_to_bf16_and_saves_plain_checkpoints(tmp_path):
     assert type(loaded.model.layers[0].self_attn.q_proj) is torch.nn.Linear
     saved = loaded.state_dict()
     assert all(torch.equal(saved[k], v) for k, v in fp8.state_dict().items())
+
+
+def test_packed_sdpa_gets_no_mask_even_compiled():
+    """`--fast-batches` batches have no padding: SDPA must get `is_causal=True`, not a T x T mask, also
+    under torch.compile (where transformers otherwise builds one); a padded batch still gets its mask."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from chatforge.fastloss import PACKED_SDPA
+
+    model = _tiny("gpt2")
+    use_packed_sdpa(model)
+    masks = []
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        masks.append(None if attention_mask is None else tuple(attention_mask.shape))
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    ids = torch.randint(0, 320, (2, 48))
+    padded = torch.ones_like(ids)
+    padded[:, :3] = 0
+    try:
+        AttentionInterface.register(PACKED_SDPA, spy)
+        model(input_ids=ids, labels=ids)
+        assert masks[-1] is None
+        model(input_ids=ids, attention_mask=padded)
+        assert masks[-1] == (2, 1, 48, 48)
+        torch._dynamo.reset()
+        torch.compile(model, backend="aot_eager")(input_ids=ids, labels=ids)
+        assert masks[-1] is None
+    finally:
+        torch._dynamo.reset()
+        AttentionInterface.register(PACKED_SDPA, sdpa_attention_forward)
