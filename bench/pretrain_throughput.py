@@ -146,6 +146,7 @@ def stock_dataset(corpus: str, tok_dir: str, seq: int, work: Path):
 
 def training_plan(args, shape) -> dict:
     n_layer, d, heads, seq, batch = shape
+    batch = args.batch or batch
     return {"n_layer": n_layer, "d_model": d, "n_head": heads, "seq": seq, "batch": batch,
             "steps": args.warmup + args.steps, "lr": args.lr, "warmup_steps": max(1, (args.warmup + args.steps) // 20)}
 
@@ -324,6 +325,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=list(SHAPES), default="gpt2" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=40, help="timed optimizer steps per run (after --warmup)")
+    parser.add_argument("--batch", type=int, help="micro-batch (default: the shape's; smaller for a smoke test)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2, help="A/B alternations")
     parser.add_argument("--lr", type=float, default=1e-3)
