@@ -9,7 +9,9 @@ Speed: for the GPT-2 and Llama checkpoints chatforge writes, `_FastModel` runs i
 Hugging Face weights with a preallocated KV cache. Why: at the sizes chatforge trains on a CPU, HF's
 forward and `generate()` spend far longer in Python per step (cache objects, mask building, logits
 processors) than in matmuls. On CPUs with native bf16 the weights are bf16 by default and pre-packed for
-oneDNN (attention stays fp32), and every torch op runs on the engine thread (see `Engine.__init__`).
+oneDNN (attention stays fp32), and every torch op runs on the engine thread (see `Engine.__init__`). On a
+GPU the decode step has fixed shapes and is replayed from CUDA graphs recorded at load time (see
+`_FastModel._decode_static`; `static=False` / `--enforce-eager` turns it off).
 Any other causal LM goes through `_HFModel` (the stock forward, one request at a time inside each step:
 slower, but it works). Greedy output equals `model.generate()` (tested).
 Sampling: temperature (0 = greedy), top-k, top-p, repetition penalty, seed; stops at the model's end
