@@ -171,16 +171,11 @@ def run_chatforge(args, plan, tok_dir, shards, out: Path) -> dict:
 def run_stock(args, plan, stock_tok, stock_ds, out: Path) -> dict:
     from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
-    from chatforge.modeling import ModelShape, build_config, resolve_precision
-    from chatforge.tokenizer import document_separator_id
+    from chatforge.modeling import resolve_precision
     from chatforge.training import Schedule, make_optimizer
 
     t0 = time.perf_counter()
-    eos = document_separator_id(stock_tok)
-    config = build_config(ModelShape(n_layer=plan["n_layer"], d_model=plan["d_model"], n_head=plan["n_head"],
-                                     context_length=plan["seq"], vocab_size=_vocab(stock_tok, args)),
-                          bos_id=eos, eos_id=eos, pad_id=stock_tok.pad_token_id)
-    config.loss_type = "ForCausalLM"  # unset, transformers warns from inside the compiled forward: a graph break
+    config = _stock_config(plan, stock_tok, args)
     torch.manual_seed(args.seed)  # as chatforge.modeling.new_model: the same initial weights
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
     precision = resolve_precision("auto")
@@ -215,16 +210,11 @@ def run_plain_loop(args, plan, stock_tok, shards, out: Path, nanogpt: str | None
     from transformers import AutoModelForCausalLM
 
     from chatforge.data import PackedBlocks
-    from chatforge.modeling import ModelShape, build_config, resolve_precision
-    from chatforge.tokenizer import document_separator_id
+    from chatforge.modeling import resolve_precision, torch_dtype
     from chatforge.training import Schedule, make_optimizer
 
     t0 = time.perf_counter()
-    eos = document_separator_id(stock_tok)
-    config = build_config(ModelShape(n_layer=plan["n_layer"], d_model=plan["d_model"], n_head=plan["n_head"],
-                                     context_length=plan["seq"], vocab_size=_vocab(stock_tok, args)),
-                          bos_id=eos, eos_id=eos, pad_id=stock_tok.pad_token_id)
-    config.loss_type = "ForCausalLM"
+    config = _stock_config(plan, stock_tok, args)
     torch.manual_seed(args.seed)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     if nanogpt:
@@ -250,12 +240,11 @@ def run_plain_loop(args, plan, stock_tok, shards, out: Path, nanogpt: str | None
     blocks = PackedBlocks(shards, "train", plan["seq"])
     order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(args.seed)).tolist()
     precision = resolve_precision("auto")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     times = []
     for step in range(plan["steps"]):
         idx = order[step * plan["batch"]:(step + 1) * plan["batch"]]
         ids = torch.from_numpy(blocks.rows(idx)).to(dev, non_blocking=True)
-        with torch.autocast(dev, dtype=dtype, enabled=dtype is not None):
+        with torch.autocast(dev, dtype=torch_dtype(precision), enabled=precision != "fp32"):
             loss = loss_of(model, ids)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -274,6 +263,19 @@ def run_plain_loop(args, plan, stock_tok, shards, out: Path, nanogpt: str | None
         return {"times": times, "t0": t0, "val_loss": statistics.mean(losses)}
     getattr(model, "_orig_mod", model).save_pretrained(str(out))
     return {"times": times, "t0": t0}
+
+
+def _stock_config(plan, stock_tok, args):
+    """The stock paths' GPT2Config: chatforge's shape and token ids, transformers' model."""
+    from chatforge.modeling import ModelShape, build_config
+    from chatforge.tokenizer import document_separator_id
+
+    eos = document_separator_id(stock_tok)
+    config = build_config(ModelShape(n_layer=plan["n_layer"], d_model=plan["d_model"], n_head=plan["n_head"],
+                                     context_length=plan["seq"], vocab_size=_vocab(stock_tok, args)),
+                          bos_id=eos, eos_id=eos, pad_id=stock_tok.pad_token_id)
+    config.loss_type = "ForCausalLM"  # unset, transformers warns from inside the compiled forward: a graph break
+    return config
 
 
 def _vocab(tok, args) -> int:

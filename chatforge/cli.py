@@ -56,10 +56,14 @@ def _engine_options(parser) -> None:
                         help="GPU: decode step by step instead of replaying CUDA graphs (as in vLLM)")
 
 
+def _engine_kwargs(args) -> dict:
+    return {"dtype": args.dtype, "static": False if args.enforce_eager else None}
+
+
 def _engine(args):
     from chatforge.engine import Engine
 
-    return Engine(args.model, dtype=args.dtype, static=False if args.enforce_eager else None)
+    return Engine(args.model, **_engine_kwargs(args))
 
 
 def _sampling(args):
@@ -147,8 +151,7 @@ def cmd_serve(args) -> None:
     if args.max_batch < 1 or args.max_queue < 0:
         raise ChatforgeError("--max-batch must be >= 1 and --max-queue >= 0")
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("CHATFORGE_API_KEY"),
-          max_batch=args.max_batch, max_queue=args.max_queue, model_name=args.model_name, dtype=args.dtype,
-          static=False if args.enforce_eager else None)
+          max_batch=args.max_batch, max_queue=args.max_queue, model_name=args.model_name, **_engine_kwargs(args))
 
 
 # ---------------------------------------------------------------- parser

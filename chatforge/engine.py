@@ -625,8 +625,9 @@ class Engine:
 
     def _loop(self, model_dir: str, dtype: torch.dtype, fast: bool) -> None:
         try:
-            if torch.device(self.device).type == "cuda" and torch.device(self.device).index is not None:
-                torch.cuda.set_device(self.device)  # streams and CUDA graphs belong to the current device
+            device = torch.device(self.device)
+            if device.type == "cuda" and device.index is not None:
+                torch.cuda.set_device(device)  # streams and CUDA graphs belong to the current device
             self._load(model_dir, dtype, fast)
         except BaseException as err:  # re-raised by __init__ on the caller's thread
             self._load_error = err

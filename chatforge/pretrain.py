@@ -24,7 +24,6 @@ class PretrainConfig(RunSettings):
     out: str = "run"
     tokenizer: str | None = None      # a tokenizer directory; trained on `data` when not given
     vocab_size: int = 8192            # for the tokenizer trained when none is given
-    model_vocab_size: int | None = None  # embedding rows if more than the tokenizer's (GPT-2: 50304): room to add tokens
     # model
     arch: str = "gpt2"
     preset: str = "auto"              # auto: tiny on CPU, gpt2-small on GPU
@@ -34,6 +33,7 @@ class PretrainConfig(RunSettings):
     n_kv_head: int | None = None
     context_length: int | None = None
     dropout: float = 0.0
+    model_vocab_size: int | None = None  # embedding rows if more than the tokenizer's (GPT-2: 50304): room to add tokens
     init_from: str | None = None      # continue pretraining a local Hugging Face checkpoint
     # budget: max_steps > max_tokens > compute-aware default; max_time caps any of them. Learning rate
     # auto: 1e-3 below 50M parameters, else 6e-4; warm-up auto: 5% of steps, at most 200
