@@ -17,10 +17,10 @@ def make_corpus(path: str | Path, megabytes: float, seed: int = 0) -> Path:
     path = Path(path)
     if path.exists() and path.stat().st_size >= megabytes * 1e6 * 0.98:
         return path
-    from chatforge.sources import iter_texts
+    from chatforge.text.sources import SourceOptions, iter_texts
 
     follow: dict[str, list[str]] = defaultdict(list)
-    for text in iter_texts(["demo:en"]):
+    for text in iter_texts(SourceOptions(data=["demo:en"])):
         words = ["<s>"] + text.replace("\n", " \n ").split(" ") + ["</s>"]
         for a, b in zip(words, words[1:]):
             if b:

@@ -78,7 +78,7 @@ def main() -> None:
 
     from corpus import make_corpus
 
-    from chatforge.tokenizer import TokenizerConfig, load_tokenizer, train_tokenizer
+    from chatforge.text.tokenizer import TokenizerConfig, load_tokenizer, train_tokenizer
 
     work = Path(args.work)
     corpus = make_corpus(work / f"corpus_{args.corpus_mb:g}mb.jsonl", args.corpus_mb)

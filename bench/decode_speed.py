@@ -43,7 +43,7 @@ def make_random_model(out: str, preset: str, arch: str = "gpt2", tokenizer_dir: 
     """A random-init model of a chatforge preset with a real tokenizer; stop tokens can never win greedy
     decoding (their embedding rows are zero), so every request runs its full length."""
     from chatforge.modeling import ModelShape, new_model
-    from chatforge.tokenizer import TokenizerConfig, load_tokenizer, train_tokenizer
+    from chatforge.text.tokenizer import TokenizerConfig, load_tokenizer, train_tokenizer
 
     if tokenizer_dir is None:
         tokenizer_dir = os.path.join(os.path.dirname(out), "tokenizer")
@@ -72,7 +72,7 @@ def best_of(repeats: int, fn) -> float:
 
 def measure(model_dir: str, path: str, dtype: str, new: int, batches: list[int], repeats: int) -> dict:
     """tokens/s of one path at each batch size (run in a worker process)."""
-    from chatforge.tokenizer import load_tokenizer
+    from chatforge.text.tokenizer import load_tokenizer
 
     n_vocab = len(load_tokenizer(model_dir))
     gen = torch.Generator().manual_seed(0)

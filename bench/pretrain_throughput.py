@@ -8,7 +8,7 @@ peak of the card), peak memory (GPU: max allocated; CPU: peak RSS, reset before 
 first step, and the validation loss after the same number of tokens, measured for both by the same
 fp32 evaluation of the saved model on chatforge's held-out blocks.
 
-- chatforge: `chatforge.pretrain.pretrain()` itself (Trainer + the fastloss speed switches, bf16 where
+- chatforge: `chatforge.train.pretrain.pretrain()` itself (Trainer + the speed switches of chatforge.train.speedups, bf16 where
   supported, `--compile` on GPU), on shards from `chatforge.data.prepare`.
 - stock: `Trainer` + `GPT2LMHeadModel` (sdpa) + `DataCollatorForLanguageModeling(mlm=False)` over
   run_clm-style grouped blocks (`datasets.map` tokenize + `group_texts`), `bf16=True` where supported,
@@ -84,7 +84,7 @@ def peak_memory_gib() -> float | None:
 
 
 def peak_flops() -> float | None:
-    from chatforge.pretrain import _peak_flops
+    from chatforge.train.pretrain import _peak_flops
 
     return _peak_flops()
 
@@ -94,7 +94,7 @@ def prepare_inputs(args) -> tuple[str, str, str]:
     from corpus import make_corpus
 
     from chatforge.data import DataConfig, prepare
-    from chatforge.tokenizer import TokenizerConfig, load_tokenizer, train_tokenizer
+    from chatforge.text.tokenizer import TokenizerConfig, load_tokenizer, train_tokenizer
 
     work = Path(args.work)
     corpus = make_corpus(work / f"corpus_{args.corpus_mb:g}mb.jsonl", args.corpus_mb)
@@ -124,7 +124,7 @@ def stock_dataset(corpus: str, tok_dir: str, seq: int, work: Path):
     from datasets import load_dataset
     from transformers import AutoTokenizer
 
-    from chatforge.tokenizer import EOS
+    from chatforge.text.tokenizer import EOS
 
     tok = AutoTokenizer.from_pretrained(tok_dir)
     raw = load_dataset("json", data_files=corpus, split="train", cache_dir=str(work / "hf_cache"))
@@ -152,7 +152,7 @@ def training_plan(args, shape) -> dict:
 
 
 def run_chatforge(args, plan, tok_dir, shards, out: Path) -> dict:
-    from chatforge.pretrain import PretrainConfig, pretrain
+    from chatforge.train.pretrain import PretrainConfig, pretrain
 
     cfg = PretrainConfig(
         data=[shards], tokenizer=tok_dir, out=str(out), n_layer=plan["n_layer"], d_model=plan["d_model"],
@@ -172,7 +172,7 @@ def run_stock(args, plan, stock_tok, stock_ds, out: Path) -> dict:
     from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
     from chatforge.modeling import resolve_precision
-    from chatforge.training import Schedule, make_optimizer
+    from chatforge.train.common import Schedule, make_optimizer
 
     t0 = time.perf_counter()
     config = _stock_config(plan, stock_tok, args)
@@ -211,7 +211,7 @@ def run_plain_loop(args, plan, stock_tok, shards, out: Path, nanogpt: str | None
 
     from chatforge.data import PackedBlocks
     from chatforge.modeling import resolve_precision, torch_dtype
-    from chatforge.training import Schedule, make_optimizer
+    from chatforge.train.common import Schedule, make_optimizer
 
     t0 = time.perf_counter()
     config = _stock_config(plan, stock_tok, args)
@@ -268,7 +268,7 @@ def run_plain_loop(args, plan, stock_tok, shards, out: Path, nanogpt: str | None
 def _stock_config(plan, stock_tok, args):
     """The stock paths' GPT2Config: chatforge's shape and token ids, transformers' model."""
     from chatforge.modeling import ModelShape, build_config
-    from chatforge.tokenizer import document_separator_id
+    from chatforge.text.tokenizer import document_separator_id
 
     eos = document_separator_id(stock_tok)
     config = build_config(ModelShape(n_layer=plan["n_layer"], d_model=plan["d_model"], n_head=plan["n_head"],
@@ -347,7 +347,7 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
-    from chatforge.pretrain import flops_per_token
+    from chatforge.train.pretrain import flops_per_token
 
     shape = SHAPES[args.shape]
     plan = training_plan(args, shape)

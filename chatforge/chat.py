@@ -6,11 +6,56 @@ History that outgrows the context window loses its oldest exchanges first; the s
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass, field
 
-from chatforge.engine import Engine, SamplingParams
-from chatforge.errors import ChatforgeError
+from chatforge.config import option
+from chatforge.engine import Engine, EngineOptions, SamplingParams, check_context
 
 HELP = "commands: /reset (forget the conversation), /exit (quit)"
+
+
+@dataclass
+class GenerateConfig:
+    """`chatforge generate`: continue a prompt with a (base) model."""
+
+    model: str = option(None, "model folder", positional=True, metavar="MODEL_DIR")
+    prompt: str = option("", "the text to continue")
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    engine: EngineOptions = field(default_factory=EngineOptions)
+
+    def validate(self) -> None:
+        if not self.prompt:
+            from chatforge.errors import ChatforgeError
+
+            raise ChatforgeError("generate needs --prompt TEXT")
+
+
+@dataclass
+class ChatConfig:
+    """`chatforge chat`: talk to a chat model in the terminal."""
+
+    model: str = option(None, "model folder", positional=True, metavar="MODEL_DIR")
+    system: str | None = option(None, "system prompt")
+    prompt: str | None = option(None, "answer this one message, print the answer and exit")
+    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=0.7))
+    engine: EngineOptions = field(default_factory=EngineOptions)
+
+
+def generate(cfg: GenerateConfig) -> None:
+    engine = Engine(cfg.model, **cfg.engine.engine_kwargs())
+    print(cfg.prompt, end="", flush=True)
+    for piece in engine.stream(engine.encode(cfg.prompt), cfg.sampling):
+        print(piece, end="", flush=True)
+    print()
+
+
+def chat(cfg: ChatConfig) -> None:
+    engine = Engine(cfg.model, **cfg.engine.engine_kwargs())
+    if cfg.prompt is None:
+        chat_loop(engine, cfg.sampling, system=cfg.system)
+        return
+    messages = [{"role": "system", "content": cfg.system}] if cfg.system else []
+    reply(engine, messages + [{"role": "user", "content": cfg.prompt}], cfg.sampling)
 
 
 def fit_history(engine: Engine, messages: list[dict], reserve: int) -> tuple[list[dict], list[int]]:
@@ -22,9 +67,8 @@ def fit_history(engine: Engine, messages: list[dict], reserve: int) -> tuple[lis
             return messages, ids
         first = 1 if messages[0]["role"] == "system" else 0
         if len(messages) - first <= 1:  # only the newest user turn is left
-            if len(ids) < engine.context_length:
-                return messages, ids
-            raise ChatforgeError(f"the message is {len(ids)} tokens; the context window is {engine.context_length}")
+            check_context(len(ids), engine.context_length)
+            return messages, ids
         del messages[first:first + 2]
 
 

@@ -1,12 +1,17 @@
-"""One config dataclass per stage, loadable from YAML and saved into the run directory.
+"""Options, declared once: config dataclasses whose fields carry their help, flag and valid range.
 
-Precedence: dataclass defaults < `--config FILE.yaml` < flags given on the command line. The CLI
-declares its flags with `default=argparse.SUPPRESS`, so only flags the user actually typed override.
+`option(...)` declares a field; the CLI generates its flags from the fields (`cli.add_options`), and
+`build` makes a config from defaults < `--config FILE.yaml` < flags typed on the command line, checking
+every value's type and range before any work starts. Shared groups of options are base classes (the
+YAML stays flat) or nested dataclass fields (their flags are flat all the same).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,29 +22,165 @@ from chatforge.errors import ChatforgeError
 T = TypeVar("T")
 
 
+def option(default: Any = dataclasses.MISSING, help: str = "", *, flag: str | None = None,
+           metavar: str | None = None, choices: tuple | None = None, min: float | None = None,
+           max: float | None = None, exclusive_min: bool = False, positional: bool = False,
+           cli: bool = True) -> Any:
+    """A config field with its documentation and valid range (checked by `check_fields`)."""
+    meta = {"help": help, "flag": flag, "metavar": metavar, "choices": choices, "min": min, "max": max,
+            "exclusive_min": exclusive_min, "positional": positional, "cli": cli}
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def flag_name(f: dataclasses.Field) -> str:
+    if f.metadata.get("positional"):
+        return f.name.upper()
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def field_kind(annotation) -> tuple[type, bool, bool]:
+    """(scalar type, may be None, is a list) of a field's annotation such as `int | None` or `list[str]`."""
+    optional = False
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        optional, annotation = True, args[0]
+    if typing.get_origin(annotation) is list:
+        return typing.get_args(annotation)[0], optional, True
+    return annotation, optional, False
+
+
+def _kind_name(kind: type) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(kind, kind.__name__)
+
+
+def coerce(f: dataclasses.Field, annotation, value: Any) -> Any:
+    """`value` as the field's type (an int for a float field, one string for a list), or ChatforgeError."""
+    kind, optional, is_list = field_kind(annotation)
+    label = flag_name(f)
+    if value is None:
+        if optional or f.default is None:
+            return None
+        raise ChatforgeError(f"{label} needs a value")
+    if is_list:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]  # `data: corpus.txt` in YAML means one source
+        if not isinstance(value, list):
+            raise ChatforgeError(f"{label} must be a list of {_kind_name(kind)}s, got {value!r}")
+        return [_scalar(label, kind, v) for v in value]
+    return _scalar(label, kind, value)
+
+
+def _scalar(label: str, kind: type, value: Any) -> Any:
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ChatforgeError(f"{label} must be true or false, got {value!r}")
+        return value
+    if kind is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ChatforgeError(f"{label} must be an integer, got {value!r}")
+        return value
+    if kind is float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise ChatforgeError(f"{label} must be a finite number, got {value!r}")
+        return float(value)
+    if kind is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)  # a YAML `model: 1234` is a folder named 1234
+        if not isinstance(value, str):
+            raise ChatforgeError(f"{label} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def check_range(f: dataclasses.Field, value: Any) -> None:
+    meta, label = f.metadata, flag_name(f)
+    for v in value if isinstance(value, list) else [value]:
+        if v is None:
+            continue
+        if meta.get("choices") and v not in meta["choices"]:
+            raise ChatforgeError(f"{label} must be one of {', '.join(map(str, meta['choices']))}, got {v!r}")
+        low, high = meta.get("min"), meta.get("max")
+        if low is not None and (v < low or (meta.get("exclusive_min") and v == low)):
+            bound = f"> {low}" if meta.get("exclusive_min") else f">= {low}"
+            raise ChatforgeError(f"{label} must be {bound}" + (f" and <= {high}" if high is not None else "")
+                                 + f", got {v}")
+        if high is not None and v > high:
+            raise ChatforgeError(f"{label} must be <= {high}, got {v}")
+
+
+def check_fields(obj, where: str = "") -> None:
+    """Check (and normalise in place) every field of a config object: type, then range."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            check_fields(value, where)
+            continue
+        value = coerce(f, hints[f.name], value)
+        check_range(f, value)
+        object.__setattr__(obj, f.name, value)
+
+
+def nested_groups(cls) -> dict[str, type]:
+    """Fields of `cls` that are option groups of their own (a nested dataclass): name -> class."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])}
+
+
+def option_names(cls) -> set[str]:
+    """Every option of `cls`, nested groups' options included (flat)."""
+    groups = nested_groups(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.name not in groups}
+    for group in groups.values():
+        names |= option_names(group)
+    return names
+
+
 def load_yaml(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as handle:
             data = yaml.safe_load(handle) or {}
     except OSError as err:
         raise ChatforgeError(f"{path}: cannot read config ({err.strerror})") from None
+    except UnicodeDecodeError:
+        raise ChatforgeError(f"{path}: the config file is not UTF-8 text") from None
     except yaml.YAMLError as err:
-        raise ChatforgeError(f"{path}: invalid YAML ({err})") from None
+        raise ChatforgeError(f"{path}: invalid YAML ({' '.join(str(err).split())})") from None
     if not isinstance(data, dict):
         raise ChatforgeError(f"{path}: a config file must be a mapping of option: value")
+    bad = [k for k in data if not isinstance(k, str)]
+    if bad:
+        raise ChatforgeError(f"{path}: option names must be text, got {bad[0]!r}")
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
 def build(cls: type[T], yaml_path: str | None = None, **overrides: Any) -> T:
-    """Instantiate `cls` from defaults, an optional YAML file and explicit overrides."""
+    """`cls` from its defaults, an optional YAML file and explicit overrides; every value checked, then
+    the class's own `validate()` (checks across options) when it has one."""
     values = load_yaml(yaml_path) if yaml_path else {}
     values.update(overrides)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
+    unknown = sorted(set(values) - option_names(cls))
     if unknown:
-        where = yaml_path or "options"
-        raise ChatforgeError(f"{where}: unknown option(s) {', '.join(unknown)} for {cls.__name__}")
-    return cls(**values)
+        raise ChatforgeError(f"{yaml_path or 'options'}: unknown option(s) {', '.join(unknown)} for {cls.__name__}")
+    cfg = _construct(cls, values)
+    check_fields(cfg)
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    return cfg
+
+
+def _construct(cls, values: dict):
+    groups = nested_groups(cls)
+    own = {k: v for k, v in values.items() if k in {f.name for f in dataclasses.fields(cls)} and k not in groups}
+    for name, group in groups.items():
+        sub = {k: v for k, v in values.items() if k in option_names(group)}
+        default = next(f for f in dataclasses.fields(cls) if f.name == name).default_factory()
+        own[name] = _construct(group, {**dataclasses.asdict(default), **sub})
+    return cls(**own)
 
 
 def save(cfg, path: str | Path) -> None:

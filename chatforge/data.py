@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from chatforge.config import option
 from chatforge.errors import ChatforgeError
+from chatforge.text.sources import SourceOptions
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -34,23 +35,24 @@ CHECK_EVERY = 64  # with the tiktoken path: one document in 64 is re-encoded by 
 
 
 @dataclass
-class DataConfig:
+class DataConfig(SourceOptions):
     """Settings of `chatforge data prepare` (and the data step of `pretrain`)."""
 
-    data: list[str] = field(default_factory=list)
-    out: str = ""
-    tokenizer: str = ""
-    val_fraction: float = 0.005
-    text_field: str = "text"
-    doc_per_line: bool = False
-    strict: bool = False
-    shard_tokens: int = 100_000_000
-    batch_docs: int = 1024
-    fast_tokenizer: bool = True  # tiktoken's BPE over the same vocabulary when it applies (same ids, faster)
+    tokenizer: str = option("", "any Hugging Face tokenizer directory", metavar="DIR")
+    out: str = option("", "where to write the shards", metavar="DIR")
+    val_fraction: float = option(0.005, "documents held out for validation (one in round(1/F))", min=0.0,
+                                 max=0.5, exclusive_min=True, metavar="F")
+    shard_tokens: int = option(100_000_000, "tokens per shard file", min=1, metavar="N")
+    batch_docs: int = option(1024, "documents tokenized per batch", min=1, metavar="N")
+    fast_tokenizer: bool = option(True, "tiktoken's BPE over the same vocabulary when it applies: same ids, faster")
+
+    def validate(self) -> None:
+        if not self.out or not self.tokenizer:
+            raise ChatforgeError("data prepare needs --tokenizer DIR and --out DIR")
 
 
 def cache_key(cfg: DataConfig, tok_fingerprint: str) -> str:
-    from chatforge.sources import describe_sources
+    from chatforge.text.sources import describe_sources
 
     payload = {"sources": describe_sources(cfg.data), "tokenizer": tok_fingerprint,
                "val_fraction": cfg.val_fraction, "text_field": cfg.text_field,
@@ -102,9 +104,13 @@ def prepare(cfg: DataConfig, tok=None, log=print) -> dict:
     """Tokenize and pack `cfg.data` into `cfg.out`; return the manifest (reusing a matching one)."""
     from tqdm.auto import tqdm
 
-    from chatforge.sources import SourceStats, iter_texts
-    from chatforge.tokenizer import document_separator_id, fast_batch_encoder, fingerprint, load_tokenizer
+    from chatforge.text.sources import SourceStats, iter_texts
+    from chatforge.text.tokenizer import document_separator_id, fast_batch_encoder, fingerprint, load_tokenizer
 
+    from chatforge.outputs import check_not_inputs, check_replaceable, replace_with, temporary_sibling
+
+    check_not_inputs(cfg.out, [("--data", d) for d in cfg.data] + [("--tokenizer", cfg.tokenizer)])
+    check_replaceable(cfg.out, _holds_shards)
     tok = tok if tok is not None else load_tokenizer(cfg.tokenizer)
     tok_fp = fingerprint(tok)
     key = cache_key(cfg, tok_fp)
@@ -113,17 +119,13 @@ def prepare(cfg: DataConfig, tok=None, log=print) -> dict:
     if existing is not None and existing.get("cache_key") == key:
         log(f"data: reusing {existing['train']['tokens']:,} train / {existing['val']['tokens']:,} val tokens in {out}")
         return existing
-    if not 0 < cfg.val_fraction < 1:
-        raise ChatforgeError(f"--val-fraction must be between 0 and 1, got {cfg.val_fraction}")
 
     vocab_size = len(tok)
     dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
     sep = document_separator_id(tok)
     backend = tok.backend_tokenizer  # Rust: encode_batch is parallel over all cores
     period = max(1, round(1 / cfg.val_fraction))
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = temporary_sibling(out)
     writers = {s: _ShardWriter(tmp, s, dtype, cfg.shard_tokens) for s in ("train", "val")}
     stats = SourceStats()
     started = time.time()
@@ -164,8 +166,7 @@ def prepare(cfg: DataConfig, tok=None, log=print) -> dict:
 
     try:
         batch: list[str] = []
-        for text in iter_texts(cfg.data, text_field=cfg.text_field, doc_per_line=cfg.doc_per_line,
-                               strict=cfg.strict, stats=stats):
+        for text in iter_texts(cfg, stats):
             batch.append(text)
             if len(batch) >= cfg.batch_docs:
                 flush(batch)
@@ -194,14 +195,21 @@ def prepare(cfg: DataConfig, tok=None, log=print) -> dict:
         "records": stats.records, "seconds": round(time.time() - started, 2),
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
-    if out.exists():
-        shutil.rmtree(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out)  # atomic: a killed run never leaves a manifest next to partial shards
+    replace_with(out, tmp)  # a killed run never leaves a manifest next to partial shards
     mb = manifest["train"]["bytes"] + manifest["val"]["bytes"]
     log(f"data: {manifest['train']['tokens']:,} train / {manifest['val']['tokens']:,} val tokens from "
         f"{doc_index:,} documents ({stats.summary()}), {mb / 1e6 / max(manifest['seconds'], 1e-9):.1f} MB/s -> {out}")
     return manifest
+
+
+def _holds_shards(folder: Path) -> bool:
+    """Shards chatforge wrote: a manifest of ours next to the files it lists, and nothing else."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        listed = {s["file"] for split in ("train", "val") for s in manifest[split]["shards"]} | {MANIFEST}
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return "cache_key" in manifest and {p.name for p in folder.iterdir()} <= listed
 
 
 def read_manifest(folder: str | Path) -> dict:
@@ -231,9 +239,9 @@ class PackedBlocks:
     in memory: corpora larger than RAM stay on disk.
     """
 
-    def __init__(self, folder: str | Path, split: str, block_size: int):
+    def __init__(self, folder: str | Path, split: str, block_size: int, whole_batches: bool = True):
         manifest = read_manifest(folder)
-        self.block_size = block_size
+        self.block_size, self.whole_batches = block_size, whole_batches
         self.shards = []
         for shard in manifest[split]["shards"]:
             n = shard["tokens"] // block_size
@@ -261,6 +269,29 @@ class PackedBlocks:
 
         ids = torch.from_numpy(self.rows([index])[0])
         return {"input_ids": ids, "labels": ids}
+
+    def __getitems__(self, indices) -> dict | list[dict]:
+        """A whole micro-batch with one numpy gather: torch's DataLoader calls this instead of indexing
+        item by item; the sampler (order, shuffling, resume position) is unchanged. With
+        `whole_batches=False`, the items one by one, for a stock collator."""
+        import torch
+
+        if not self.whole_batches:
+            return [self[i] for i in indices]
+        ids = torch.from_numpy(self.rows(indices))
+        return {"input_ids": ids, "labels": ids}
+
+
+def collate_blocks(batch):
+    """Trainer data collator: a batch from `PackedBlocks.__getitems__` passes through; a list of items
+    (another dataset) is stacked. Never adds an attention_mask: packed blocks have no padding."""
+    import torch
+
+    if isinstance(batch, dict):
+        return batch
+    ids = torch.stack([torch.as_tensor(item["input_ids"]) for item in batch])
+    labels = torch.stack([torch.as_tensor(item.get("labels", item["input_ids"])) for item in batch])
+    return {"input_ids": ids, "labels": labels}
 
 
 def unigram_entropy(folder: str | Path, split: str = "train") -> float:

@@ -87,7 +87,7 @@ def new_model(shape: ModelShape, tok, seed: int = 0):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from chatforge.tokenizer import document_separator_id
+    from chatforge.text.tokenizer import document_separator_id
 
     eos = document_separator_id(tok)
     config = build_config(shape, bos_id=eos, eos_id=eos, pad_id=tok.pad_token_id)
@@ -99,10 +99,9 @@ def new_model(shape: ModelShape, tok, seed: int = 0):
 
 def set_generation_defaults(model, tok) -> None:
     """generation_config.json: stop at end of turn and end of document; pad is never EOS."""
-    vocab = tok.get_vocab()
-    stops = [vocab[t] for t in ("<|im_end|>", "<|endoftext|>") if t in vocab]
-    if tok.eos_token_id is not None and tok.eos_token_id not in stops:
-        stops.append(tok.eos_token_id)
+    from chatforge.text.tokenizer import stop_ids
+
+    stops = stop_ids(tok)
     model.generation_config.eos_token_id = stops
     model.generation_config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
     model.generation_config.bos_token_id = model.config.bos_token_id

@@ -1,7 +1,7 @@
 """`chatforge quickstart`: the whole pipeline on the built-in demo corpus, in minutes, on a laptop CPU.
 
 tokenizer -> pretrain a small GPT -> fine-tune it for chat -> a sample conversation. Each stage is the
-same code the individual commands run; only the budgets are set for a ~10 minute run on 2 CPU cores
+same code the individual commands run; only the budgets are set for a ~5 minute run on 2 CPU cores
 (or a larger model in the same time when a GPU is present).
 """
 
@@ -11,6 +11,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from chatforge.config import option
+from chatforge.errors import ChatforgeError
+from chatforge.text.tokenizer import MIN_VOCAB
+
 SAMPLE_PROMPTS = {
     "en": ["Hello", "What is AI?", "Tell me a joke", "Do you like books?"],
     "zh": ["你好", "什么是人工智能？", "给我讲个笑话", "你喜欢什么书？"],
@@ -19,21 +23,35 @@ SAMPLE_PROMPTS = {
 
 @dataclass
 class QuickstartConfig:
-    out: str = "quickstart"
-    lang: str = "en"
-    pretrain_seconds: float | None = None   # default: 240 on CPU, 300 on GPU
-    sft_seconds: float | None = None        # default: 180 on CPU and GPU
-    vocab_size: int = 2048
+    """`chatforge quickstart`: the whole pipeline on the built-in demo corpus."""
+
+    out: str = option("quickstart", "output folder", metavar="DIR")
+    lang: str = option("en", "demo corpus language: en, zh, de, fr, ...")
+    pretrain_seconds: float | None = option(None, "pretraining budget (default: 240 on CPU, 300 on GPU)", min=0.0,
+                                            exclusive_min=True, metavar="S")
+    sft_seconds: float | None = option(None, "fine-tuning budget (default: 180)", min=0.0, exclusive_min=True,
+                                       metavar="S")
+    vocab_size: int = option(2048, "tokenizer vocabulary", min=MIN_VOCAB, max=65536, metavar="N")
+
+    def validate(self) -> None:
+        from chatforge.text.sources import DEMO_LANGUAGES, demo_dir
+
+        if self.lang not in DEMO_LANGUAGES and not (demo_dir() / self.lang).is_dir():
+            raise ChatforgeError(f"--lang {self.lang}: unknown demo language (known: {', '.join(sorted(DEMO_LANGUAGES))})")
 
 
-def quickstart(cfg: QuickstartConfig, log=print) -> dict:
+def quickstart(cfg: QuickstartConfig, overwrite: bool = False, log=print) -> dict:
     import torch
 
     from chatforge.engine import Engine, SamplingParams
-    from chatforge.pretrain import PretrainConfig, pretrain
-    from chatforge.sft import SFTConfig, sft
-    from chatforge.tokenizer import TokenizerConfig, train_tokenizer
+    from chatforge.outputs import check_not_inputs, claim
+    from chatforge.text.tokenizer import TokenizerConfig, train_tokenizer
+    from chatforge.train.pretrain import PretrainConfig, pretrain
+    from chatforge.train.sft import SFTConfig, sft
 
+    cfg.validate()
+    check_not_inputs(cfg.out, [])
+    claim(cfg.out, "quickstart", overwrite=overwrite)
     gpu = torch.cuda.is_available()
     started = time.time()
     data = [f"demo:{cfg.lang}"]
@@ -57,8 +75,9 @@ def quickstart(cfg: QuickstartConfig, log=print) -> dict:
     engine = Engine(str(out / "chat"))
     params = SamplingParams(max_new_tokens=40, temperature=0.0, repetition_penalty=1.1)
     for prompt in SAMPLE_PROMPTS.get(cfg.lang, SAMPLE_PROMPTS["en"]):
-        answer = engine.complete(engine.chat_prompt([{"role": "user", "content": prompt}]), params)
+        answer = engine.complete(engine.chat_prompt([{"role": "user", "content": prompt}]), params).text
         log(f"  user: {prompt}\n  assistant: {answer}")
+    engine.close()
     minutes = (time.time() - started) / 60
     log(f"\ndone in {minutes:.1f} min: base val loss {base.get('eval_loss')}, bits/byte {base.get('eval_bpb')}; "
         f"chat eval loss {chat.get('eval_loss')}\n"

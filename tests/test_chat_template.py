@@ -4,7 +4,7 @@ content plus its closing <|im_end|>: nothing of system/user text, role headers o
 import pytest
 from transformers import AutoTokenizer
 
-from chatforge.sft import encode_conversation
+from chatforge.train.sft import encode_conversation
 
 CASES = {
     "single": ([{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"}],

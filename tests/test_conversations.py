@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from chatforge.conversations import InvalidRecord, iter_conversations, to_messages
-from chatforge.sources import SourceStats
+from chatforge.text.conversations import InvalidRecord, iter_conversations, to_messages
+from chatforge.text.sources import SourceStats
 from conftest import run_cli
 
 EXPECTED = [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}]

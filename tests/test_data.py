@@ -95,7 +95,7 @@ def test_fast_tokenizer_disagreement_falls_back(tmp_path, tokenizer_dir, monkeyp
 
     docs = _corpus(tmp_path)
     monkeypatch.setattr(data_module, "CHECK_EVERY", 1)
-    monkeypatch.setattr("chatforge.tokenizer.fast_batch_encoder", lambda tok: lambda texts: [[1] for _ in texts])
+    monkeypatch.setattr("chatforge.text.tokenizer.fast_batch_encoder", lambda tok: lambda texts: [[1] for _ in texts])
     lines = []
     prepare(DataConfig(data=[str(tmp_path / "corpus")], out=str(tmp_path / "shards"), tokenizer=tokenizer_dir,
                        val_fraction=0.1, batch_docs=16), log=lines.append)

@@ -133,8 +133,9 @@ def test_stop_string(engine):
 
 def test_length_and_stream_api(engine):
     ids = engine.encode(PROMPTS[0])
-    text = engine.complete(ids, SamplingParams(max_new_tokens=3, temperature=0))
-    assert engine.finish_reason == "length" and engine.completion_tokens == 3
+    done = engine.complete(ids, SamplingParams(max_new_tokens=3, temperature=0))
+    assert done.finish_reason == "length" and done.completion_tokens == 3
+    text = done.text
     assert text == engine.decode(_hf_greedy(engine, ids, 3))
 
 
@@ -145,14 +146,14 @@ def test_stops_at_im_end(engine):
     j = next(i for i in range(2, len(out)) if out[i] not in out[:i] + ids)
     im_end = engine.tokenizer.convert_tokens_to_ids("<|im_end|>")
     head = engine.model.lm_head.weight.data  # tied to the input embeddings: swapping rows is a relabelling
-    backend = engine.backend
+    backend = engine.scheduler.backend
     try:
         head[[out[j], im_end]] = head[[im_end, out[j]]]
-        engine.backend = type(backend)(engine.model, engine.max_batch, engine.context_length)
+        engine.scheduler.backend = type(backend)(engine.model, engine.max_batch, engine.context_length)
         got, text, reason = _run(engine, ids, GREEDY)
     finally:
         head[[out[j], im_end]] = head[[im_end, out[j]]]
-        engine.backend = backend
+        engine.scheduler.backend = backend
     assert got == out[:j] and reason == "stop"
     assert text == engine.decode(out[:j])
 

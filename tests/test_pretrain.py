@@ -102,8 +102,8 @@ def test_two_process_ddp(tmp_path, base_model_dir, tokenizer_dir):
 
 def test_model_vocab_size_pads_the_embeddings(tokenizer_dir):
     from chatforge.errors import ChatforgeError
-    from chatforge.pretrain import PretrainConfig, _build_model
-    from chatforge.tokenizer import load_tokenizer
+    from chatforge.text.tokenizer import load_tokenizer
+    from chatforge.train.pretrain import PretrainConfig, _build_model
 
     tok = load_tokenizer(tokenizer_dir)
     model, _ = _build_model(PretrainConfig(data=["demo"], preset="tiny", n_layer=1, d_model=32, n_head=2, context_length=32,

@@ -11,7 +11,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorWithF
 
 from chatforge import cli
 from chatforge.engine import Engine, SamplingParams
-from chatforge.sft import encode_conversation
+from chatforge.train.sft import encode_conversation
 from conftest import run_cli
 
 QA = Path(__file__).parent / "data" / "qa.jsonl"
@@ -36,8 +36,8 @@ def test_sft_teaches_answers_and_stopping(chat_model_dir, capsys):
     engine = Engine(chat_model_dir)
     stopped = 0
     for messages in conversations:
-        engine.complete(engine.chat_prompt(messages[:1]), SamplingParams(max_new_tokens=48, temperature=0))
-        stopped += engine.finish_reason == "stop"
+        done = engine.complete(engine.chat_prompt(messages[:1]), SamplingParams(max_new_tokens=48, temperature=0))
+        stopped += done.finish_reason == "stop"
     recall, stop_rate = recalled / len(conversations), stopped / len(conversations)
     print(f"answer recall {recall:.0%}, stop rate {stop_rate:.0%} over {len(conversations)} questions")
     assert recall >= 0.9 and stop_rate >= 0.95

@@ -1,4 +1,4 @@
-"""Issue 5: the speed switches change how fast training runs, not what it computes or saves."""
+"""The speed switches change how fast training runs, not what it computes or saves."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import pytest
 import torch
 from conftest import TINY, run_cli
 
-from chatforge.fastloss import (BlockBatches, chunked_lm_loss, collate_blocks, fuse_gelu, restore_forward,
-                                use_cpu_attention, use_fp8, use_fused_loss, use_packed_sdpa)
+from chatforge.data import collate_blocks
+from chatforge.train.loss import chunked_lm_loss, use_fused_loss
+from chatforge.train.speedups import fuse_gelu, restore_forward, use_cpu_attention, use_fp8, use_packed_sdpa
 
 
 def _tiny(arch: str):
@@ -80,7 +81,7 @@ def test_block_batches_match_packed_blocks(tmp_path, tokenizer_dir):
     from chatforge.data import DataConfig, PackedBlocks, prepare
 
     prepare(DataConfig(data=["demo:en"], out=str(tmp_path / "d"), tokenizer=tokenizer_dir), log=lambda *_: None)
-    plain, fast = PackedBlocks(tmp_path / "d", "train", 64), BlockBatches(tmp_path / "d", "train", 64)
+    plain, fast = PackedBlocks(tmp_path / "d", "train", 64, whole_batches=False), PackedBlocks(tmp_path / "d", "train", 64)
     idx = [5, 0, len(plain) - 1, 3]
     batch = collate_blocks(fast.__getitems__(idx))
     assert set(batch) == {"input_ids", "labels"}  # no attention_mask: SDPA runs is_causal
@@ -167,7 +168,7 @@ def test_packed_sdpa_gets_no_mask_even_compiled():
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from chatforge.fastloss import PACKED_SDPA
+    from chatforge.train.speedups import PACKED_SDPA
 
     model = _tiny("gpt2")
     use_packed_sdpa(model)

@@ -2,7 +2,7 @@
 
 from transformers import AutoTokenizer
 
-from chatforge.tokenizer import SPECIAL_TOKENS
+from chatforge.text.tokenizer import SPECIAL_TOKENS
 
 SAMPLES = [
     "The quick brown fox jumps over the lazy dog.",
@@ -39,13 +39,13 @@ def test_fast_batch_encoder_gives_the_same_ids(tokenizer_dir):
     in the text, emoji and odd whitespace included; anything not plain byte-level BPE gets no fast path."""
     from tokenizers import normalizers
 
-    from chatforge.sources import iter_texts
-    from chatforge.tokenizer import fast_batch_encoder, load_tokenizer
+    from chatforge.text.sources import SourceOptions, iter_texts
+    from chatforge.text.tokenizer import fast_batch_encoder, load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir)
     encode = fast_batch_encoder(tok)
     assert encode is not None
-    texts = list(iter_texts(["demo:en", "demo:zh"])) + [
+    texts = list(iter_texts(SourceOptions(data=["demo:en", "demo:zh"]))) + [
         "a<|endoftext|>b <|im_start|>user\nhi<|im_end|>", "  two  spaces  ", "数字123 和 emoji 😀🎉\t\ttabs\n\n\n",
         "中文标点，。！？——《》", "", "x" * 3000, "don't we'll I'd"]
     assert encode(texts) == [tok.encode(t, add_special_tokens=False) for t in texts]

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from chatforge.config import option
 from chatforge.errors import ChatforgeError
-from chatforge.training import RunSettings
+from chatforge.train.common import RunSettings, is_main, redefault
 
 
 @dataclass
@@ -32,27 +33,35 @@ class SFTConfig(RunSettings):
     """Everything that defines a fine-tuning run; saved as out/run_config.yaml. Learning rate auto:
     2e-4 with LoRA; 5e-4 below 50M parameters, else 5e-5."""
 
-    model: str = ""
-    data: list[str] = field(default_factory=list)
-    out: str = "run-chat"
-    max_length: int | None = None     # default: the model's context window
-    packing: bool = False
-    eval_fraction: float = 0.05
-    epochs: float = 3.0
-    micro_batch_size: int = 8
-    grad_accum: int = 1
-    weight_decay: float = 0.0
-    lora: bool = False
-    lora_r: int = 16
-    lora_alpha: int = 32
-    merge: bool = False
-    strict: bool = False
-    eval_every: int = 100
+    model: str = option("", "any local Hugging Face causal-LM folder", metavar="MODEL_DIR")
+    data: list[str] = option([], "conversations, repeatable: messages / ShareGPT / Alpaca / prompt-completion "
+                                 "records in jsonl/json/parquet, hf:NAME[:CONFIG], or demo[:LANG]", metavar="SRC")
+    out: str = option("run-chat", "run folder", metavar="DIR")
+    max_length: int | None = option(None, "tokens per conversation; longer ones keep their first N tokens "
+                                          "(default: the context window)", min=2, metavar="N")
+    packing: bool = option(False, "pack conversations (attention stays within each)")
+    eval_fraction: float = option(0.05, "conversations held out (0 = none)", min=0.0, max=0.5, metavar="F")
+    epochs: float = option(3.0, "passes over the conversations", min=0.0, exclusive_min=True, metavar="N")
+    micro_batch_size: int = option(8, "conversations per forward pass", min=1, metavar="N")
+    grad_accum: int = option(1, "micro-batches per optimizer step", min=1, metavar="N")
+    weight_decay: float = redefault(RunSettings, "weight_decay", 0.0)
+    lora: bool = option(False, "train LoRA adapters (PEFT) instead of all weights")
+    lora_r: int = option(16, "LoRA rank", min=1, max=4096, metavar="R")
+    lora_alpha: int = option(32, "LoRA scaling numerator", min=1, metavar="A")
+    merge: bool = option(False, "with --lora: write merged full weights")
+    strict: bool = option(False, "fail on the first unusable record")
+    eval_every: int = redefault(RunSettings, "eval_every", 100)
+
+    def validate(self) -> None:
+        if not self.model:
+            raise ChatforgeError("sft needs --model MODEL_DIR (a pretrained causal LM)")
+        if not self.data:
+            raise ChatforgeError("sft needs --data (conversations: jsonl/json/parquet, hf:NAME or demo)")
 
 
 def encode_conversation(tok, messages: list[dict], max_length: int) -> tuple[dict, bool]:
     """(input_ids/attention_mask/labels, was_truncated); labels are -100 outside assistant tokens."""
-    from chatforge.conversations import InvalidRecord
+    from chatforge.text.conversations import InvalidRecord
 
     enc = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     ids = list(enc["input_ids"])[:max_length]
@@ -65,8 +74,8 @@ def encode_conversation(tok, messages: list[dict], max_length: int) -> tuple[dic
 
 def load_examples(cfg: SFTConfig, tok, max_length: int, log=print) -> tuple[list[dict], list[dict]]:
     """Tokenize every conversation; return (train, eval); stop if nothing is left to learn from."""
-    from chatforge.conversations import InvalidRecord, iter_conversations
-    from chatforge.sources import SourceStats
+    from chatforge.text.conversations import InvalidRecord, iter_conversations
+    from chatforge.text.sources import SourceStats
 
     stats = SourceStats()
     examples = []
@@ -94,7 +103,7 @@ def load_examples(cfg: SFTConfig, tok, max_length: int, log=print) -> tuple[list
 def prepare_model_and_tokenizer(model_dir: str, log=print):
     """Load any local causal LM; give its tokenizer ChatML tokens + template, resizing embeddings if needed."""
     from chatforge.modeling import load_model, padded_vocab, set_generation_defaults
-    from chatforge.tokenizer import ensure_chat_tokens, load_tokenizer
+    from chatforge.text.tokenizer import ensure_chat_tokens, load_tokenizer
 
     tok = load_tokenizer(model_dir)
     model = load_model(model_dir)
@@ -108,20 +117,18 @@ def prepare_model_and_tokenizer(model_dir: str, log=print):
 
 
 def sft(cfg: SFTConfig, resume: bool = False, overwrite: bool = False, log=print) -> dict:
-    import torch
-    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
     from chatforge import config as config_io
     from chatforge.modeling import context_length, count_parameters, resolve_precision
-    from chatforge.training import (RUN_CONFIG, CompleteMarker, Schedule, Throughput, WallClockBudget, add_callbacks,
-                                    check_output_dir, finish_distributed, make_optimizer, resume_checkpoint,
-                                    training_arguments, world_size, write_summary)
+    from chatforge.outputs import check_not_inputs, claim
+    from chatforge.train.callbacks import Throughput
+    from chatforge.train.common import RUN_CONFIG, Plan, finish_run, run_trainer, world_size
 
-    if not cfg.model:
-        raise ChatforgeError("sft needs --model MODEL_DIR (a pretrained causal LM)")
-    if not cfg.data:
-        raise ChatforgeError("sft needs --data (conversations: jsonl/json/parquet, hf:NAME or demo)")
-    check_output_dir(cfg.out, resume, overwrite)
+    cfg.validate()
+    check_not_inputs(cfg.out, [("--model", cfg.model)] + [("--data", d) for d in cfg.data])
+    if is_main():
+        claim(cfg.out, "sft", overwrite=overwrite, resume=resume, legacy=(RUN_CONFIG,))
     model, tok, added = prepare_model_and_tokenizer(cfg.model, log)
     ctx = context_length(model.config)
     max_length = cfg.max_length or ctx
@@ -138,38 +145,24 @@ def sft(cfg: SFTConfig, resume: bool = False, overwrite: bool = False, log=print
     max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(train) / per_step))
     lr = cfg.learning_rate or (2e-4 if cfg.lora else 5e-4 if n_params < 50e6 else 5e-5)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, max_steps // 30)
-    config_io.save(SFTConfig(**{**asdict(cfg), "max_length": max_length, "learning_rate": lr,
-                                "warmup_steps": warmup, "max_steps": max_steps}), Path(cfg.out) / RUN_CONFIG)
+    if is_main():
+        config_io.save(SFTConfig(**{**asdict(cfg), "max_length": max_length, "learning_rate": lr,
+                                    "warmup_steps": warmup, "max_steps": max_steps}), Path(cfg.out) / RUN_CONFIG)
     mean_tokens = sum(len(e["input_ids"]) for e in train) / len(train)
     log(f"sft: {len(train)} train / {len(evals)} eval conversations, {max_steps} steps x {per_step} conversations, "
         f"lr {lr:g}, {precision}{', LoRA' if cfg.lora else ''}{', packed' if cfg.packing else ''}")
 
-    optimizer = make_optimizer(model, lr, cfg.weight_decay)
-    schedule = Schedule(cfg.schedule, warmup, max_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    args = training_arguments(cfg, cfg.out, max_steps=max_steps, micro=micro, accum=cfg.grad_accum,
-                              precision=precision, has_eval=bool(evals))
     collator = DataCollatorWithFlattening() if cfg.packing else \
         DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100, pad_to_multiple_of=64)
     throughput = Throughput(int(mean_tokens * per_step), None)
-    callbacks = [throughput, CompleteMarker({"kind": "sft"})]
-    if cfg.max_time:
-        callbacks.append(WallClockBudget(cfg.max_time, schedule))
-    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=evals or None, processing_class=tok,
-                      data_collator=collator, optimizers=(optimizer, scheduler))
-    add_callbacks(trainer, callbacks)
-    trainer.train(resume_from_checkpoint=resume_checkpoint(cfg.out, log) if resume else None)
-    metrics = trainer.evaluate() if evals else {}
+    trainer, metrics = run_trainer(cfg, cfg.out, model, tok, train, evals, Plan(max_steps, micro, cfg.grad_accum, lr,
+                                   warmup, precision), kind="sft", throughput=throughput, collator=collator,
+                                   resume=resume, log=log)
     _save_final(trainer, model, tok, cfg, log)
-    summary = {**throughput.summary(trainer.state), "train_conversations": len(train),
-               **{k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}}
-    if trainer.is_world_process_zero():
-        write_summary(cfg.out, summary)
-        log(f"done: {summary['steps']} steps, eval loss {summary.get('eval_loss')} -> {cfg.out}\n"
-            f"talk to it: chatforge chat {cfg.out}")
+    summary = {**throughput.summary(trainer.state), "train_conversations": len(train), **metrics}
     del trainer, model  # before the process group goes: see finish_distributed
-    finish_distributed()
-    return summary
+    return finish_run(cfg.out, summary, f"done: {summary['steps']} steps, eval loss {summary.get('eval_loss')} -> "
+                      f"{cfg.out}\ntalk to it: chatforge chat {cfg.out}", log)
 
 
 def _wrap_lora(model, cfg: SFTConfig, tokens_added: int):
@@ -188,13 +181,13 @@ def _save_final(trainer, model, tok, cfg: SFTConfig, log) -> None:
     """A plain Hugging Face directory; with LoRA the adapter, or merged full weights with --merge."""
     if cfg.lora and cfg.merge:
         merged = model.merge_and_unload()
-        if trainer.is_world_process_zero():
+        if is_main():
             merged.save_pretrained(cfg.out)
             tok.save_pretrained(cfg.out)
             _remove_adapter_files(cfg.out)
         return
     trainer.save_model(cfg.out)
-    if cfg.lora and trainer.is_world_process_zero():
+    if cfg.lora and is_main():
         log(f"saved the LoRA adapter (base: {cfg.model}); pass --merge for full weights")
 
 

@@ -13,6 +13,7 @@ must fix raise `ChatforgeError`; problems that may be skipped are counted in `So
 from __future__ import annotations
 
 import csv
+import dataclasses
 import glob
 import gzip
 import io
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from chatforge.config import option
 from chatforge.errors import ChatforgeError
 
 TEXT_SUFFIXES = (".txt", ".md", ".text")
@@ -36,6 +38,22 @@ DEMO_LANGUAGES = {
     "nl": "dutch", "sv": "swedish", "uk": "ukrainian", "he": "hebrew", "fa": "persian",
     "ta": "tamil", "te": "telugu", "th": "thai", "ur": "urdu", "yo": "yoruba", "mr": "marathi",
 }
+
+
+@dataclass
+class SourceOptions:
+    """Where the text comes from and how to read it: shared by `tokenizer train`, `data prepare` and
+    `pretrain`, which extend it."""
+
+    data: list[str] = option([], "text source, repeatable: file, folder, glob, .gz/.zst, hf:NAME[:CONFIG], "
+                                 "demo[:LANG]", metavar="SRC")
+    text_field: str = option("text", "JSON/Parquet/CSV field holding the text", metavar="NAME")
+    doc_per_line: bool = option(False, ".txt files hold one document per line")
+    strict: bool = option(False, "fail on the first invalid UTF-8 line or skipped record")
+
+    def sources(self) -> "SourceOptions":
+        """Just the source options of a config that extends this class."""
+        return SourceOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(SourceOptions)})
 
 
 @dataclass
@@ -266,12 +284,11 @@ def record_text(record: dict, origin: str, text_field: str) -> str:
     return value
 
 
-def iter_texts(specs: Iterable[str], *, text_field: str = "text", doc_per_line: bool = False,
-               strict: bool = False, stats: SourceStats | None = None) -> Iterator[str]:
+def iter_texts(src: SourceOptions, stats: SourceStats | None = None) -> Iterator[str]:
     """Yield the non-empty documents of the sources; empty ones are counted as skipped."""
     stats = stats if stats is not None else SourceStats()
-    for record, origin in iter_records(specs, doc_per_line=doc_per_line, strict=strict, stats=stats):
-        text = record_text(record, origin, text_field)
+    for record, origin in iter_records(src.data, doc_per_line=src.doc_per_line, strict=src.strict, stats=stats):
+        text = record_text(record, origin, src.text_field)
         if not text.strip():
             stats.skip("empty document", origin, strict=False)
             continue

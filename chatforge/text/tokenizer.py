@@ -14,10 +14,11 @@ import hashlib
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
+from chatforge.config import option
 from chatforge.errors import ChatforgeError
+from chatforge.text.sources import SourceOptions
 
 EOS = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -41,36 +42,40 @@ CHAT_TEMPLATE = (
 )
 
 
+MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # every byte, and the special tokens
+
+
 @dataclass
-class TokenizerConfig:
+class TokenizerConfig(SourceOptions):
     """Settings of `chatforge tokenizer train`."""
 
-    data: list[str] = field(default_factory=list)
-    out: str = ""
-    vocab_size: int = 8192
-    max_chars: int = 200_000_000  # bounds memory and time on large corpora: train on a prefix sample
-    min_frequency: int = 2
-    text_field: str = "text"
-    doc_per_line: bool = False
-    strict: bool = False
+    out: str = option("", "where to save the tokenizer directory", metavar="DIR")
+    vocab_size: int = option(8192, "vocabulary size", min=MIN_VOCAB, max=2**31 - 1, metavar="N")
+    max_chars: int = option(200_000_000, "train on at most N characters (bounds memory and time on large "
+                                         "corpora)", min=1, metavar="N")
+    min_frequency: int = option(2, "merge only pairs seen at least this often", min=1, metavar="N")
+
+    def validate(self) -> None:
+        if not self.out:
+            raise ChatforgeError("tokenizer train needs --out DIR")
 
 
 def train_tokenizer(cfg: TokenizerConfig, log=print):
     """Train, save to `cfg.out` and return the transformers tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from chatforge.sources import SourceStats, iter_texts
+    from chatforge.text.sources import SourceStats, iter_texts
 
-    min_vocab = 256 + len(SPECIAL_TOKENS)
-    if cfg.vocab_size < min_vocab:
-        raise ChatforgeError(f"--vocab-size {cfg.vocab_size} is too small: byte-level BPE needs at least {min_vocab}")
+    from chatforge.outputs import check_not_inputs, check_replaceable, owner_kind
+
+    check_not_inputs(cfg.out, [("--data", d) for d in cfg.data])
+    check_replaceable(cfg.out, lambda folder: owner_kind(folder) == "tokenizer")
     stats = SourceStats()
     used_chars = 0
 
     def sample():
         nonlocal used_chars
-        for text in iter_texts(cfg.data, text_field=cfg.text_field, doc_per_line=cfg.doc_per_line,
-                               strict=cfg.strict, stats=stats):
+        for text in iter_texts(cfg, stats):
             if used_chars >= cfg.max_chars:
                 return
             text = text[: cfg.max_chars - used_chars]
@@ -114,8 +119,13 @@ def wrap_tokenizer(tok):
 
 
 def save_tokenizer(tok, out: str) -> None:
-    Path(out).mkdir(parents=True, exist_ok=True)
-    tok.save_pretrained(out)
+    """Written to a temporary sibling, marked as chatforge's, then renamed into place."""
+    from chatforge.outputs import mark, replace_with, temporary_sibling
+
+    tmp = temporary_sibling(out)
+    tok.save_pretrained(str(tmp))
+    mark(tmp, "tokenizer")
+    replace_with(out, tmp)
 
 
 def load_tokenizer(path: str):
@@ -148,6 +158,15 @@ def ensure_chat_tokens(tok) -> int:
     if IM_START not in template or "{% generation %}" not in template:
         tok.chat_template = CHAT_TEMPLATE  # ChatML with generation blocks, so assistant masks work
     return added
+
+
+def stop_ids(tok, eos_token_id=None) -> list[int]:
+    """The ids generation stops at: end of turn, end of document, the tokenizer's EOS and `eos_token_id`
+    (a model's generation_config value, an id or a list), in that order without repeats."""
+    vocab = tok.get_vocab()
+    extra = eos_token_id if isinstance(eos_token_id, list) else [eos_token_id]
+    ids = [vocab[t] for t in (IM_END, EOS) if t in vocab] + [tok.eos_token_id] + extra
+    return list(dict.fromkeys(i for i in ids if i is not None))
 
 
 def document_separator_id(tok) -> int:

@@ -17,94 +17,16 @@ import select
 import socket
 import time
 import uuid
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 
-from chatforge.engine import Engine, EngineBusy, SamplingParams
+from chatforge.config import option
+from chatforge.engine import Engine, EngineBusy, EngineOptions
 from chatforge.errors import ChatforgeError
+from chatforge.serve.openai import ApiError, _get, parse_messages, parse_sampling
 
 MAX_BODY = 1 << 20  # bytes
-ROLES = {"system", "developer", "user", "assistant"}
-
-
-class ApiError(Exception):
-    """A client error answered as {"error": {...}} with this HTTP status."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        kind = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error",
-                503: "server_error"}.get(self.status, "invalid_request_error")
-        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
-
-
-# ---------------------------------------------------------------- request validation
-
-
-def _get(body: dict, name: str, kinds, default=None, check=None, why: str = ""):
-    """body[name] if it has one of `kinds` (bool is never a number) and passes `check`."""
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,)) \
-            or not isinstance(value, kinds) or (check and not check(value)):
-        raise ApiError(400, f"'{name}' {why or 'has the wrong type'}", param=name)
-    return value
-
-
-def _text_content(content, i: int) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
-                                         and isinstance(p.get("text"), str) for p in content):
-        return "".join(p["text"] for p in content)
-    raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts", param="messages")
-
-
-def parse_messages(body: dict) -> list[dict]:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "'messages' must be a non-empty list", param="messages")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise ApiError(400, f"messages[{i}] must be an object", param="messages")
-        role = m.get("role")
-        if role not in ROLES:
-            raise ApiError(400, f"messages[{i}].role must be one of system, user, assistant; got {role!r}",
-                           param="messages")
-        out.append({"role": "system" if role == "developer" else role,
-                    "content": _text_content(m.get("content"), i)})
-    return out
-
-
-def parse_sampling(body: dict, prompt_len: int, context_length: int) -> SamplingParams:
-    """OpenAI sampling fields -> SamplingParams, with max_tokens capped to what the context leaves."""
-    if prompt_len >= context_length:
-        raise ApiError(400, f"the prompt is {prompt_len} tokens; this model's context window is "
-                            f"{context_length}", param="messages", code="context_length_exceeded")
-    room = context_length - prompt_len
-    max_tokens = _get(body, "max_completion_tokens", int, None, lambda v: v >= 1, "must be an integer >= 1")
-    max_tokens = _get(body, "max_tokens", int, max_tokens, lambda v: v >= 1, "must be an integer >= 1")
-    n = _get(body, "n", int, 1, lambda v: v == 1, "must be 1 (one choice per request)")
-    del n
-    stop = body.get("stop")
-    if isinstance(stop, str):
-        stop = [stop]
-    if stop is not None and not (isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) for s in stop)):
-        raise ApiError(400, "'stop' must be a string or a list of at most 4 strings", param="stop")
-    return SamplingParams(
-        max_new_tokens=min(max_tokens or room, room),
-        temperature=float(_get(body, "temperature", (int, float), 1.0, lambda v: 0 <= v <= 2, "must be in [0, 2]")),
-        top_p=float(_get(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1, "must be in (0, 1]")),
-        top_k=_get(body, "top_k", int, 0, lambda v: v >= 0, "must be an integer >= 0"),
-        repetition_penalty=float(_get(body, "repetition_penalty", (int, float), 1.0, lambda v: v > 0, "must be > 0")),
-        seed=_get(body, "seed", int, None),
-        stop=[s for s in stop or [] if s])
 
 
 # ---------------------------------------------------------------- the HTTP handler
@@ -213,7 +135,7 @@ class Handler(BaseHTTPRequestHandler):
     # -------------------------------------------------------- routes
 
     def _page(self) -> None:
-        page = resources.files("chatforge").joinpath("static/index.html").read_bytes()
+        page = resources.files("chatforge.serve").joinpath("static/index.html").read_bytes()
         self._send(200, page, "text/html; charset=utf-8", {"Cache-Control": "no-cache"})
 
     def _health(self) -> None:
@@ -351,13 +273,26 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 256  # listen backlog: socketserver's default of 5 drops bursts of new clients
 
 
-def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          max_batch: int = 16, max_queue: int = 64, model_name: str | None = None, dtype: str = "auto",
-          static: bool | None = None) -> None:
-    if not 0 <= port < 65536:
-        raise ChatforgeError(f"--port must be in 0..65535, got {port}")
-    engine = Engine(model_dir, max_batch=max_batch, max_queue=max_queue, dtype=dtype, static=static)
-    name = model_name or os.path.basename(os.path.abspath(model_dir))
+@dataclass
+class ServeConfig:
+    """`chatforge serve`: where to listen, who may call, how much load to take."""
+
+    model: str = option(None, "model folder", positional=True, metavar="MODEL_DIR")
+    host: str = option("127.0.0.1", "interface to bind (127.0.0.1: this machine only)")
+    port: int = option(8000, "TCP port (0 = any free port)", min=0, max=65535)
+    api_key: str | None = option(None, "require Authorization: Bearer KEY on /v1 (default: $CHATFORGE_API_KEY "
+                                       "if set)", metavar="KEY")
+    max_batch: int = option(16, "requests decoded together", min=1, max=4096, metavar="N")
+    max_queue: int = option(64, "requests allowed to wait; more get 503 + Retry-After", min=0, metavar="N")
+    model_name: str | None = option(None, "model id in the API (default: MODEL_DIR's name)", metavar="NAME")
+    engine: EngineOptions = field(default_factory=EngineOptions)
+
+
+def serve(cfg: ServeConfig) -> None:
+    api_key = cfg.api_key or os.environ.get("CHATFORGE_API_KEY")
+    engine = Engine(cfg.model, max_batch=cfg.max_batch, max_queue=cfg.max_queue, **cfg.engine.engine_kwargs())
+    name = cfg.model_name or os.path.basename(os.path.abspath(cfg.model))
+    host, port = cfg.host, cfg.port
     try:
         server = make_server(engine, host, port, api_key, name)
     except OSError as err:

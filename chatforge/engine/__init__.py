@@ -1,0 +1,199 @@
+"""Text generation with a KV cache and continuous batching, shared by `generate`, `chat` and `serve`.
+
+One background thread owns the model; requests wait in a bounded queue and the thread batches every
+running one (`scheduler.py`). The model runs on a backend (`backends/`): chatforge's own decode for the
+GPT-2 and Llama checkpoints it writes, transformers' forward for any other causal LM. Sampling:
+temperature (0 = greedy), top-k, top-p, repetition penalty, seed; generation stops at the model's end
+tokens (<|im_end|>, <|endoftext|>) or a stop string.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from chatforge.config import option
+from chatforge.engine.detokenize import Detokenizer, byte_table
+from chatforge.engine.sampling import SamplingParams, sample_next
+from chatforge.engine.scheduler import Request, Scheduler
+from chatforge.errors import ChatforgeError
+
+__all__ = ["Completion", "ContextTooLong", "Engine", "EngineBusy", "EngineOptions", "Request", "SamplingParams",
+           "sample_next"]
+
+
+@dataclass
+class EngineOptions:
+    """How `generate`, `chat` and `serve` load a model."""
+
+    dtype: str = option("auto", "weights' dtype; auto: bf16 on GPUs and on CPUs with native bf16, else fp32",
+                        choices=("auto", "bf16", "fp16", "fp32"))
+    enforce_eager: bool = option(False, "GPU: decode step by step instead of replaying CUDA graphs (as in vLLM)")
+
+    def engine_kwargs(self) -> dict:
+        return {"dtype": self.dtype, "static": False if self.enforce_eager else None}
+
+
+class EngineBusy(ChatforgeError):
+    """The request queue is full: the caller should retry later (HTTP 503 + Retry-After)."""
+
+
+class ContextTooLong(ChatforgeError):
+    """The prompt leaves no room to generate in the model's context window."""
+
+
+@dataclass(frozen=True)
+class Completion:
+    """The result of one finished request."""
+
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def check_context(prompt_tokens: int, context_length: int) -> None:
+    """The one context-length check: a prompt must leave at least one position to generate in."""
+    if prompt_tokens >= context_length:
+        raise ContextTooLong(f"the prompt is {prompt_tokens} tokens; this model's context window is {context_length}")
+
+
+class Engine:
+    """A loaded model + tokenizer that turns prompts into streamed text, many requests at once."""
+
+    def __init__(self, model_dir: str, device: str | None = None, dtype: str | torch.dtype = "auto",
+                 max_batch: int = 16, max_queue: int = 64, fast: bool = True, static: bool | None = None):
+        """static: decode with fixed shapes, replayed from CUDA graphs on a GPU (default: on for CUDA;
+        on a CPU it only costs attention over the whole context, so it is off there)."""
+        from chatforge.modeling import resolve_precision, torch_dtype
+        from chatforge.text.tokenizer import load_tokenizer
+
+        self.name = model_dir
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.static = self.device.startswith("cuda") if static is None else static
+        if not isinstance(dtype, torch.dtype):
+            dtype = torch_dtype(resolve_precision(dtype, "--dtype", cuda=self.device.startswith("cuda")))
+        self.tokenizer = load_tokenizer(model_dir)
+        self.token_bytes = byte_table(self.tokenizer)  # None: not byte-level BPE, decode with the tokenizer
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self._tok_lock = threading.Lock()  # HF fast tokenizers are not safe to share across threads
+        self._cv = threading.Condition()
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._closed = False
+        # Every torch op runs on the engine thread, loading included: each thread that runs an OpenMP
+        # region gets its own worker team, and more teams than cores make every op pay a wake-up
+        # (bench/README.md: about 1.8x slower decoding on 2 cores).
+        self._ready = threading.Event()
+        self._load_error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, args=(model_dir, dtype, fast),
+                                        name="chatforge-engine", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._load_error is not None:
+            raise self._load_error
+
+    def _load(self, model_dir: str, dtype: torch.dtype, fast: bool) -> None:
+        from chatforge.engine.backends import FastModel, make_backend
+        from chatforge.modeling import context_length, load_model
+        from chatforge.text.tokenizer import stop_ids
+
+        self.model = load_model(model_dir, dtype=dtype).to(self.device).eval()
+        self.context_length = context_length(self.model.config)
+        self.vocab_rows = self.model.get_input_embeddings().weight.shape[0]
+        self.stop_ids = set(stop_ids(self.tokenizer, self.model.generation_config.eos_token_id))
+        self.backend = make_backend(self.model, self.max_batch, self.context_length, fast=fast, static=self.static)
+        self.fast = isinstance(self.backend, FastModel)
+        self.scheduler = Scheduler(self.backend, self.max_batch, self.stop_ids, self._take_waiting)
+
+    # ------------------------------------------------------------ public API
+
+    def chat_prompt(self, messages: list[dict]) -> list[int]:
+        with self._tok_lock:
+            return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                           return_dict=True)["input_ids"])
+
+    def encode(self, text: str) -> list[int]:
+        with self._tok_lock:
+            return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: list[int]) -> str:
+        with self._tok_lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    @property
+    def load(self) -> tuple[int, int]:
+        """(active, waiting) request counts."""
+        return len(self.scheduler.active), len(self._waiting)
+
+    def check_prompt(self, prompt_ids: list[int]) -> None:
+        """Raise ChatforgeError unless `prompt_ids` is a prompt this model can continue."""
+        if not prompt_ids:
+            raise ChatforgeError("the prompt is empty")
+        check_context(len(prompt_ids), self.context_length)
+        if not all(isinstance(t, int) and 0 <= t < self.vocab_rows for t in prompt_ids):
+            raise ChatforgeError(f"the prompt holds a token id outside 0..{self.vocab_rows - 1}")
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> Request:
+        """Queue a request; raises ChatforgeError for bad input and EngineBusy when the queue is full."""
+        params.validate()
+        self.check_prompt(prompt_ids)
+        budget = min(params.max_new_tokens, self.context_length - len(prompt_ids))
+        req = Request(prompt_ids, params, budget, Detokenizer(self.token_bytes, self.decode))
+        with self._cv:
+            if self._closed:
+                raise ChatforgeError("the engine is closed")
+            if len(self._waiting) >= self.max_queue:
+                raise EngineBusy(f"the queue is full ({self.max_queue} waiting requests)")
+            self._waiting.append(req)
+            self._cv.notify()
+        return req
+
+    def stream(self, prompt_ids: list[int], params: SamplingParams) -> Request:
+        """The request, to iterate for text pieces; afterwards it holds finish_reason and token counts.
+        Leaving the loop early cancels it and frees its slot."""
+        return self.submit(prompt_ids, params)
+
+    def complete(self, prompt_ids: list[int], params: SamplingParams) -> Completion:
+        req = self.submit(prompt_ids, params)
+        text = "".join(req)
+        return Completion(text, req.finish_reason, req.prompt_tokens, req.completion_tokens)
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
+
+    # ------------------------------------------------------------ the engine thread
+
+    def _take_waiting(self) -> Request | None:
+        with self._cv:
+            return self._waiting.popleft() if self._waiting else None
+
+    def _loop(self, model_dir: str, dtype: torch.dtype, fast: bool) -> None:
+        try:
+            device = torch.device(self.device)
+            if device.type == "cuda" and device.index is not None:
+                torch.cuda.set_device(device)  # streams and CUDA graphs belong to the current device
+            self._load(model_dir, dtype, fast)
+        except BaseException as err:  # re-raised by __init__ on the caller's thread
+            self._load_error = err
+            return
+        finally:
+            self._ready.set()
+        while True:
+            with self._cv:
+                while not self._waiting and not self.scheduler.active and not self._closed:
+                    self._cv.wait()
+                if self._closed:
+                    self.scheduler.close(list(self._waiting))
+                    return
+            try:
+                with torch.inference_mode():
+                    self.scheduler.step()
+            except Exception as err:  # the batched forward failed: never leave a client hanging
+                self.scheduler.fail_all(err)

@@ -1,0 +1,68 @@
+"""Sampling settings of one request, and the sampler that picks its next token."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from chatforge.config import option
+from chatforge.errors import ChatforgeError
+
+# Below this a positive temperature is raised to it (as vLLM does): logits / 1e-300 overflow to inf and
+# the softmax turns to NaN, where 0.01 already samples the argmax in practice.
+MIN_TEMPERATURE = 1e-2
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes a 64-bit seed
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens; shared by `generate`, `chat`, the engine and the HTTP API."""
+
+    max_new_tokens: int = option(256, "tokens to generate at most", min=1, metavar="N")
+    temperature: float = option(0.8, "0 = greedy", min=0.0, max=100.0)
+    top_k: int = option(0, "keep the k likeliest tokens; 0 = off", min=0)
+    top_p: float = option(1.0, "nucleus sampling; 1.0 = off", min=0.0, max=1.0, exclusive_min=True)
+    repetition_penalty: float = option(1.0, "1.0 = off", min=0.0, exclusive_min=True, max=100.0)
+    seed: int | None = option(None, "seeded sampling: the same seed gives the same text", min=0, max=MAX_SEED)
+    stop: list[str] = field(default_factory=list, metadata={"cli": False})
+
+    def validate(self) -> None:
+        """Raise ChatforgeError naming the first bad value; called where a request is made."""
+        from chatforge.config import check_fields
+
+        check_fields(self, where="sampling")
+        if not all(isinstance(s, str) for s in self.stop):
+            raise ChatforgeError("stop must be a list of strings")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 and self.repetition_penalty == 1.0
+
+
+def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
+                history: torch.Tensor | None = None) -> torch.Tensor:
+    """Pick the next token id for each row of `logits` [B, V] (fp32)."""
+    if params.repetition_penalty != 1.0 and history is not None and history.numel():
+        seen = logits.gather(-1, history)
+        seen = torch.where(seen > 0, seen / params.repetition_penalty, seen * params.repetition_penalty)
+        logits = logits.scatter(-1, history, seen)
+    if params.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / max(params.temperature, MIN_TEMPERATURE)
+    if params.top_k:
+        kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > params.top_p  # keep the smallest prefix reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    if not math.isfinite(float(probs.sum())):
+        raise ChatforgeError("sampling failed: the model's probabilities are not finite")
+    if generator is not None and generator.device != probs.device:  # a seeded request's generator is on
+        return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(probs.device)  # the CPU
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -1,0 +1,1 @@
+"""`chatforge serve`: an OpenAI-compatible HTTP API and a web chat page over the batching engine."""

@@ -1,0 +1,246 @@
+"""What every training stage shares around the transformers `Trainer`: one set-up and one finish.
+
+The Trainer does the loop, accumulation, clipping, mixed precision, DDP, checkpointing and resume.
+chatforge adds what it lacks: precision picked from the hardware, an optimizer that decays only
+matrices, a schedule whose length can follow a wall-clock budget, checkpoints that are marked complete
+only once fully written, a progress bar with tokens/s, and output folders that are provably its own.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from chatforge.config import option
+from chatforge.errors import ChatforgeError
+from chatforge.modeling import PRECISIONS
+
+COMPLETE_MARKER = "chatforge_complete.json"
+STARTED_MARKER = "chatforge_started.json"
+RUN_CONFIG = "run_config.yaml"
+SUMMARY = "summary.json"
+SCHEDULES = ("cosine", "wsd", "constant")
+REPORTERS = ("tensorboard", "wandb", "mlflow", "trackio", "swanlab", "none")
+
+
+@dataclass
+class RunSettings:
+    """What every training stage shares: budget, optimisation, precision and bookkeeping. Stages extend
+    it and may change a default with `redefault`."""
+
+    max_steps: int | None = option(None, "stop after N optimizer steps", min=1, metavar="N")
+    max_time: float | None = option(None, "a time budget in seconds, across --resume; the LR schedule is fitted "
+                                          "to it", min=0.0, exclusive_min=True, metavar="SECONDS")
+    learning_rate: float | None = option(None, "peak learning rate (auto: per stage and model size)", min=0.0,
+                                         exclusive_min=True, max=10.0, metavar="LR")
+    warmup_steps: int | None = option(None, "linear warm-up steps (auto: a few % of the run)", min=0, metavar="N")
+    schedule: str = option("cosine", "learning-rate schedule after warm-up", choices=SCHEDULES)
+    weight_decay: float = option(0.1, "AdamW weight decay on matrices", min=0.0, max=10.0, metavar="W")
+    grad_clip: float = option(1.0, "clip the gradient norm to this (0 = off)", min=0.0, metavar="NORM")
+    precision: str = option("auto", "auto: bf16 where supported, else fp32", choices=PRECISIONS)
+    eval_every: int = option(200, "evaluate every N steps", min=1, metavar="STEPS")
+    save_every: int = option(500, "save a checkpoint every N steps", min=1, metavar="STEPS")
+    save_total_limit: int = option(2, "checkpoints kept", min=1, metavar="N")
+    log_every: int = option(10, "log every N steps", min=1, metavar="STEPS")
+    seed: int = option(1337, "random seed (initialisation, data order)", min=0, max=2**32 - 1)
+    report_to: list[str] = option(["tensorboard"], "where to log, repeatable", choices=REPORTERS, metavar="TOOL")
+
+
+def redefault(cls, name: str, value):
+    """The field `name` of `cls` with another default, for a subclass: declared once, help included."""
+    meta = dict(cls.__dataclass_fields__[name].metadata)
+    return option(value, **meta)
+
+
+def is_main() -> bool:
+    """The one rank-0 test: torchrun (and accelerate) set RANK; a single process is rank 0."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def checkpoint_step(path: Path) -> int | None:
+    tail = path.name.split("-")[-1]
+    return int(tail) if path.name.startswith("checkpoint-") and tail.isdigit() else None
+
+
+def complete_checkpoints(out: str) -> list[Path]:
+    """Checkpoints whose save finished (marker written last), oldest first."""
+    found = [p for p in Path(out).glob("checkpoint-*") if (p / COMPLETE_MARKER).exists() and checkpoint_step(p) is not None]
+    return sorted(found, key=checkpoint_step)
+
+
+def resume_checkpoint(out: str, log=print) -> str | None:
+    """The newest complete checkpoint. Ours that a kill left incomplete are removed first; a checkpoint
+    folder chatforge did not start (another tool's) is an error, never deleted."""
+    for ckpt in sorted(Path(out).glob("checkpoint-*")):
+        if (ckpt / COMPLETE_MARKER).exists():
+            continue
+        if not (ckpt / STARTED_MARKER).exists():
+            raise ChatforgeError(f"{ckpt}: a checkpoint folder chatforge did not write; move it out of {out} "
+                                 "before resuming (the Trainer would overwrite or rotate it away)")
+        if is_main():
+            log(f"removing incomplete checkpoint {ckpt}")
+            shutil.rmtree(ckpt, ignore_errors=True)
+    done = complete_checkpoints(out)
+    if not done:
+        log(f"{out}: no complete checkpoint to resume from; starting from scratch")
+        return None
+    log(f"resuming from {done[-1]}")
+    return str(done[-1])
+
+
+def trained_seconds(checkpoint: str | None) -> float:
+    """Training time spent up to `checkpoint` (0 for a fresh run)."""
+    if checkpoint is None:
+        return 0.0
+    try:
+        return float(json.loads((Path(checkpoint) / COMPLETE_MARKER).read_text()).get("train_seconds", 0.0))
+    except (OSError, ValueError):
+        return 0.0
+
+
+# ---------------------------------------------------------------- optimizer and schedule
+
+
+def make_optimizer(model, lr: float, weight_decay: float, betas=(0.9, 0.95)):
+    """AdamW with weight decay on matrices only (not biases, norms); fused kernel where available."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    try:
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
+    except (RuntimeError, TypeError):  # fused AdamW unsupported for this device/dtype
+        return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+
+class Schedule:
+    """Warm-up then cosine (to `min_lr_ratio`) or warm-up-stable-decay (WSD, linear decay over the last
+    `decay_fraction`). `total_steps` is mutable so a wall-clock budget can shorten the plan mid-run."""
+
+    def __init__(self, kind: str, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.1,
+                 decay_fraction: float = 0.2):
+        if kind not in ("cosine", "wsd", "constant"):
+            raise ChatforgeError(f"--schedule must be cosine, wsd or constant, got {kind!r}")
+        self.kind, self.warmup_steps, self.total_steps = kind, warmup_steps, total_steps
+        self.min_lr_ratio, self.decay_fraction = min_lr_ratio, decay_fraction
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.kind == "constant":
+            return 1.0
+        total = max(self.total_steps, self.warmup_steps + 1)
+        if self.kind == "cosine":
+            progress = min(1.0, (step - self.warmup_steps) / (total - self.warmup_steps))
+            return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        decay_start = total - int(self.decay_fraction * total)
+        if step < decay_start:
+            return 1.0
+        progress = min(1.0, (step - decay_start) / max(1, total - decay_start))
+        return 1.0 - (1.0 - self.min_lr_ratio) * progress
+
+
+# ---------------------------------------------------------------- the Trainer, set up and finished once
+
+
+@dataclass
+class Plan:
+    """A stage's resolved budget and batch, what `run_trainer` needs besides the model and data."""
+
+    max_steps: int
+    micro: int
+    accum: int
+    learning_rate: float
+    warmup: int
+    precision: str
+    min_lr_ratio: float = 0.1
+
+
+def run_trainer(cfg: RunSettings, out: str, model, tok, train, evals, plan: Plan, *, kind: str, throughput,
+                collator=None, compile: bool = False, num_workers: int = 0, resume: bool = False, log=print,
+                callbacks: tuple = ()):
+    """Train with the transformers Trainer (AdamW, schedule, markers, budget) and evaluate; returns
+    (trainer, final eval metrics). `callbacks`: extra TrainerCallbacks (benches)."""
+    from transformers import Trainer
+
+    from chatforge.train.callbacks import CompleteMarker, WallClockBudget
+
+    optimizer = make_optimizer(model, plan.learning_rate, cfg.weight_decay)
+    schedule = Schedule(cfg.schedule, plan.warmup, plan.max_steps, plan.min_lr_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    checkpoint = resume_checkpoint(out, log) if resume else None
+    spent = trained_seconds(checkpoint)
+    ours = [throughput, *callbacks]
+    if cfg.max_time:
+        if spent:
+            log(f"--max-time: {spent:.0f} of {cfg.max_time:g} s already spent before this resume")
+        ours.append(WallClockBudget(max(cfg.max_time - spent, 0.0), schedule))
+    args = training_arguments(cfg, out, max_steps=plan.max_steps, micro=plan.micro, accum=plan.accum,
+                              precision=plan.precision, has_eval=bool(evals) and len(evals) > 0, compile=compile,
+                              num_workers=num_workers)
+    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=evals if evals and len(evals) else None,
+                      processing_class=tok, data_collator=collator, optimizers=(optimizer, scheduler))
+    for cb in reversed(ours):  # first, so TensorBoard and the progress bar see the metrics they add to the logs
+        trainer.callback_handler.callbacks.insert(0, cb)
+    trainer.add_callback(CompleteMarker({"kind": kind}, spent))  # last: after the Trainer decided to save
+    trainer.train(resume_from_checkpoint=checkpoint)
+    metrics = trainer.evaluate() if args.eval_strategy != "no" else {}
+    return trainer, {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
+
+
+def finish_run(out: str, summary: dict, message: str, log=print) -> dict:
+    """Write summary.json (rank 0), say `message`, and tear down the process group."""
+    if is_main():
+        Path(out, SUMMARY).write_text(json.dumps(summary, indent=2))
+        log(message)
+    finish_distributed()
+    return summary
+
+
+def finish_distributed() -> None:
+    """Tear the process group down: gloo aborts a process that exits with it still up.
+
+    Callers drop their Trainer first, so the DDP reducer (which holds the group) is collected here,
+    while the group is alive: freed after `destroy_process_group` instead, its destructor joins gloo's
+    worker thread while holding the GIL that thread is waiting for, and the process hangs. No barrier
+    either: its work object, released on gloo's thread, races the same way.
+    """
+    import gc
+
+    gc.collect()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def training_arguments(cfg: RunSettings, out: str, *, max_steps: int, micro: int, accum: int, precision: str,
+                       has_eval: bool, compile: bool = False, num_workers: int = 0):
+    """The TrainingArguments both stages use; TensorBoard logs go to out/logs."""
+    from transformers import TrainingArguments
+
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(out) / "logs")
+    return TrainingArguments(
+        output_dir=out, max_steps=max_steps, per_device_train_batch_size=micro, per_device_eval_batch_size=micro,
+        gradient_accumulation_steps=accum, max_grad_norm=cfg.grad_clip, bf16=precision == "bf16",
+        fp16=precision == "fp16", torch_compile=compile,
+        eval_strategy="steps" if has_eval else "no", eval_steps=max(1, min(cfg.eval_every, max_steps)),
+        save_strategy="steps", save_steps=cfg.save_every, save_total_limit=cfg.save_total_limit,
+        logging_steps=cfg.log_every, report_to=cfg.report_to, seed=cfg.seed, data_seed=cfg.seed,
+        dataloader_num_workers=num_workers, dataloader_pin_memory=torch.cuda.is_available(),
+        # from pinned memory, without a stream sync per tensor (accelerate's default copy is blocking)
+        accelerator_config={"non_blocking": torch.cuda.is_available()},
+        prediction_loss_only=True, use_cpu=not torch.cuda.is_available(), ddp_find_unused_parameters=False,
+        logging_nan_inf_filter=False,  # True checks isnan(loss) every step: a host-device sync on GPU
+        remove_unused_columns=False,  # our datasets hold only model inputs; the filter would wrap the collator
+    )

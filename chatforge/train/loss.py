@@ -1,0 +1,134 @@
+"""The LM loss without the logits: cross-entropy over the LM head, computed chunk by chunk.
+
+Why: transformers upcasts the whole (B, T, V) logits tensor to fp32 for the cross-entropy, accelerate
+copies the logits once more, and log-softmax backward walks them again (bench/README.md). Here no
+full-size logits are ever stored, never in fp32; the result equals transformers' `ForCausalLMLoss`
+(same shift, ignore_index -100, mean or sum / num_items_in_batch) to fp32 rounding (tested).
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+# ---------------------------------------------------------------- chunked LM-head cross-entropy
+
+
+def _compute_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype autocast would run the LM-head matmul in (the input's dtype when autocast is off)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return dtype
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """sum over valid rows of CE(hidden @ weight.T, targets), scaled by `scale`.
+
+    The gradients w.r.t. hidden and weight are computed in the forward pass, chunk by chunk (as Liger's
+    fused linear cross-entropy does), so backward only rescales them by the incoming gradient: peak
+    extra memory is one (chunk, V) fp32 block instead of the (N, V) logits in bf16 plus fp32 copies.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, scale, chunk_rows, compute_dtype):
+        n, _ = hidden.shape
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(compute_dtype)
+            loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            need_grad = any(ctx.needs_input_grad[:2])  # False under no_grad (evaluation): loss only
+            grad_hidden = torch.empty_like(hidden) if need_grad else None
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad else None
+            for start in range(0, n, chunk_rows):
+                h = hidden[start:start + chunk_rows].to(compute_dtype)
+                y = targets[start:start + chunk_rows]
+                logits = (h @ w.t()).float()                          # (chunk, V), fp32 only per chunk
+                valid = y != IGNORE_INDEX
+                safe_y = torch.where(valid, y, 0)
+                lse = torch.logsumexp(logits, dim=-1)
+                picked = logits.gather(1, safe_y[:, None]).squeeze(1)
+                loss += ((lse - picked) * valid).sum()
+                if need_grad:  # d loss / d logits = softmax - onehot, on valid rows, times scale
+                    grad = logits.sub_(lse[:, None]).exp_()           # softmax, in place of the logits
+                    grad.scatter_add_(1, safe_y[:, None], -torch.ones_like(lse)[:, None])
+                    grad.mul_((valid.to(grad.dtype) * scale)[:, None])
+                    grad = grad.to(compute_dtype)
+                    grad_hidden[start:start + chunk_rows] = (grad @ w).to(hidden.dtype)
+                    grad_weight += (grad.t() @ h).float()
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return loss * scale
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        gh = grad_hidden * grad_output.to(grad_hidden.dtype) if ctx.needs_input_grad[0] else None
+        gw = (grad_weight * grad_output).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
+        return gh, gw, None, None, None, None
+
+
+def default_chunk_rows(device: torch.device) -> int:
+    """Rows of logits per chunk. CPU: 512 keeps a (512, V) fp32 block in cache (bench/README.md); GPU:
+    2048 keep the LM-head matmuls large (and a (2048, 50k) fp32 block is ~400 MB)."""
+    return 512 if device.type == "cpu" else 2048
+
+
+def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                    num_items_in_batch=None, chunk_rows: int | None = None) -> torch.Tensor:
+    """transformers' causal-LM loss (shift by one, ignore -100; mean, or sum / num_items_in_batch when
+    given) for `logits = hidden @ weight.T`, without materialising the logits.
+
+    hidden: (B, T, d) final hidden states; weight: (V, d) LM-head weight (no bias); labels: (B, T).
+    """
+    b, t, d = hidden.shape
+    chunk_rows = chunk_rows or default_chunk_rows(hidden.device)
+    # same shift as transformers' ForCausalLMLoss: pad labels with -100 on the right, drop the first
+    targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].reshape(-1).to(hidden.device)
+    if num_items_in_batch is not None:
+        denom = num_items_in_batch
+    else:
+        denom = (targets != IGNORE_INDEX).sum()
+    # the divisor is a tensor on the device when the Trainer passes it: dividing after the Function
+    # keeps it out of the Python scalar path (no host sync)
+    total = _ChunkedLinearCrossEntropy.apply(hidden.reshape(b * t, d), weight, targets, 1.0, chunk_rows,
+                                             _compute_dtype(hidden.device.type, hidden.dtype))
+    if isinstance(denom, torch.Tensor):
+        denom = denom.to(total.device, total.dtype)
+    return total / denom
+
+
+# ---------------------------------------------------------------- model patches (no parameter changes)
+
+
+def use_fused_loss(model, chunk_rows: int | None = None) -> bool:
+    """Make `model(input_ids, labels=...)` return the chunked loss and no logits.
+
+    Only the instance's `forward` changes (set before the Trainer wraps it with autocast / DDP, so
+    both still apply); weights, config and saved files do not. Calls without labels (generation,
+    `return_outputs`) take the stock forward. Returns False for heads it cannot fuse (a bias).
+    """
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    head = model.get_output_embeddings()
+    if head is None or getattr(head, "bias", None) is not None or not hasattr(model, "base_model"):
+        return False
+    stock_forward = type(model).forward
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, num_items_in_batch=None, **kwargs):
+        if labels is None or kwargs.get("output_hidden_states") or kwargs.get("return_dict") is False:
+            return stock_forward(self, input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                                 num_items_in_batch=num_items_in_batch, **kwargs)
+        kwargs.pop("use_cache", None)
+        out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+        loss = chunked_lm_loss(out.last_hidden_state, self.get_output_embeddings().weight, labels,
+                               num_items_in_batch, chunk_rows)
+        return CausalLMOutputWithPast(loss=loss)
+
+    model.forward = types.MethodType(forward, model)
+    return True
+
+

@@ -1,0 +1,249 @@
+"""Stage 4: pretrain a GPT from scratch with the transformers `Trainer` (causal LM, never masked LM).
+
+Pipeline: tokenizer (trained if none given) -> packed shards (prepared once, cached) -> a stock
+GPT2LMHeadModel / LlamaForCausalLM from a size preset -> Trainer with AdamW, warm-up + cosine/WSD,
+clipping, accumulation to a batch measured in tokens, bf16 where the hardware has it -> a standard
+Hugging Face directory in `out/` (checkpoints in `out/checkpoint-N/`, resumable).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from chatforge.config import option
+from chatforge.errors import ChatforgeError
+from chatforge.modeling import ARCHS, PRESETS
+from chatforge.text.sources import SourceOptions
+from chatforge.text.tokenizer import MIN_VOCAB
+from chatforge.train.common import RunSettings
+
+
+@dataclass
+class PretrainConfig(SourceOptions, RunSettings):
+    """Everything that defines a pretraining run; saved as out/run_config.yaml."""
+
+    out: str = option("run", "run folder", metavar="DIR")
+    tokenizer: str | None = option(None, "tokenizer folder; trained on --data when not given", metavar="DIR")
+    vocab_size: int = option(8192, "vocabulary of the tokenizer trained when none is given", min=MIN_VOCAB,
+                             max=2**31 - 1, metavar="N")
+    # model
+    arch: str = option("gpt2", "model architecture", choices=ARCHS)
+    preset: str = option("auto", "size (auto: tiny on CPU, gpt2-small on GPU)", choices=("auto", *PRESETS),
+                         metavar="NAME")
+    n_layer: int | None = option(None, "layers (overrides the preset)", min=1, max=1024, metavar="N")
+    d_model: int | None = option(None, "width (overrides the preset)", min=1, max=65536, metavar="N")
+    n_head: int | None = option(None, "attention heads (overrides the preset)", min=1, max=1024, metavar="N")
+    n_kv_head: int | None = option(None, "key/value heads, Llama (grouped-query attention)", min=1, max=1024,
+                                   metavar="N")
+    context_length: int | None = option(None, "tokens per sequence (overrides the preset)", min=2, max=1 << 20,
+                                        metavar="N")
+    dropout: float = option(0.0, "dropout probability", min=0.0, max=1.0, metavar="P")
+    model_vocab_size: int | None = option(None, "the model's vocabulary if larger than the tokenizer's (rounded up "
+                                                "to 64; GPT-2: 50304): room for added tokens", min=1,
+                                          max=2**31 - 1, metavar="N")
+    init_from: str | None = option(None, "continue pretraining a local Hugging Face checkpoint", metavar="DIR")
+    # budget: max_steps > max_tokens > ~20 tokens per parameter; max_time caps any of them
+    max_tokens: int | None = option(None, "stop after N training tokens", min=1, metavar="N")
+    tokens_per_param: float = option(20.0, "default budget: tokens per parameter (Chinchilla)", min=0.0,
+                                     exclusive_min=True, metavar="R")
+    max_epochs: float = option(10.0, "at most this many passes over the corpus", min=0.0, exclusive_min=True,
+                               metavar="N")
+    # optimisation
+    batch_tokens: int | None = option(None, "tokens per optimizer step (gradient accumulation makes it up)", min=1,
+                                      metavar="N")
+    micro_batch_size: int | None = option(None, "sequences per forward pass (auto: 8 on CPU, 32 on GPU)", min=1,
+                                          metavar="N")
+    min_lr_ratio: float = option(0.1, "final learning rate as a fraction of the peak", min=0.0, max=1.0,
+                                 metavar="R")
+    compile: bool = option(False, "torch.compile the model")
+    gradient_checkpointing: bool = option(False, "recompute activations in backward: less memory, slower")
+    # speed switches (train/speedups.py); none changes the weights or the saved checkpoint
+    fused_loss: bool = option(True, "chunked LM-head cross-entropy: no fp32 copy of the full logits")
+    fused_gelu: bool = option(True, "GPT-2 GELU as one fused kernel (the same function)")
+    fast_batches: bool = option(True, "micro-batches gathered from the shards, no padding mask")
+    cpu_attention: bool = option(True, "CPU, bf16: attention as matmuls, not SDPA")
+    flash_attention: bool = option(True, "GPU: FlashAttention 3/2 when installed (flash-attn), else SDPA")
+    fp8: bool = option(False, "FP8 matmuls via torchao (Ada/Hopper GPU, --arch llama)")
+    # data
+    val_fraction: float = option(0.005, "documents held out for validation", min=0.0, max=0.5,
+                                 exclusive_min=True, metavar="F")
+    num_workers: int = option(0, "DataLoader worker processes", min=0, max=256, metavar="N")
+
+    def validate(self) -> None:
+        import torch
+
+        if not self.data:
+            raise ChatforgeError("pretrain needs --data (a folder, files, hf:NAME or demo)")
+        if self.fp8 and (not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9)):
+            raise ChatforgeError("--fp8 needs an NVIDIA GPU with FP8 matmuls (compute capability 8.9+: Ada, Hopper)")
+
+
+def resolved_preset(preset: str) -> str:
+    import torch
+
+    if preset != "auto":
+        return preset
+    return "gpt2-small" if torch.cuda.is_available() else "tiny"
+
+
+def _load_or_train_tokenizer(cfg: PretrainConfig, log):
+    from chatforge.text.tokenizer import TokenizerConfig, load_tokenizer, train_tokenizer
+
+    if cfg.tokenizer:
+        return load_tokenizer(cfg.tokenizer)
+    if cfg.init_from:
+        return load_tokenizer(cfg.init_from)
+    tok_dir = str(Path(cfg.out) / "tokenizer")
+    if (Path(tok_dir) / "tokenizer.json").exists():
+        return load_tokenizer(tok_dir)
+    log(f"no --tokenizer given: training a {cfg.vocab_size}-token byte-level BPE on the corpus")
+    return train_tokenizer(TokenizerConfig(**asdict(cfg.sources()), out=tok_dir, vocab_size=cfg.vocab_size), log=log)
+
+
+def _prepare_data(cfg: PretrainConfig, tok, log) -> tuple[str, dict]:
+    """Shards for this run: `--data DIR` holding a manifest is used as is, otherwise prepared (cached)."""
+    from chatforge.data import MANIFEST, DataConfig, prepare, read_manifest
+    from chatforge.text.tokenizer import fingerprint
+
+    if len(cfg.data) == 1 and (Path(cfg.data[0]) / MANIFEST).exists():
+        folder = cfg.data[0]
+        manifest = read_manifest(folder)
+        if manifest["tokenizer_fingerprint"] != fingerprint(tok):
+            raise ChatforgeError(f"{folder}: these shards were made with a different tokenizer; "
+                                 "prepare them again with this one")
+        return folder, manifest
+    folder = str(Path(cfg.out) / "data")
+    manifest = prepare(DataConfig(**asdict(cfg.sources()), out=folder, val_fraction=cfg.val_fraction),
+                       tok=tok, log=log)
+    return folder, manifest
+
+
+def _build_model(cfg: PretrainConfig, tok, log):
+    from chatforge.modeling import context_length, load_model, new_model, resolve_shape, set_generation_defaults
+
+    if cfg.init_from:
+        model = load_model(cfg.init_from)
+        max_positions = context_length(model.config)
+        ctx = cfg.context_length or max_positions
+        if ctx > max_positions:
+            raise ChatforgeError(f"--context-length {ctx} is above the {max_positions} positions of {cfg.init_from}")
+        if model.get_input_embeddings().weight.shape[0] < len(tok):
+            raise ChatforgeError(f"{cfg.init_from}: the model's vocabulary is smaller than its tokenizer's")
+        set_generation_defaults(model, tok)
+        return model, ctx
+    if cfg.model_vocab_size is not None and cfg.model_vocab_size < len(tok):
+        raise ChatforgeError(f"--model-vocab-size {cfg.model_vocab_size} is below the tokenizer's {len(tok)} tokens")
+    shape = resolve_shape(cfg.arch, resolved_preset(cfg.preset), max(len(tok), cfg.model_vocab_size or 0),
+                          cfg.n_layer, cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.context_length, cfg.dropout)
+    return new_model(shape, tok, seed=cfg.seed), shape.context_length
+
+
+def flops_per_token(model, n_layer: int, d_model: int, seq: int) -> float:
+    """Training FLOPs per token: 6·N_matmul + 12·L·d·T (attention scores and values)."""
+    n_matmul = sum(p.numel() for n, p in model.named_parameters() if p.dim() >= 2 and "wpe" not in n)
+    return 6 * n_matmul + 12 * n_layer * d_model * seq
+
+
+def plan_steps(cfg: PretrainConfig, n_params: int, corpus_tokens: int, tokens_per_step: int) -> int:
+    """Optimizer steps: --max-steps, else --max-tokens, else ~20 tokens per parameter (Chinchilla);
+    never more than --max-epochs passes over the corpus unless asked for in steps or tokens. Under
+    --max-time alone the epoch cap is the plan and the time budget ends the run."""
+    cap_steps = max(1, int(cfg.max_epochs * corpus_tokens / tokens_per_step))
+    if cfg.max_steps:
+        return cfg.max_steps
+    if cfg.max_tokens:
+        return math.ceil(cfg.max_tokens / tokens_per_step)
+    if cfg.max_time:
+        return cap_steps
+    return min(cap_steps, max(1, math.ceil(cfg.tokens_per_param * n_params / tokens_per_step)))
+
+
+def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False, log=print,
+             callbacks: tuple = ()) -> dict:
+    """Run (or resume) pretraining; returns the run summary. `callbacks`: extra TrainerCallbacks (benches)."""
+    import torch
+    from accelerate import PartialState
+
+    from chatforge import config as config_io
+    from chatforge.data import PackedBlocks, collate_blocks
+    from chatforge.modeling import count_parameters, resolve_precision
+    from chatforge.outputs import check_not_inputs, claim
+    from chatforge.train.callbacks import Throughput
+    from chatforge.train.common import RUN_CONFIG, Plan, finish_run, is_main, run_trainer, world_size
+    from chatforge.train.speedups import apply_speedups, restore_forward
+
+    cfg.validate()
+    keep = ("data", "tokenizer")  # shards and tokenizer a run made are reused by --overwrite
+    check_not_inputs(cfg.out, [("--data", d) for d in cfg.data] + [("--tokenizer", cfg.tokenizer),
+                                                                    ("--init-from", cfg.init_from)], keep=keep)
+    state = PartialState()
+    if is_main():
+        claim(cfg.out, "pretrain", overwrite=overwrite, resume=resume, keep=keep, legacy=(RUN_CONFIG,))
+    with state.main_process_first():  # rank 0 trains the tokenizer and writes shards; others reuse them
+        tok = _load_or_train_tokenizer(cfg, log)
+        data_dir, manifest = _prepare_data(cfg, tok, log)
+    model, ctx = _build_model(cfg, tok, log)
+    precision = resolve_precision(cfg.precision)
+    n_params = count_parameters(model)
+
+    train = PackedBlocks(data_dir, "train", ctx, whole_batches=cfg.fast_batches)
+    val = PackedBlocks(data_dir, "val", min(ctx, manifest["val"]["tokens"]), whole_batches=cfg.fast_batches)
+    if len(train) == 0:
+        raise ChatforgeError(f"{', '.join(cfg.data)}: {manifest['train']['tokens']} training tokens is less "
+                             f"than one block of --context-length {ctx}")
+    micro = min(cfg.micro_batch_size or (32 if torch.cuda.is_available() else 8), len(train))
+    per_pass = micro * ctx * world_size()
+    accum = max(1, round((cfg.batch_tokens or per_pass) / per_pass))
+    tokens_per_step = per_pass * accum
+    corpus_tokens = len(train) * ctx
+    max_steps = plan_steps(cfg, n_params, corpus_tokens, tokens_per_step)
+    lr = cfg.learning_rate or (1e-3 if n_params < 50e6 else 6e-4)
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(200, max(1, max_steps // 20))
+    plan = Plan(max_steps, micro, accum, lr, warmup, precision, cfg.min_lr_ratio)
+    if is_main():
+        resolved = PretrainConfig(**{**asdict(cfg), "preset": resolved_preset(cfg.preset),
+                                     "tokenizer": cfg.tokenizer or cfg.init_from or str(Path(cfg.out) / "tokenizer"),
+                                     "context_length": ctx, "micro_batch_size": micro,
+                                     "batch_tokens": tokens_per_step, "learning_rate": lr, "warmup_steps": warmup,
+                                     "max_steps": max_steps})
+        config_io.save(resolved, Path(cfg.out) / RUN_CONFIG)
+        log(f"model: {cfg.arch if not cfg.init_from else cfg.init_from} {n_params / 1e6:.2f}M parameters, "
+            f"context {ctx}; {precision}; {max_steps} steps x {tokens_per_step:,} tokens "
+            f"(micro-batch {micro} x accumulation {accum} x {world_size()} process(es)); "
+            f"corpus {corpus_tokens:,} tokens = {max_steps * tokens_per_step / corpus_tokens:.2f} epochs")
+
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    apply_speedups(model, cfg, precision, log=log if is_main() else lambda *_: None)
+    d_model = getattr(model.config, "n_embd", None) or model.config.hidden_size
+    n_layer = getattr(model.config, "n_layer", None) or model.config.num_hidden_layers
+    throughput = Throughput(tokens_per_step, manifest["val"]["tokens"] / max(1, manifest["val"]["bytes"]),
+                            flops_per_token(model, n_layer, d_model, ctx), _peak_flops())
+    trainer, metrics = run_trainer(
+        cfg, cfg.out, model, tok, train, val, plan, kind="pretrain", throughput=throughput,
+        # stock: DataCollatorWithPadding, which pads in Python and adds an all-ones mask
+        collator=collate_blocks if cfg.fast_batches else None, compile=cfg.compile, num_workers=cfg.num_workers,
+        resume=resume, log=log, callbacks=callbacks)
+    restore_forward(model)  # the stock forward (logits) for whoever uses the model object next
+    trainer.save_model(cfg.out)
+    # the final evaluate() was logged, so Throughput's summary already carries its ppl and bits per byte
+    summary = {**throughput.summary(trainer.state), **metrics, "parameters": n_params}
+    del trainer, model  # before the process group goes: see finish_distributed
+    return finish_run(cfg.out, summary, f"done: {summary.get('steps')} steps, {summary.get('tokens_per_s')} tokens/s, "
+                      f"val loss {summary.get('eval_loss')}, bits/byte {summary.get('eval_bpb')} -> {cfg.out}", log)
+
+
+def _peak_flops() -> float | None:
+    """Dense bf16 datasheet peak of the GPU, for MFU; None on CPU (tokens/s only)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name().lower()
+    for key, peak in (("h200", 989e12), ("h100", 989e12), ("a100", 312e12), ("l40", 181e12),
+                      ("4090", 165e12), ("a10", 125e12), ("3090", 71e12), ("t4", 65e12)):
+        if key in name:
+            return peak
+    return None

@@ -1,0 +1,195 @@
+"""Speed switches for pretraining that leave the model, and so every checkpoint, exactly as it is.
+
+`apply_speedups(model, cfg, precision)` turns on what applies to this machine and says what it did.
+Each piece patches only Python behaviour (a forward method on the instance, an activation module
+without parameters, the attention function chosen by name): `state_dict`, `config.json` and
+`save_pretrained` output are untouched, and `restore_forward` undoes them. Measurements that justify
+each piece are in bench/README.md.
+
+- fused loss (`loss.use_fused_loss`): the chunked LM-head cross-entropy, no full-size logits;
+- `fuse_gelu`: GPT-2's op-by-op tanh GELU as torch's fused kernel (the same function);
+- CPU attention: on a CPU in bf16, causal attention as two batched matmuls and a softmax, faster than
+  SDPA's flash kernel at training block sizes there;
+- packed SDPA: with `--fast-batches` (no padding) SDPA gets `is_causal=True` and no T x T mask, compiled
+  or not;
+- FlashAttention 3 / 2 on a GPU when the package is installed (nothing is downloaded);
+- FP8 (off by default): torchao's FP8 training matmuls in the nn.Linear layers, same parameters.
+
+The attention pieces register chatforge-named functions with transformers' AttentionInterface (its
+documented extension point, process-wide by design); models that do not ask for them by name are
+unaffected.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from chatforge.errors import ChatforgeError
+from chatforge.train.loss import use_fused_loss
+
+def restore_forward(model) -> None:
+    """Undo `use_fused_loss` (and any wrapper set on the instance), `use_cpu_attention` and a FlashAttention
+    implementation: the model object goes back to the SDPA it was built with."""
+    model.__dict__.pop("forward", None)
+    model.__dict__.pop("_original_forward", None)
+    if model.config._attn_implementation != "sdpa":
+        model.set_attn_implementation("sdpa")
+
+
+def fuse_gelu(model) -> int:
+    """Swap GPT-2's op-by-op tanh GELU for PyTorch's fused one (same formula); returns how many."""
+    from transformers.activations import NewGELUActivation
+
+    swapped = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is NewGELUActivation:
+                setattr(module, name, torch.nn.GELU(approximate="tanh"))
+                swapped += 1
+    return swapped
+
+
+# ---------------------------------------------------------------- causal attention on CPU
+
+CPU_ATTENTION = "chatforge_cpu"
+PACKED_SDPA = "chatforge_packed_sdpa"
+_CAUSAL_BIAS: dict = {}
+
+
+def _causal_bias(t: int, device, dtype) -> torch.Tensor:
+    """(t, t): 0 on and below the diagonal, -inf above; one per length, device and dtype, built once."""
+    key = (t, str(device), dtype)
+    if key not in _CAUSAL_BIAS:
+        _CAUSAL_BIAS[key] = torch.full((t, t), float("-inf"), dtype=dtype, device=device).triu(1)
+    return _CAUSAL_BIAS[key]
+
+
+def cpu_causal_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                         is_causal=None, **kwargs):
+    """softmax(QK^T * scale + causal mask) V, the function SDPA computes, as two matmuls and a softmax.
+
+    Why: in bf16, PyTorch's CPU flash-attention kernel is slower than plain batched matmuls at training
+    block sizes (bench/README.md). The scale goes on Q (4x fewer elements than the scores at T 256, head 64) and the mask is an added
+    constant (its backward is free, unlike masked_fill's). Anything else (a padding mask, dropout,
+    grouped KV heads, a cache, GPU) goes to SDPA.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    t = query.shape[2]
+    if (attention_mask is not None or not causal or query.device.type != "cpu" or key.shape[2] != t
+            or key.shape[1] != query.shape[1] or (dropout and module.training) or t == 1):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    scores = (query * scale) @ key.transpose(-1, -2)
+    weights = (scores + _causal_bias(t, query.device, scores.dtype)).softmax(-1)
+    return (weights @ value).transpose(1, 2).contiguous(), None
+
+
+def packed_causal_mask(*args, **kwargs):
+    """transformers' SDPA mask, except None (SDPA's own `is_causal=True`) for a batch without padding and
+    without a cache. Why: transformers builds a (B, 1, T, T) mask whenever it is being traced (under
+    torch.compile, in 5.x before torch 2.14), and on a GPU a mask rules out SDPA's flash kernel."""
+    from transformers.masking_utils import causal_mask_function, sdpa_mask
+
+    plain_causal = (kwargs.get("mask_function") is causal_mask_function and kwargs.get("allow_is_causal_skip", True)
+                    and kwargs.get("attention_mask") is None and kwargs.get("q_length") == kwargs.get("kv_length")
+                    and not kwargs.get("q_offset") and not kwargs.get("kv_offset"))
+    return None if plain_causal else sdpa_mask(*args, **kwargs)
+
+
+def _register(name: str, attention) -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(name, attention)
+    # without a registered mask function transformers hands a custom implementation no mask at all:
+    # padding would be silently ignored
+    AttentionMaskInterface.register(name, packed_causal_mask)
+
+
+def use_cpu_attention(model) -> None:
+    """Route the model's attention through `cpu_causal_attention` (registered with transformers'
+    AttentionInterface). Only the in-memory setting changes: config.json does not record it."""
+    _register(CPU_ATTENTION, cpu_causal_attention)
+    model.set_attn_implementation(CPU_ATTENTION)
+
+
+def use_packed_sdpa(model) -> None:
+    """SDPA with `packed_causal_mask`: for `--fast-batches` (no padding), so that a compiled model still
+    calls SDPA with `is_causal=True` instead of a materialised T x T mask."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    _register(PACKED_SDPA, sdpa_attention_forward)
+    model.set_attn_implementation(PACKED_SDPA)
+
+
+# ---------------------------------------------------------------- GPU: FlashAttention, FP8
+
+
+def flash_attention_implementation() -> str | None:
+    """transformers' FlashAttention implementation for this machine: "flash_attention_3" on Hopper when
+    the `flash_attn_interface` package (FA3) is installed, "flash_attention_2" when `flash_attn` is, None
+    otherwise (SDPA stays, whose CUDA kernels include a FlashAttention-2 port). Never installs anything."""
+    if not torch.cuda.is_available():
+        return None
+    from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
+
+    if torch.cuda.get_device_capability()[0] == 9 and is_flash_attn_3_available():
+        return "flash_attention_3"
+    return "flash_attention_2" if is_flash_attn_2_available() else None
+
+
+def use_fp8(model) -> int:
+    """FP8 matmuls for training through torchao (dynamic per-tensor scales; e4m3 forward, e5m2
+    gradients) in every nn.Linear whose sizes are multiples of 16, the LM head excepted (its logits
+    feed the loss). torchao's Float8Linear is an nn.Linear holding the same high-precision parameters, so
+    state_dict keys, shapes and saved checkpoints do not change. Returns how many layers were converted."""
+    try:
+        from torchao.float8 import convert_to_float8_training
+    except ImportError as err:
+        raise ChatforgeError("--fp8 needs torchao: pip install torchao") from err
+    head = model.get_output_embeddings()
+
+    def eligible(module, fqn: str) -> bool:
+        return (isinstance(module, torch.nn.Linear) and module is not head
+                and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+
+    plain = lambda: sum(type(m) is torch.nn.Linear for m in model.modules())  # noqa: E731
+    before = plain()
+    convert_to_float8_training(model, module_filter_fn=eligible)
+    return before - plain()
+
+
+def apply_speedups(model, cfg, precision: str, log=print) -> list[str]:
+    """Turn on the speed switches of `cfg` (a PretrainConfig) that apply here; returns (and logs) their
+    names. Called before the Trainer wraps model.forward (autocast, DDP), so the wrappers apply to the
+    fast forward."""
+    on = []
+    if cfg.fused_gelu and fuse_gelu(model):
+        on.append("fused GELU")
+    if cfg.fused_loss and use_fused_loss(model):
+        on.append("chunked loss")
+    cuda = torch.cuda.is_available()
+    # bf16 only: in fp32 the matmul path is slower than SDPA's kernel (bench/README.md)
+    if cfg.cpu_attention and precision == "bf16" and not cfg.compile and not cuda:
+        use_cpu_attention(model)
+        on.append("CPU attention")
+    flash = flash_attention_implementation() if cfg.flash_attention and precision in ("bf16", "fp16") else None
+    if flash:
+        model.set_attn_implementation(flash)
+        on.append(flash)
+    elif cfg.fast_batches and model.config._attn_implementation == "sdpa":
+        use_packed_sdpa(model)
+        on.append("packed SDPA")
+    if cfg.fp8:
+        converted = use_fp8(model)
+        if not converted:
+            raise ChatforgeError("--fp8: the model has no nn.Linear layer to convert (GPT-2's layers are "
+                                 "Conv1D: use --arch llama)")
+        on.append(f"FP8 in {converted} linear layers")
+    if cfg.fast_batches:
+        on.append("fast batches")
+    log(f"speed switches: {', '.join(on) or 'none'}")
+    return on
