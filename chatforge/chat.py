@@ -72,8 +72,10 @@ def fit_history(engine: Engine, messages: list[dict], reserve: int) -> tuple[lis
         del messages[first:first + 2]
 
 
-def reply(engine: Engine, messages: list[dict], params: SamplingParams, out=sys.stdout) -> tuple[str, list[dict]]:
-    """Stream one assistant answer to `out`; return it and the (possibly trimmed) history."""
+def reply(engine: Engine, messages: list[dict], params: SamplingParams, out=None) -> tuple[str, list[dict]]:
+    """Stream one assistant answer to `out` (default: the current sys.stdout); return it and the (possibly
+    trimmed) history."""
+    out = out or sys.stdout
     reserve = min(params.max_new_tokens, engine.context_length // 4)
     messages, ids = fit_history(engine, messages, reserve)
     pieces = []

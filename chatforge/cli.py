@@ -21,7 +21,11 @@ RUN_FLAGS = ("config", "resume", "overwrite")  # how to run a stage, not what it
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (the command's --help has the rest)."""
+    """argparse, but a usage error is one line (the command's --help has the rest), and no abbreviated
+    flags: a typo must not silently become another option."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str) -> typing.NoReturn:
         self.exit(2, f"chatforge: error: {message} (see `{self.prog} --help`)\n")

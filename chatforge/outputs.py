@@ -17,6 +17,8 @@ from pathlib import Path
 from chatforge.errors import ChatforgeError
 
 OWNER = "chatforge_output.json"
+CHECKPOINT_STARTED = "chatforge_started.json"   # in a checkpoint folder, before the Trainer writes into it
+CHECKPOINT_COMPLETE = "chatforge_complete.json"  # after it wrote every file
 
 
 def owner_kind(folder: str | Path) -> str | None:
@@ -65,6 +67,7 @@ def claim(out: str | Path, kind: str, *, overwrite: bool = False, resume: bool =
     if path.is_dir() and any(path.iterdir()):
         found = owner_kind(path)
         if found is None and resume and any((path / name).exists() for name in legacy):
+            check_checkpoints_ours(path)
             mark(path, kind)
             return
         if found is None:
@@ -74,6 +77,7 @@ def claim(out: str | Path, kind: str, *, overwrite: bool = False, resume: bool =
             raise ChatforgeError(f"--out {out}: holds a chatforge {found} output, not a {kind} one; "
                                  "choose another --out")
         if resume:
+            check_checkpoints_ours(path)
             return
         if not overwrite:
             raise ChatforgeError(f"--out {out}: already holds a run; pass --resume to continue it or "
@@ -83,6 +87,15 @@ def claim(out: str | Path, kind: str, *, overwrite: bool = False, resume: bool =
                 shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
     path.mkdir(parents=True, exist_ok=True)
     mark(path, kind)
+
+
+def check_checkpoints_ours(out: Path) -> None:
+    """Before resuming: every checkpoint folder in `out` must be one chatforge started (the Trainer would
+    overwrite or rotate away any other)."""
+    for ckpt in sorted(out.glob("checkpoint-*")):
+        if not ((ckpt / CHECKPOINT_STARTED).exists() or (ckpt / CHECKPOINT_COMPLETE).exists()):
+            raise ChatforgeError(f"{ckpt}: a checkpoint folder chatforge did not write; move it out of {out} "
+                                 "before resuming")
 
 
 def check_replaceable(out: str | Path, is_ours) -> None:

@@ -42,3 +42,24 @@ def base_model_dir(tmp_path_factory, tokenizer_dir) -> str:
             *TINY, "--max-steps", 300, "--learning-rate", 3e-3, "--eval-every", 100, "--save-every", 150,
             "--report-to", "none")
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def never_stopping_model_dir(tmp_path_factory, tokenizer_dir) -> str:
+    """A random GPT-2 with a 4096-token window whose stop tokens never win: a request runs for seconds
+    unless it is cancelled (disconnects, stop buttons, full queues)."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    stops = [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=4096, n_embd=64, n_layer=2, n_head=2,
+                                       initializer_range=0.3, bos_token_id=stops[1], eos_token_id=stops))
+    with torch.no_grad():
+        model.transformer.wte.weight[stops] = 0  # logit 0: never the greedy choice
+    model.generation_config.eos_token_id = stops
+    path = tmp_path_factory.mktemp("slow") / "model"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)

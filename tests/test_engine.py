@@ -188,3 +188,69 @@ def test_bf16_weights_match_fp32(engine, model_dir):
             assert torch.nn.functional.cosine_similarity(half, full, dim=-1).min() > 0.995
     finally:
         low.close()
+
+
+def test_concurrent_callers_each_get_their_own_results(engine):
+    """Eight threads at once: each request's text, finish reason and token count are its own (nothing is
+    left on the shared engine for another caller to read)."""
+    import threading
+
+    prompts = [engine.encode(p) for p in PROMPTS * 2]
+    budgets = [3 + 4 * i for i in range(len(prompts))]
+    alone = [engine.complete(ids, SamplingParams(max_new_tokens=n, temperature=0))
+             for ids, n in zip(prompts, budgets)]
+    results: list = [None] * len(prompts)
+    start = threading.Barrier(len(prompts))
+
+    def call(i: int) -> None:
+        start.wait()
+        results[i] = engine.complete(prompts[i], SamplingParams(max_new_tokens=budgets[i], temperature=0))
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == alone
+    assert {r.completion_tokens for r in results if r.finish_reason == "length"} <= set(budgets)
+
+
+def test_a_failing_request_fails_alone(engine):
+    """A request whose sampling breaks inside the batch (here an invalid top_k slipped past validation)
+    gets its own error; the healthy requests decoding beside it finish exactly as they would alone."""
+    from chatforge.errors import ChatforgeError
+
+    prompts = [engine.encode(p) for p in PROMPTS[:3]]
+    alone = [_run(engine, ids, GREEDY)[0] for ids in prompts]
+    healthy = [engine.submit(ids, GREEDY) for ids in prompts]
+
+    class Unchecked(SamplingParams):
+        def validate(self) -> None:  # what a bug in a caller's validation would let through
+            pass
+
+    poisoned = engine.submit(prompts[0], Unchecked(max_new_tokens=40, temperature=1.0, top_k=-5))
+    with pytest.raises(ChatforgeError, match="generation failed"):
+        "".join(poisoned)
+    for req, expected in zip(healthy, alone):
+        "".join(req)
+        assert req.out == expected and req.error is None
+    assert _run(engine, prompts[1], GREEDY)[0] == alone[1]  # and the engine keeps serving
+
+
+def test_bad_prompt_ids_and_sampling_values_are_refused_at_submit(engine):
+    from chatforge.errors import ChatforgeError
+
+    with pytest.raises(ChatforgeError, match="token id outside"):
+        engine.submit([1, engine.vocab_rows + 5], GREEDY)
+    for bad in ({"temperature": float("nan")}, {"top_p": 0.0}, {"seed": 2**64}, {"top_k": -1},
+                {"repetition_penalty": 0.0}):
+        with pytest.raises(ChatforgeError):
+            engine.submit([1, 2], SamplingParams(**bad))
+
+
+def test_tiny_temperature_samples_like_greedy(engine):
+    """temperature 1e-300 passes the API's [0, 2] range; it used to turn the softmax into NaN and fail
+    every running request. It is raised to 0.01, which picks the argmax here."""
+    ids = engine.encode(PROMPTS[0])
+    got = _run(engine, ids, SamplingParams(max_new_tokens=10, temperature=1e-300, seed=1))
+    assert got[0] == _run(engine, ids, SamplingParams(max_new_tokens=10, temperature=0))[0]

@@ -115,3 +115,18 @@ def test_model_vocab_size_pads_the_embeddings(tokenizer_dir):
         assert "below the tokenizer's" in str(err)
     else:
         raise AssertionError("a model vocabulary below the tokenizer's must be refused")
+
+
+def test_max_time_is_a_budget_across_resumes(tmp_path, base_model_dir, tokenizer_dir):
+    """--max-time counts the training time of every run of one output folder: a resumed run gets what
+    is left of it (recorded in each checkpoint), not a fresh budget."""
+    data, out = str(Path(base_model_dir) / "data"), tmp_path / "timed"
+    args = ["pretrain", "--data", data, "--tokenizer", tokenizer_dir, "--out", out, *TINY, "--save-every", 5,
+            "--eval-every", 10_000, "--log-every", 10_000, "--report-to", "none"]
+    run_cli(*args, "--max-time", 3)
+    first = max(json.loads(p.read_text())["train_seconds"] for p in out.glob("checkpoint-*/chatforge_complete.json"))
+    assert 2.5 < first < 6
+    resumed = run_cli(*args, "--max-time", 5, "--resume")
+    assert "already spent before this resume" in resumed.stdout
+    total = max(json.loads(p.read_text())["train_seconds"] for p in out.glob("checkpoint-*/chatforge_complete.json"))
+    assert first < total < 5 + 3  # the second run trained about 5 - first seconds, not 5

@@ -10,7 +10,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 from conftest import ENV
 
@@ -52,7 +51,7 @@ def client(server):
 
 
 def request(addr: str, method: str, path: str, body=None, key: str | None = KEY, headers: dict | None = None):
-    """(status, headers, parsed JSON body) of one raw HTTP request."""
+    """(status, headers (case-insensitive), parsed JSON body) of one raw HTTP request."""
     host, port = addr.split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
     data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
@@ -61,7 +60,7 @@ def request(addr: str, method: str, path: str, body=None, key: str | None = KEY,
     resp = conn.getresponse()
     raw = resp.read()
     conn.close()
-    return resp.status, dict(resp.getheaders()), json.loads(raw) if raw else None
+    return resp.status, resp.headers, json.loads(raw) if raw else None
 
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
@@ -176,34 +175,22 @@ def test_api_key_enforced(server, key, path):
 
 
 @pytest.fixture(scope="module")
-def slow_server(tmp_path_factory, tokenizer_dir):
+def slow_server(never_stopping_model_dir):
     """One slot, one queue place, and a random model with a 4096-token window that never emits a stop token:
     a long request holds the slot for seconds unless it is cancelled."""
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    stops = [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=4096, n_embd=64, n_layer=2, n_head=2,
-                                       initializer_range=0.3, bos_token_id=stops[1], eos_token_id=stops))
-    with torch.no_grad():
-        model.transformer.wte.weight[stops] = 0  # logit 0: never the greedy choice
-    model.generation_config.eos_token_id = stops
-    path = tmp_path_factory.mktemp("slow") / "model"
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    proc, addr = start_server(str(path), "--max-batch", 1, "--max-queue", 1)
+    proc, addr = start_server(never_stopping_model_dir, "--max-batch", 1, "--max-queue", 1)
     yield addr
     stop_server(proc)
 
 
 def open_stream(addr: str, max_tokens: int = 4000):
-    """A raw streaming request; returns (socket, file) after the status line and headers."""
+    """A raw streaming request; returns (socket, file) after the status line and headers. HTTP/1.0, so that
+    the events come unchunked, one per line."""
     host, port = addr.split(":")
     sock = socket.create_connection((host, int(port)), timeout=30)
     body = json.dumps({"prompt": "Once", "max_tokens": max_tokens, "temperature": 0, "stream": True}).encode()
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    sock.sendall(b"POST /v1/completions HTTP/1.0\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (addr.encode(), len(body), body))
     f = sock.makefile("rb")
     assert f.readline().startswith(b"HTTP/1.1 200")
     while f.readline() not in (b"\r\n", b""):
@@ -241,7 +228,8 @@ def test_disconnect_while_waiting_for_a_whole_answer(slow_server):
     host, port = slow_server.split(":")
     sock = socket.create_connection((host, int(port)), timeout=30)
     body = json.dumps({"prompt": "Once", "max_tokens": 4000, "temperature": 0}).encode()
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (slow_server.encode(), len(body), body))
     deadline = time.time() + 5
     while request(slow_server, "GET", "/health", key=None)[2]["active"] == 0 and time.time() < deadline:
         time.sleep(0.02)

@@ -30,6 +30,9 @@ def test_chat_page_streams_and_stops(page_url, tmp_path):
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
         page = browser.new_page(viewport={"width": 390, "height": 844}, device_scale_factor=1)  # a phone
+        errors, posts = [], []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("request", lambda r: r.method == "POST" and posts.append(r.headers.get("content-type", "")))
         page.goto(page_url)
         page.click("summary")
         page.fill("#system", "You are a helpful assistant.")
@@ -71,4 +74,7 @@ def test_chat_page_streams_and_stops(page_url, tmp_path):
             pass  # this tiny model answered before the click
         page.wait_for_selector("#send", state="visible", timeout=10_000)
         assert page.locator(".msg.error").count() == 0
+        # the server takes only JSON POSTs; no script error on the way
+        assert posts and all(c.split(";")[0].strip() == "application/json" for c in posts), posts
+        assert not errors, errors
         browser.close()

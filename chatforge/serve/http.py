@@ -1,276 +1,29 @@
 """`chatforge serve`: an OpenAI-compatible HTTP API (and a web chat page) over the batching engine.
 
-Standard library only (`http.server` with one thread per connection): handlers validate a request,
-submit it to the engine's bounded queue and copy its text to the client, as one JSON body or as
-server-sent events. The engine thread batches all running requests. Safe by default: binds 127.0.0.1,
-optional bearer API key on /v1, a request body limit, 4xx errors in OpenAI's shape for bad input, 503 +
-Retry-After when the queue is full, and a client that goes away has its request cancelled at once.
+This module holds the command's options and runs the app (app.py, FastAPI) on uvicorn over a socket it
+binds itself, so that `--port 0` prints the real port. Safe by default: binds 127.0.0.1; optional bearer
+API key on /v1; Host and Origin checks against DNS rebinding and cross-site pages (guard.py); JSON-only
+POST bodies of at most 1 MiB, read under --request-timeout; at most --max-connections connections (more
+get 503); strict request parsing with 4xx errors in OpenAI's shape; 503 + Retry-After when the engine's
+queue is full; and a client that goes away has its request cancelled at once.
 """
 
 from __future__ import annotations
 
-import hmac
-import json
+import copy
 import os
-import queue
-import select
 import socket
-import time
-import uuid
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from importlib import resources
+
+import uvicorn
+from uvicorn.config import LOGGING_CONFIG
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from chatforge.config import option
-from chatforge.engine import Engine, EngineBusy, EngineOptions
+from chatforge.engine import Engine, EngineOptions
 from chatforge.errors import ChatforgeError
-from chatforge.serve.openai import ApiError, _get, parse_messages, parse_sampling
-
-MAX_BODY = 1 << 20  # bytes
-
-
-# ---------------------------------------------------------------- the HTTP handler
-
-
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    timeout = 60  # seconds a socket may stall (slow or stuck clients never hold a thread forever)
-    server_version = "chatforge"
-    engine: Engine
-    model_name: str
-    api_key: str | None
-    max_body: int = MAX_BODY
-
-    def log_message(self, fmt, *args) -> None:  # one short line per request, on stderr
-        if os.environ.get("CHATFORGE_QUIET") != "1":
-            super().log_message(fmt, *args)
-
-    # -------------------------------------------------------- plumbing
-
-    def _send(self, status: int, payload, content_type="application/json", headers: dict | None = None) -> None:
-        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _route(self, method: str) -> None:
-        try:
-            path = self.path.split("?", 1)[0]
-            routes = {("GET", "/"): self._page, ("GET", "/health"): self._health,
-                      ("GET", "/v1/models"): self._models, ("POST", "/v1/chat/completions"): self._chat,
-                      ("POST", "/v1/completions"): self._completions}
-            handler = routes.get((method, path))
-            if handler is None:
-                known = {p for _, p in routes}
-                if path in known:
-                    raise ApiError(405, f"{method} is not allowed on {path}")
-                raise ApiError(404, f"no route {method} {path}")
-            if path.startswith("/v1/"):
-                self._authorize()
-            handler()
-        except ApiError as err:  # the body may be unread: answer and close rather than parse it as a request
-            self._send(err.status, err.body(), headers={**err.headers, "Connection": "close"})
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):
-            self.close_connection = True
-        except Exception as err:  # a bug, not the client's fault: answer 500 rather than drop the connection
-            self.close_connection = True
-            self.log_error("internal error: %r", err)
-            try:
-                self._send(500, {"error": {"message": "internal server error", "type": "server_error",
-                                           "param": None, "code": None}})
-            except OSError:
-                pass
-
-    def do_GET(self) -> None:
-        self._route("GET")
-
-    def do_POST(self) -> None:
-        self._route("POST")
-
-    def _authorize(self) -> None:
-        if not self.api_key:
-            return
-        given = self.headers.get("Authorization", "")
-        if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), self.api_key.encode())):
-            raise ApiError(401, "missing or invalid API key (send Authorization: Bearer KEY)", code="invalid_api_key")
-
-    def _json_body(self) -> dict:
-        length = self.headers.get("Content-Length")
-        if length is None:
-            raise ApiError(411, "a Content-Length header is required")
-        try:
-            length = int(length)
-        except ValueError:
-            raise ApiError(400, "bad Content-Length") from None
-        if length < 0:
-            raise ApiError(400, "bad Content-Length")
-        if length > self.max_body:
-            if length <= 16 * self.max_body:  # drain it so the client reads our answer, not a reset
-                while length > 0:
-                    length -= len(self.rfile.read(min(length, 1 << 16)) or b"x" * length)
-            raise ApiError(413, f"request body over {self.max_body} bytes")
-        try:
-            body = json.loads(self.rfile.read(length))
-        except (ValueError, UnicodeDecodeError):
-            raise ApiError(400, "the request body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object")
-        return body
-
-    def _client_gone(self) -> bool:
-        """True when the client closed its end (a readable socket with nothing to read)."""
-        try:
-            poll = select.poll()  # not select(): that fails on descriptors above 1023
-            poll.register(self.connection, select.POLLIN | select.POLLHUP)
-            if not poll.poll(0):
-                return False
-            return self.connection.recv(1, socket.MSG_PEEK) == b""
-        except (OSError, ValueError):
-            return True
-
-    # -------------------------------------------------------- routes
-
-    def _page(self) -> None:
-        page = resources.files("chatforge.serve").joinpath("static/index.html").read_bytes()
-        self._send(200, page, "text/html; charset=utf-8", {"Cache-Control": "no-cache"})
-
-    def _health(self) -> None:
-        active, waiting = self.engine.load
-        self._send(200, {"status": "ok", "model": self.model_name, "active": active, "waiting": waiting})
-
-    def _models(self) -> None:
-        self._send(200, {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": 0,
-                                                     "owned_by": "chatforge"}]})
-
-    def _chat(self) -> None:
-        body = self._json_body()
-        messages = parse_messages(body)
-        try:
-            prompt = self.engine.chat_prompt(messages)
-        except Exception as err:  # a template that rejects this conversation
-            raise ApiError(400, f"cannot format these messages: {err}", param="messages") from None
-        self._generate(body, prompt, chat=True)
-
-    def _completions(self) -> None:
-        body = self._json_body()
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if not isinstance(prompt, str) or not prompt:
-            raise ApiError(400, "'prompt' must be a non-empty string", param="prompt")
-        self._generate(body, self.engine.encode(prompt), chat=False)
-
-    def _generate(self, body: dict, prompt: list[int], chat: bool) -> None:
-        stream = _get(body, "stream", bool, False)
-        options = _get(body, "stream_options", dict, {})
-        include_usage = bool(options.get("include_usage"))
-        params = parse_sampling(body, len(prompt), self.engine.context_length)
-        try:
-            req = self.engine.submit(prompt, params)
-        except EngineBusy as err:
-            raise ApiError(503, f"server busy: {err}; retry shortly", code="overloaded",
-                           headers={"Retry-After": "1"}) from None
-        except ChatforgeError as err:
-            raise ApiError(400, str(err)) from None
-        meta = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], "created": int(time.time()),
-                "model": self.model_name}
-        try:
-            if stream:
-                self._stream(req, meta, chat, include_usage)
-            else:
-                self._whole(req, meta, chat)
-        finally:
-            req.cancel()  # frees the slot at once if the client went away; no-op when finished
-
-    def _events(self, req):
-        """The request's (kind, value) events, ending early if the client disconnects."""
-        checked = time.monotonic()
-        while True:
-            try:
-                kind, value = req.events.get(timeout=0.1)
-            except queue.Empty:
-                kind = None
-            if time.monotonic() - checked > 0.1 or kind is None:  # at most ~10 polls a second
-                checked = time.monotonic()
-                if self._client_gone():
-                    raise ConnectionResetError("client disconnected")
-            if kind is None:
-                continue
-            yield kind, value
-            if kind != "text":
-                return
-
-    def _usage(self, req) -> dict:
-        return {"prompt_tokens": req.prompt_tokens, "completion_tokens": req.completion_tokens,
-                "total_tokens": req.prompt_tokens + req.completion_tokens}
-
-    def _whole(self, req, meta: dict, chat: bool) -> None:
-        text = []
-        for kind, value in self._events(req):
-            if kind == "text":
-                text.append(value)
-            elif kind == "error":
-                self._send(500, {"error": {"message": value, "type": "server_error", "param": None, "code": None}})
-                return
-        text = "".join(text)
-        choice = {"index": 0, "finish_reason": req.finish_reason, "logprobs": None}
-        choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
-        self._send(200, {**meta, "object": "chat.completion" if chat else "text_completion", "choices": [choice],
-                         "usage": self._usage(req)})
-
-    def _stream(self, req, meta: dict, chat: bool, include_usage: bool) -> None:
-        obj = "chat.completion.chunk" if chat else "text_completion"
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")  # the stream ends when the connection does
-        self.end_headers()
-        self.close_connection = True
-
-        def send(choices: list, **extra) -> None:
-            chunk = {**meta, "object": obj, "choices": choices, **extra}
-            self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
-            self.wfile.flush()
-
-        def choice(text: str | None, finish=None, role=False) -> dict:
-            if not chat:
-                return {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
-            delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
-            return {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-
-        usage = {"usage": None} if include_usage else {}
-        if chat:
-            send([choice(None, role=True)], **usage)
-        for kind, value in self._events(req):
-            if kind == "text":
-                send([choice(value)], **usage)
-            elif kind == "error":
-                self.wfile.write(b"data: " + json.dumps({"error": {"message": value, "type": "server_error"}})
-                                 .encode() + b"\n\n")
-        if req.error is None:
-            send([choice(None, finish=req.finish_reason)], **usage)
-            if include_usage:
-                send([], usage=self._usage(req))
-        self.wfile.write(b"data: [DONE]\n\n")
-        self.wfile.flush()
-
-
-# ---------------------------------------------------------------- entry points
-
-
-def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-                model_name: str = "chatforge") -> ThreadingHTTPServer:
-    handler = type("ChatforgeHandler", (Handler,), {"engine": engine, "api_key": api_key, "model_name": model_name})
-    return _Server((host, port), handler)
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 256  # listen backlog: socketserver's default of 5 drops bursts of new clients
+from chatforge.serve.app import make_app
+from chatforge.serve.guard import LOOPBACK_NAMES
 
 
 @dataclass
@@ -285,26 +38,100 @@ class ServeConfig:
     max_batch: int = option(16, "requests decoded together", min=1, max=4096, metavar="N")
     max_queue: int = option(64, "requests allowed to wait; more get 503 + Retry-After", min=0, metavar="N")
     model_name: str | None = option(None, "model id in the API (default: MODEL_DIR's name)", metavar="NAME")
+    allowed_hosts: list[str] = option([], "also answer requests whose Host header names NAME (a DNS name this "
+                                          "server is reached by; '*' = any); others get 421", metavar="NAME")
+    allowed_origins: list[str] = option([], "let web pages from ORIGIN (e.g. https://app.example) call the server "
+                                            "from a browser (CORS; '*' = any); others get 403", metavar="ORIGIN")
+    max_connections: int = option(256, "open connections at once; more get 503", min=1, metavar="N")
+    request_timeout: float = option(30.0, "seconds a client may take to send a request's headers, and again its "
+                                          "body; slower ones are cut off", min=0.0, exclusive_min=True,
+                                    metavar="SECONDS")
     engine: EngineOptions = field(default_factory=EngineOptions)
+
+
+class _Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with a deadline for a request's headers, which uvicorn lacks: a client
+    trickling its headers byte by byte would otherwise hold a connection forever."""
+
+    header_timeout = 30.0
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._deadline = self.loop.call_later(self.header_timeout, self._too_slow)
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self.cycle is not None and not self.cycle.response_complete and self._deadline is not None:
+            self._deadline.cancel()  # the headers are in: the app's body deadline takes over
+            self._deadline = None
+
+    def on_response_complete(self) -> None:
+        if self._deadline is None:  # the next request on this connection gets its own deadline
+            self._deadline = self.loop.call_later(self.header_timeout, self._too_slow)
+        super().on_response_complete()
+
+    def connection_lost(self, exc) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        super().connection_lost(exc)
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        if self.cycle is None or self.cycle.response_complete:
+            self.transport.close()
+
+
+class _Server(uvicorn.Server):
+    """Announces the address once it accepts connections (tests and scripts wait for that line)."""
+
+    banner = ""
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        if not self.should_exit:
+            print(self.banner, flush=True)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def serve(cfg: ServeConfig) -> None:
     api_key = cfg.api_key or os.environ.get("CHATFORGE_API_KEY")
+    try:  # before loading the model: a taken port fails at once
+        sock = _listen(cfg.host, cfg.port)
+    except OSError as err:
+        raise ChatforgeError(f"cannot listen on {cfg.host}:{cfg.port} ({err.strerror or err})") from None
     engine = Engine(cfg.model, max_batch=cfg.max_batch, max_queue=cfg.max_queue, **cfg.engine.engine_kwargs())
     name = cfg.model_name or os.path.basename(os.path.abspath(cfg.model))
-    host, port = cfg.host, cfg.port
-    try:
-        server = make_server(engine, host, port, api_key, name)
-    except OSError as err:
-        raise ChatforgeError(f"cannot listen on {host}:{port} ({err.strerror or err})") from None
-    bound_host, bound_port = server.server_address[:2]
-    print(f"chatforge: serving {name} on http://{bound_host}:{bound_port}  (web chat at /, API at /v1)", flush=True)
-    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+    app = make_app(engine, name, api_key, allowed_hosts=[*cfg.allowed_hosts, cfg.host],
+                   allowed_origins=cfg.allowed_origins, body_timeout=cfg.request_timeout,
+                   workers=cfg.max_connections)
+    logs = copy.deepcopy(LOGGING_CONFIG)
+    logs["loggers"]["uvicorn.error"]["level"] = "WARNING"  # no start-up chatter; warnings and errors only
+    logs["handlers"]["access"]["stream"] = "ext://sys.stderr"  # stdout is for the banner (a pipe nobody drains)
+    protocol = type("Protocol", (_Protocol,), {"header_timeout": cfg.request_timeout})
+    server = _Server(uvicorn.Config(app, http=protocol, lifespan="off", log_config=logs,
+                                    access_log=os.environ.get("CHATFORGE_QUIET") != "1",
+                                    limit_concurrency=cfg.max_connections, backlog=1024, timeout_keep_alive=5,
+                                    timeout_graceful_shutdown=3, server_header=False))
+    bound_host, bound_port = sock.getsockname()[:2]
+    url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
+    server.banner = f"chatforge: serving {name} on http://{url_host}:{bound_port}  (web chat at /, API at /v1)"
+    if cfg.host not in LOOPBACK_NAMES and not api_key:
         print("chatforge: warning: listening beyond this machine without --api-key", flush=True)
     try:
-        server.serve_forever(poll_interval=0.2)
-    except KeyboardInterrupt:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn shuts down gracefully, then passes Ctrl-C on
         pass
     finally:
-        server.server_close()
+        sock.close()
         engine.close()

@@ -1,14 +1,25 @@
 """The OpenAI API's request parsing and error shape, independent of the HTTP server.
 
 Every field is checked for type and range here: a bad request is a 4xx naming the field, never a 500.
+The body is parsed strictly (no NaN or Infinity, no lone surrogates, bounded nesting), and a field this
+server does not implement but that would change the answer (logprobs, tools, a JSON response format, n > 1)
+is refused by name rather than silently ignored.
 """
 
 from __future__ import annotations
+
+import json
+import math
 
 from chatforge.engine import SamplingParams, check_context
 from chatforge.errors import ChatforgeError
 
 ROLES = {"system", "developer", "user", "assistant"}
+# OpenAI fields this server does not implement -> the values that leave the answer unchanged (null aside)
+UNSUPPORTED = {"logprobs": (False, 0), "top_logprobs": (0,), "tools": ([],), "tool_choice": ("none",),
+               "functions": ([],), "function_call": ("none",), "response_format": ({"type": "text"},),
+               "logit_bias": ({},), "echo": (False,), "suffix": ("",), "best_of": (1,), "presence_penalty": (0,),
+               "frequency_penalty": (0,)}
 
 
 class ApiError(Exception):
@@ -22,14 +33,51 @@ class ApiError(Exception):
 
     def body(self) -> dict:
         kind = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error",
-                503: "server_error"}.get(self.status, "invalid_request_error")
+                500: "server_error", 503: "server_error"}.get(self.status, "invalid_request_error")
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
 # ---------------------------------------------------------------- request validation
 
 
-def _get(body: dict, name: str, kinds, default=None, check=None, why: str = ""):
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 parses to inf
+        raise ValueError("number out of range")
+    return value
+
+
+def parse_json(raw: bytes) -> dict:
+    """A request body as a JSON object, or a 400: never a 500, whatever the bytes."""
+    try:
+        body = json.loads(raw, parse_constant=_no_constant, parse_float=_finite)
+    except RecursionError:  # '[[[[...' nested past Python's recursion limit
+        raise ApiError(400, "the request body nests too deeply") from None
+    except (ValueError, UnicodeDecodeError):  # int digit limits and bad UTF-8 included
+        raise ApiError(400, "the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    try:  # "\ud800" parses to a lone surrogate, which no tokenizer (or UTF-8 encoder) accepts
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, "the request body holds a lone UTF-16 surrogate (invalid Unicode)") from None
+    return body
+
+
+def reject_unsupported(body: dict) -> None:
+    for name, harmless in UNSUPPORTED.items():
+        value = body.get(name)
+        # bool against bool: True == 1, yet 'best_of': true is not 'best_of': 1
+        if value is not None and not any(value == h and isinstance(value, bool) == isinstance(h, bool)
+                                         for h in harmless):
+            raise ApiError(400, f"'{name}' is not supported by this server", param=name, code="unsupported_parameter")
+
+
+def body_field(body: dict, name: str, kinds, default=None, check=None, why: str = ""):
     """body[name] if it has one of `kinds` (bool is never a number) and passes `check`."""
     value = body.get(name, default)
     if value is None:
@@ -73,10 +121,10 @@ def parse_sampling(body: dict, prompt_len: int, context_length: int) -> Sampling
     except ChatforgeError as err:
         raise ApiError(400, str(err), param="messages", code="context_length_exceeded") from None
     room = context_length - prompt_len
-    max_tokens = _get(body, "max_completion_tokens", int, None, lambda v: v >= 1, "must be an integer >= 1")
-    max_tokens = _get(body, "max_tokens", int, max_tokens, lambda v: v >= 1, "must be an integer >= 1")
-    n = _get(body, "n", int, 1, lambda v: v == 1, "must be 1 (one choice per request)")
-    del n
+    max_tokens = body_field(body, "max_completion_tokens", int, None, lambda v: v >= 1, "must be an integer >= 1")
+    max_tokens = body_field(body, "max_tokens", int, max_tokens, lambda v: v >= 1, "must be an integer >= 1")
+    reject_unsupported(body)
+    body_field(body, "n", int, 1, lambda v: v == 1, "must be 1 (one choice per request)")
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]
@@ -84,9 +132,9 @@ def parse_sampling(body: dict, prompt_len: int, context_length: int) -> Sampling
         raise ApiError(400, "'stop' must be a string or a list of at most 4 strings", param="stop")
     return SamplingParams(
         max_new_tokens=min(max_tokens or room, room),
-        temperature=float(_get(body, "temperature", (int, float), 1.0, lambda v: 0 <= v <= 2, "must be in [0, 2]")),
-        top_p=float(_get(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1, "must be in (0, 1]")),
-        top_k=_get(body, "top_k", int, 0, lambda v: v >= 0, "must be an integer >= 0"),
-        repetition_penalty=float(_get(body, "repetition_penalty", (int, float), 1.0, lambda v: v > 0, "must be > 0")),
-        seed=_get(body, "seed", int, None),
+        temperature=float(body_field(body, "temperature", (int, float), 1.0, lambda v: 0 <= v <= 2, "must be in [0, 2]")),
+        top_p=float(body_field(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1, "must be in (0, 1]")),
+        top_k=body_field(body, "top_k", int, 0, lambda v: v >= 0, "must be an integer >= 0"),
+        repetition_penalty=float(body_field(body, "repetition_penalty", (int, float), 1.0, lambda v: v > 0, "must be > 0")),
+        seed=body_field(body, "seed", int, None, lambda v: 0 <= v < 2**64, "must be an integer in [0, 2**64)"),
         stop=[s for s in stop or [] if s])

@@ -108,11 +108,49 @@ def _open_binary(path: str):
     if path.endswith(".gz"):
         return gzip.open(path, "rb")
     if path.endswith(".zst"):
+        return io.BufferedReader(_ZstdFile(path))
+    return open(path, "rb")
+
+
+class _ZstdFile(io.RawIOBase):
+    """A .zst file as a stream whose truncation is an error (zstandard's stream_reader ends quietly)."""
+
+    def __init__(self, path: str):
+        self._file, self._pending, self._out = open(path, "rb"), b"", b""
+        self._frame = self._new_frame()
+
+    @staticmethod
+    def _new_frame():
         import zstandard
 
-        raw = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
-        return io.BufferedReader(raw)
-    return open(path, "rb")
+        return zstandard.ZstdDecompressor().decompressobj()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._out:
+            chunk = self._pending or self._file.read(1 << 16)
+            self._pending = b""
+            if not chunk:
+                if not self._frame.eof and self._frame_started:
+                    raise EOFError("the compressed stream ends in the middle of a frame")
+                return 0
+            if self._frame.eof:  # concatenated frames: the next one starts here
+                self._frame = self._new_frame()
+            self._frame_started = True
+            self._out = self._frame.decompress(chunk)
+            if self._frame.eof:
+                self._pending, self._frame_started = self._frame.unused_data, False
+        n = min(len(buffer), len(self._out))
+        buffer[:n], self._out = self._out[:n], self._out[n:]
+        return n
+
+    _frame_started = False
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
 
 
 def _decode(raw: bytes, origin: str, stats: SourceStats, strict: bool) -> str:
@@ -193,6 +231,19 @@ def _read_file(path: str, doc_per_line: bool, stats: SourceStats, strict: bool) 
             yield {"text": _decode(handle.read(), path, stats, strict)}, path
 
 
+def _read_readable(path: str, doc_per_line: bool, stats: SourceStats, strict: bool) -> Iterator[tuple[dict, str]]:
+    """`_read_file`, with a corrupt or truncated file (a bad .gz/.zst, a read error) as one clear error."""
+    import zlib
+
+    import zstandard
+
+    try:
+        yield from _read_file(path, doc_per_line, stats, strict)
+    except (OSError, EOFError, zlib.error, zstandard.ZstdError) as err:
+        raise ChatforgeError(f"{path}: cannot read the file, it may be corrupt or truncated "
+                             f"({type(err).__name__}: {err})") from None
+
+
 def _looks_like_jsonl(path: str) -> bool:
     """A .json file whose first line is a complete object is read line by line (streaming)."""
     with _open_binary(path) as handle:
@@ -263,7 +314,7 @@ def iter_records(specs: Iterable[str], *, doc_per_line: bool = False, strict: bo
             records = _read_hub(spec)
         else:
             records = (item for path in resolve_files(spec)
-                       for item in _read_file(path, doc_per_line, stats, strict))
+                       for item in _read_readable(path, doc_per_line, stats, strict))
         for record, origin in records:
             stats.records += 1
             yield record, origin

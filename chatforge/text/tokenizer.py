@@ -134,6 +134,9 @@ def load_tokenizer(path: str):
 
     if not os.path.isdir(path):
         raise ChatforgeError(f"{path}: tokenizer directory not found")
+    if not any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+        raise ChatforgeError(f"{path}: no tokenizer files (tokenizer.json): not a tokenizer or model folder "
+                             "with its tokenizer")
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except Exception as err:  # transformers raises OSError/ValueError/... for non-tokenizer folders

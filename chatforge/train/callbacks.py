@@ -114,14 +114,15 @@ class Throughput(TrainerCallback):
 
 class WallClockBudget(TrainerCallback):
     """`--max-time`: fit the LR schedule (length and warm-up) to the steps that fit in the time, then stop.
-    `seconds` is what is left of the budget (a resumed run has used the rest).
+    `seconds` is what is left of the budget (a resumed run has used the rest). The progress bar
+    (`progress`, the Trainer's ProgressCallback) follows the plan, so its ETA is the time budget's.
 
     The plan is remade at steps 5, 10, 20, 40, ... from the rate measured after the first steps, which
     are slow (allocation, kernel selection) and would otherwise make the run stop far too early.
     """
 
-    def __init__(self, seconds: float, schedule: Schedule, first_plan: int = 5):
-        self.seconds, self.schedule = seconds, schedule
+    def __init__(self, seconds: float, schedule: Schedule, first_plan: int = 5, progress=None):
+        self.seconds, self.schedule, self.progress = seconds, schedule, progress
         self.cap, self.warmup = schedule.total_steps, schedule.warmup_steps
         self.next_plan = first_plan
         self.start = self.mark = None
@@ -141,6 +142,10 @@ class WallClockBudget(TrainerCallback):
                 fit = state.global_step + int((self.seconds - elapsed) / per_step * 0.95)
                 self.schedule.total_steps = max(state.global_step + 1, min(self.cap, fit))
                 self.schedule.warmup_steps = min(self.warmup, max(1, self.schedule.total_steps // 20))
+                bar = getattr(self.progress, "training_bar", None)
+                if bar is not None:  # show the steps that fit in the time, not the epoch cap
+                    bar.total = self.schedule.total_steps
+                    bar.refresh()
             if self.next_plan == 5:  # measure from here on: the warm-up steps are not representative
                 self.mark, self.mark_step = now, state.global_step
             self.next_plan *= 2

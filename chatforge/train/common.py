@@ -20,9 +20,9 @@ import torch
 from chatforge.config import option
 from chatforge.errors import ChatforgeError
 from chatforge.modeling import PRECISIONS
+from chatforge.outputs import CHECKPOINT_COMPLETE as COMPLETE_MARKER
+from chatforge.outputs import CHECKPOINT_STARTED as STARTED_MARKER
 
-COMPLETE_MARKER = "chatforge_complete.json"
-STARTED_MARKER = "chatforge_started.json"
 RUN_CONFIG = "run_config.yaml"
 SUMMARY = "summary.json"
 SCHEDULES = ("cosine", "wsd", "constant")
@@ -89,7 +89,7 @@ def resume_checkpoint(out: str, log=print) -> str | None:
             continue
         if not (ckpt / STARTED_MARKER).exists():
             raise ChatforgeError(f"{ckpt}: a checkpoint folder chatforge did not write; move it out of {out} "
-                                 "before resuming (the Trainer would overwrite or rotate it away)")
+                                 "before resuming")
         if is_main():
             log(f"removing incomplete checkpoint {ckpt}")
             shutil.rmtree(ckpt, ignore_errors=True)
@@ -174,6 +174,7 @@ def run_trainer(cfg: RunSettings, out: str, model, tok, train, evals, plan: Plan
     """Train with the transformers Trainer (AdamW, schedule, markers, budget) and evaluate; returns
     (trainer, final eval metrics). `callbacks`: extra TrainerCallbacks (benches)."""
     from transformers import Trainer
+    from transformers.trainer_callback import ProgressCallback
 
     from chatforge.train.callbacks import CompleteMarker, WallClockBudget
 
@@ -182,16 +183,17 @@ def run_trainer(cfg: RunSettings, out: str, model, tok, train, evals, plan: Plan
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     checkpoint = resume_checkpoint(out, log) if resume else None
     spent = trained_seconds(checkpoint)
-    ours = [throughput, *callbacks]
-    if cfg.max_time:
-        if spent:
-            log(f"--max-time: {spent:.0f} of {cfg.max_time:g} s already spent before this resume")
-        ours.append(WallClockBudget(max(cfg.max_time - spent, 0.0), schedule))
     args = training_arguments(cfg, out, max_steps=plan.max_steps, micro=plan.micro, accum=plan.accum,
                               precision=plan.precision, has_eval=bool(evals) and len(evals) > 0, compile=compile,
                               num_workers=num_workers)
     trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=evals if evals and len(evals) else None,
                       processing_class=tok, data_collator=collator, optimizers=(optimizer, scheduler))
+    ours = [throughput, *callbacks]
+    if cfg.max_time:
+        if spent:
+            log(f"--max-time: {spent:.0f} of {cfg.max_time:g} s already spent before this resume")
+        progress = next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, ProgressCallback)), None)
+        ours.append(WallClockBudget(max(cfg.max_time - spent, 0.0), schedule, progress=progress))
     for cb in reversed(ours):  # first, so TensorBoard and the progress bar see the metrics they add to the logs
         trainer.callback_handler.callbacks.insert(0, cb)
     trainer.add_callback(CompleteMarker({"kind": kind}, spent))  # last: after the Trainer decided to save
