@@ -40,6 +40,13 @@ def start_server(model: str, max_batch: int, max_queue: int) -> tuple[subprocess
     return proc, host, int(port)
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def one_request(host: str, port: int, i: int, max_tokens: int) -> tuple[bool, float | None, int]:
     """(ok, seconds to first token, completion tokens) of one streaming request."""
     start = time.perf_counter()
@@ -101,12 +108,15 @@ def main() -> None:
             n += 1
 
     start = time.perf_counter()
+    server_cpu_before, client_cpu_before = _cpu_seconds(proc.pid), time.process_time()
     threads = [threading.Thread(target=client, args=(c,)) for c in range(args.clients)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - start
+    server_cpu = _cpu_seconds(proc.pid) - server_cpu_before
+    client_cpu = time.process_time() - client_cpu_before
     proc.terminate()
     proc.wait(10)
 
@@ -116,14 +126,18 @@ def main() -> None:
     row = {"clients": args.clients, "seconds": round(elapsed, 1), "requests": len(results), "failed": len(results) - len(ok),
            "ttft_p50_ms": round(pct(0.50), 1), "ttft_p95_ms": round(pct(0.95), 1),
            "ttft_mean_ms": round(1000 * statistics.mean(ttfts), 1) if ttfts else None,
-           "completion_tokens": sum(r[2] for r in ok), "tokens_per_s": round(sum(r[2] for r in ok) / elapsed, 1)}
+           "completion_tokens": sum(r[2] for r in ok), "tokens_per_s": round(sum(r[2] for r in ok) / elapsed, 1),
+           # the clients share the machine's cores: CPU per 1k tokens tells the server's own cost apart
+           "server_cpu_s_per_1k_tokens": round(1000 * server_cpu / max(1, sum(r[2] for r in ok)), 3),
+           "client_cpu_s_per_1k_tokens": round(1000 * client_cpu / max(1, sum(r[2] for r in ok)), 3)}
     print(f"\nchatforge serve on loopback, {args.clients} streaming clients, {args.duration:.0f} s, "
           f"max_tokens {args.max_tokens}, model {model}\n")
-    print("| clients | requests | failed | TTFT p50 | TTFT p95 | tokens/s (aggregate) |")
-    print("|---|---|---|---|---|---|")
+    print("| clients | requests | failed | TTFT p50 | TTFT p95 | tokens/s (aggregate) | CPU s / 1k tokens: server, "
+          "clients |")
+    print("|---|---|---|---|---|---|---|")
     print(f"| {row['clients']} | {row['requests']} | {row['failed']} | {row['ttft_p50_ms']} ms | "
-          f"{row['ttft_p95_ms']} ms | {row['tokens_per_s']:,.0f} |")
-    print("\nGPU figures: pending.")
+          f"{row['ttft_p95_ms']} ms | {row['tokens_per_s']:,.0f} | {row['server_cpu_s_per_1k_tokens']}, "
+          f"{row['client_cpu_s_per_1k_tokens']} |")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(row, f, indent=2)

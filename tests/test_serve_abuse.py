@@ -300,10 +300,12 @@ class FakeEngine:
     def encode(self, text):
         return [1, 2, 3] if "poison" not in text else [9, 9, 9]
 
-    def submit(self, prompt, params):
+    def submit(self, prompt, params, on_event=None):
         bad = prompt == [9, 9, 9]
-        return FakeRequest([("text", "par"), ("error", "generation failed: boom")] if bad
-                           else [("text", "ok"), ("text", "!"), ("done", "stop")])
+        req = FakeRequest([("text", "par"), ("error", "generation failed: boom")] if bad
+                          else [("text", "ok"), ("text", "!"), ("done", "stop")])
+        on_event()  # its events are all queued already
+        return req
 
 
 def call(app, body: dict) -> tuple[int, bytes]:

@@ -136,12 +136,13 @@ class Engine:
         if not all(isinstance(t, int) and 0 <= t < self.vocab_rows for t in prompt_ids):
             raise ChatforgeError(f"the prompt holds a token id outside 0..{self.vocab_rows - 1}")
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> Request:
-        """Queue a request; raises ChatforgeError for bad input and EngineBusy when the queue is full."""
+    def submit(self, prompt_ids: list[int], params: SamplingParams, on_event=None) -> Request:
+        """Queue a request; raises ChatforgeError for bad input and EngineBusy when the queue is full.
+        `on_event`: called on the engine thread after each of the request's events (text, error, done)."""
         params.validate()
         self.check_prompt(prompt_ids)
         budget = min(params.max_new_tokens, self.context_length - len(prompt_ids))
-        req = Request(prompt_ids, params, budget, Detokenizer(self.token_bytes, self.decode))
+        req = Request(prompt_ids, params, budget, Detokenizer(self.token_bytes, self.decode), on_event)
         with self._cv:
             if self._closed:
                 raise ChatforgeError("the engine is closed")

@@ -25,8 +25,10 @@ class Request:
     """One generation. Iterate it for text pieces; afterwards `finish_reason` ("stop"/"length") and the
     token counts are set. Every result of the request lives here, never on the engine."""
 
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, budget: int, detokenizer: Detokenizer):
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, budget: int, detokenizer: Detokenizer,
+                 on_event: Callable[[], None] | None = None):
         self.prompt_ids, self.params, self.budget = list(prompt_ids), params, budget
+        self.on_event = on_event  # called on the engine thread after each event (an async server's wake-up)
         self.ids = list(prompt_ids)          # prompt + generated, for positions and repetition penalty
         self.out: list[int] = []             # generated ids
         self.text = ""                       # decoded generated text
@@ -53,6 +55,11 @@ class Request:
     def cancel(self) -> None:
         """Stop generating (the engine frees the slot before its next step)."""
         self.cancelled.set()
+
+    def put(self, kind: str, value) -> None:
+        self.events.put((kind, value))
+        if self.on_event is not None:
+            self.on_event()
 
     def __iter__(self) -> Iterator[str]:
         try:
@@ -109,7 +116,7 @@ class Scheduler:
         if not req.done:
             req.error = f"generation failed: {err}"
             req.done = True
-            req.events.put(("error", req.error))
+            req.put("error", req.error)
 
     def fail_all(self, err: BaseException) -> None:
         """The batched forward itself failed: no request can go on."""
@@ -162,7 +169,7 @@ class Scheduler:
             return
         safe = len(req.text) if final else hold_back_stop_prefix(req.text, stops, req.emitted)
         if safe > req.emitted:
-            req.events.put(("text", req.text[req.emitted:safe]))
+            req.put("text", req.text[req.emitted:safe])
             req.emitted = safe
 
     def finish(self, req: Request, reason: str) -> None:
@@ -172,9 +179,9 @@ class Scheduler:
         if req.finish_reason is None:
             req.finish_reason = reason
         if len(req.text) > req.emitted:
-            req.events.put(("text", req.text[req.emitted:]))
+            req.put("text", req.text[req.emitted:])
             req.emitted = len(req.text)
-        req.events.put(("done", req.finish_reason))
+        req.put("done", req.finish_reason)
 
     def _retire(self, req: Request) -> None:
         """Free req's slot at once, moving the last active request into it so slots stay 0..n-1."""

@@ -1,7 +1,8 @@
 """The ASGI app behind `chatforge serve` (FastAPI): OpenAI-compatible routes over the batching engine.
 
-Handlers run on the event loop; every blocking call into the engine (tokenizing, waiting for a request's
-next text) runs on a thread pool, so no generation stalls another. A POST must be JSON (415 otherwise:
+Handlers run on the event loop. Tokenizing runs on a small thread pool (a long prompt must not stall the
+loop); a request's text arrives by the engine thread waking its handler (`_waker`), so no thread waits
+per request and no handler polls. A POST must be JSON (415 otherwise:
 a cross-site form or text/plain "simple request" never reaches the engine); its body is read under a
 deadline (408) and a size limit (413), parsed strictly (openai.py), submitted to the engine's bounded
 queue (503 + Retry-After when full) and copied back as one JSON body or as server-sent events. A client
@@ -51,18 +52,17 @@ def _error(err: ApiError) -> Response:
     return _json(err.status, err.body(), {**err.headers, "Connection": "close"})
 
 
-def _next_events(req) -> list:
-    """The request's next events: waits up to 0.5 s for one, then takes whatever else is queued."""
-    try:
-        events = [req.events.get(timeout=0.5)]
-    except queue.Empty:
-        return []
-    while events[-1][0] == "text":
+def _waker(loop: asyncio.AbstractEventLoop, ready: asyncio.Event):
+    """A request's `on_event`: wakes its handler on the event loop from the engine thread (no thread per
+    waiting request, no polling)."""
+
+    def wake() -> None:
         try:
-            events.append(req.events.get_nowait())
-        except queue.Empty:
-            break
-    return events
+            loop.call_soon_threadsafe(ready.set)
+        except RuntimeError:  # the loop is closed: the server is shutting down
+            pass
+
+    return wake
 
 
 class _Stream(StreamingResponse):
@@ -80,14 +80,14 @@ class _Stream(StreamingResponse):
 
 
 class Api:
-    """The routes' state: the engine, who may call, and the pool that waits on the engine."""
+    """The routes' state: the engine, who may call, and the pool that tokenizes."""
 
     def __init__(self, engine: Engine, model_name: str, api_key: str | None, body_timeout: float,
-                 max_body: int, workers: int):
+                 max_body: int):
         self.engine, self.model_name, self.api_key = engine, model_name, api_key
         self.body_timeout, self.max_body = body_timeout, max_body
-        # one thread per waiting generation at most: never the loop's small default pool
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="chatforge-wait")
+        # the engine's tokenizer takes one caller at a time: two threads keep it busy
+        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="chatforge-tokenize")
         self.page = resources.files("chatforge.serve").joinpath("static/index.html").read_bytes()
 
     async def off_loop(self, fn, *args):
@@ -155,8 +155,9 @@ class Api:
         stream = body_field(body, "stream", bool, False)
         include_usage = bool(body_field(body, "stream_options", dict, {}).get("include_usage"))
         params = parse_sampling(body, len(prompt), self.engine.context_length)
+        ready = asyncio.Event()
         try:
-            req = self.engine.submit(prompt, params)
+            req = self.engine.submit(prompt, params, on_event=_waker(asyncio.get_running_loop(), ready))
         except EngineBusy as err:
             raise ApiError(503, f"server busy: {err}; retry shortly", code="overloaded",
                            headers={"Retry-After": "1"}) from None
@@ -165,29 +166,38 @@ class Api:
         meta = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], "created": int(time.time()),
                 "model": self.model_name}
         if stream:  # Starlette cancels the stream when the client disconnects
-            return _Stream(req, self.stream(req, meta, chat, include_usage))
-        watch = asyncio.create_task(self._cancel_on_disconnect(request, req))
+            return _Stream(req, self.stream(req, ready, meta, chat, include_usage))
+        watch = asyncio.create_task(self._cancel_on_disconnect(request, req, ready))
         try:
-            return await self.whole(req, meta, chat)
+            return await self.whole(req, ready, meta, chat)
         finally:
             watch.cancel()
             req.cancel()
 
     @staticmethod
-    async def _cancel_on_disconnect(request: Request, req) -> None:
+    async def _cancel_on_disconnect(request: Request, req, ready: asyncio.Event) -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
         req.cancel()
+        ready.set()  # a request still queued has no event to wake its handler with
 
-    async def events(self, req):
-        """The request's (kind, value) events until its end; stops early once it is cancelled."""
+    @staticmethod
+    async def events(req, ready: asyncio.Event):
+        """The request's events, in lists of whatever arrived together, until its end (or its cancellation:
+        whoever cancels also sets `ready`). One wake-up and one write per list, not per token: under load
+        the event loop's time per write is time the engine thread cannot decode in."""
         while True:
-            batch = await self.off_loop(_next_events, req)
-            for kind, value in batch:
-                yield kind, value
-                if kind != "text":
-                    return
-            if not batch and req.cancelled.is_set():  # a queued request only says "done" once admitted
+            await ready.wait()
+            ready.clear()  # before draining: an event put after the drain sets it again
+            batch = []
+            while not batch or batch[-1][0] == "text":
+                try:
+                    batch.append(req.events.get_nowait())
+                except queue.Empty:
+                    break
+            if batch:
+                yield batch
+            if batch and batch[-1][0] != "text" or not batch and req.cancelled.is_set():
                 return
 
     # -------------------------------------------------------- answers out
@@ -197,20 +207,21 @@ class Api:
         return {"prompt_tokens": req.prompt_tokens, "completion_tokens": req.completion_tokens,
                 "total_tokens": req.prompt_tokens + req.completion_tokens}
 
-    async def whole(self, req, meta: dict, chat: bool) -> Response:
+    async def whole(self, req, ready: asyncio.Event, meta: dict, chat: bool) -> Response:
         text = []
-        async for kind, value in self.events(req):
-            if kind == "text":
-                text.append(value)
-            elif kind == "error":  # this request failed alone; the others go on
-                return _json(500, ApiError(500, value).body())
+        async for batch in self.events(req, ready):
+            for kind, value in batch:
+                if kind == "text":
+                    text.append(value)
+                elif kind == "error":  # this request failed alone; the others go on
+                    return _json(500, ApiError(500, value).body())
         text = "".join(text)
         choice = {"index": 0, "finish_reason": req.finish_reason, "logprobs": None}
         choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
         return _json(200, {**meta, "object": "chat.completion" if chat else "text_completion", "choices": [choice],
                            "usage": self.usage(req)})
 
-    async def stream(self, req, meta: dict, chat: bool, include_usage: bool):
+    async def stream(self, req, ready: asyncio.Event, meta: dict, chat: bool, include_usage: bool):
         obj = "chat.completion.chunk" if chat else "text_completion"
 
         def send(choices: list, **extra) -> bytes:
@@ -225,11 +236,12 @@ class Api:
         usage = {"usage": None} if include_usage else {}
         if chat:
             yield send([choice(None, role=True)], **usage)
-        async for kind, value in self.events(req):
-            if kind == "text":
-                yield send([choice(value)], **usage)
-            elif kind == "error":
-                yield b"data: " + json.dumps({"error": {"message": value, "type": "server_error"}}).encode() + b"\n\n"
+        async for batch in self.events(req, ready):
+            chunks = [send([choice(value)], **usage) if kind == "text" else
+                      b"data: " + json.dumps({"error": {"message": value, "type": "server_error"}}).encode() + b"\n\n"
+                      for kind, value in batch if kind in ("text", "error")]
+            if chunks:
+                yield b"".join(chunks)
         if req.error is None:
             yield send([choice(None, finish=req.finish_reason)], **usage)
             if include_usage:
@@ -238,9 +250,9 @@ class Api:
 
 
 def make_app(engine: Engine, model_name: str = "chatforge", api_key: str | None = None, allowed_hosts=(),
-             allowed_origins=(), body_timeout: float = 30.0, max_body: int = MAX_BODY, workers: int = 256) -> Guard:
+             allowed_origins=(), body_timeout: float = 30.0, max_body: int = MAX_BODY) -> Guard:
     """The whole server as one ASGI app: the Host/Origin guard around the FastAPI routes."""
-    api = Api(engine, model_name, api_key, body_timeout, max_body, workers)
+    api = Api(engine, model_name, api_key, body_timeout, max_body)
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)  # no pages beyond the API and the chat
 
     @app.get("/")

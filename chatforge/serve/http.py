@@ -113,8 +113,7 @@ def serve(cfg: ServeConfig) -> None:
     engine = Engine(cfg.model, max_batch=cfg.max_batch, max_queue=cfg.max_queue, **cfg.engine.engine_kwargs())
     name = cfg.model_name or os.path.basename(os.path.abspath(cfg.model))
     app = make_app(engine, name, api_key, allowed_hosts=[*cfg.allowed_hosts, cfg.host],
-                   allowed_origins=cfg.allowed_origins, body_timeout=cfg.request_timeout,
-                   workers=cfg.max_connections)
+                   allowed_origins=cfg.allowed_origins, body_timeout=cfg.request_timeout)
     logs = copy.deepcopy(LOGGING_CONFIG)
     logs["loggers"]["uvicorn.error"]["level"] = "WARNING"  # no start-up chatter; warnings and errors only
     logs["handlers"]["access"]["stream"] = "ext://sys.stderr"  # stdout is for the banner (a pipe nobody drains)
