@@ -209,8 +209,7 @@ def fast_batch_encoder(tok):
     vocabulary, or None when the tokenizer is not a plain byte-level BPE (or tiktoken is missing).
 
     Why: tokenizing is most of `data prepare`'s time, and tiktoken's BPE is faster than `tokenizers`'
-    `encode_batch_fast` on the same vocabulary (measured, `data prepare` of 16 MB of English on 2 cores:
-    1.2 vs 2.3 s).
+    `encode_batch_fast` on the same vocabulary (about 2x, bench/README.md).
     The result is the same ids: the same GPT-2 split pattern, the same vocabulary, and special tokens in
     the text still become their ids. tiktoken merges by the rank of the merged token where `tokenizers`
     follows its merge list; with ids assigned in merge order (as BPE training does, checked here) the
@@ -252,7 +251,7 @@ def fast_batch_encoder(tok):
 
     def encode_batch(texts: list[str]) -> list[list[int]]:
         # One task per thread, not tiktoken's `encode_batch` (one future per text): its per-future locking
-        # cost as much as the encoding itself (measured, 14k documents of ~1 KB on 2 cores: 0.71 vs 1.16 s).
+        # cost as much as the encoding itself (bench/README.md).
         size = -(-len(texts) // threads)
         ids: list[list[int]] = []
         with ThreadPoolExecutor(threads, thread_name_prefix="chatforge-bpe") as pool:  # no threads outlive a batch

@@ -40,7 +40,7 @@ class FastModel:
         self.max_batch, self.static = max_batch, static
         shape = (max_batch if static else 1, self.n_kv, ctx, self.head_dim)
         # bf16 weights on a CPU still attend in fp32: oneDNN's bf16 bmm at one query row is ~7x slower
-        # than fp32 (measured: 166 vs 23 us per call, 6x384 model), and the cache is small
+        # than fp32 (bench/README.md), and the cache is small
         self.cache_dtype = torch.float32 if p.device.type == "cpu" else p.dtype
         self.k = [torch.zeros(shape, dtype=self.cache_dtype, device=p.device) for _ in self.layers]
         self.v = [torch.zeros(shape, dtype=self.cache_dtype, device=p.device) for _ in self.layers]
@@ -113,9 +113,8 @@ class FastModel:
         a bucket (1, 2, 4, ...), attention over the whole cache with a mask. Padding rows write into free
         slots, which the next prefill of those slots overwrites and no mask ever exposes.
 
-        Why: on a GPU a small model's eager step is kernel launches and Python, not FLOPs (the anchors:
-        `generate()` at 161 tokens/s for GPT-2 124M on an H200, against a ~19,000 bandwidth limit); a
-        graph replays the step's hundreds of kernels with one launch."""
+        Why: on a GPU a small model's eager step is kernel launches and Python, not FLOPs; a graph
+        replays the step's hundreds of kernels with one launch."""
         B = len(tokens)
         bucket = next(b for b in self.buckets if b >= B)
         pad = [0] * (bucket - B)
@@ -318,8 +317,8 @@ class FastModel:
 
 def _can_pack(weight: torch.Tensor) -> bool:
     """bf16 weights on a CPU with oneDNN: decode with weights pre-packed into oneDNN's blocked layout
-    (what torch.compile's CPU freezing does). Measured, 2 cores, a 384x1536 bf16 matmul: 26 vs 53 us at
-    1 row, 42 vs 69 us at 8 rows, 107 vs 135 us at 32, bit-identical results. These ops are PyTorch
+    (what torch.compile's CPU freezing does): about 2x faster at one row, bit-identical results
+    (bench/README.md). These ops are PyTorch
     internals, so any failure here (another PyTorch build) falls back to plain matmuls. fp32 stays
     unpacked: MKL's packed path rounds differently, and greedy output must equal generate()'s."""
     if weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
