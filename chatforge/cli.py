@@ -68,10 +68,13 @@ def build_config(cls, args: argparse.Namespace):
     values = {k: v for k, v in vars(args).items() if k not in ("command", "sub", "func", *RUN_FLAGS)}
     yaml_path = getattr(args, "config", None)
     if yaml_path is None and getattr(args, "resume", False) and values.get("out"):
+        from chatforge.outputs import owner_kind
         from chatforge.train.common import RUN_CONFIG
 
         saved = os.path.join(values["out"], RUN_CONFIG)
-        yaml_path = saved if os.path.exists(saved) else None  # --resume continues with the run's own options
+        # --resume continues with the run's own options (a folder of another kind is refused later)
+        if os.path.exists(saved) and owner_kind(values["out"]) == args.command:
+            yaml_path = saved
     return config.build(cls, yaml_path, **values)
 
 
@@ -203,6 +206,9 @@ def main(argv: list[str] | None = None) -> None:
         del args.config_class
         args.func(build_config(cls, args), args)
     except ChatforgeError as err:
+        print(f"chatforge: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except (OSError, UnicodeError) as err:  # a folder that cannot be written, a path that cannot be encoded
         print(f"chatforge: error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

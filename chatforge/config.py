@@ -67,12 +67,18 @@ def coerce(f: dataclasses.Field, annotation, value: Any) -> Any:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             value = [value]  # `data: corpus.txt` in YAML means one source
         if not isinstance(value, list):
-            raise ChatforgeError(f"{label} must be a list of {_kind_name(kind)}s, got {value!r}")
+            raise ChatforgeError(f"{label} must be a list of values ({_kind_name(kind)} each), got {value!r}")
         return [_scalar(label, kind, v) for v in value]
     return _scalar(label, kind, value)
 
 
 def _scalar(label: str, kind: type, value: Any) -> Any:
+    if kind in (int, float) and isinstance(value, str):  # YAML reads 3e-4 as a string
+        try:
+            number = float(value)
+            value = int(number) if kind is int and number.is_integer() and "." not in value else number
+        except (ValueError, OverflowError):
+            pass
     if kind is bool:
         if not isinstance(value, bool):
             raise ChatforgeError(f"{label} must be true or false, got {value!r}")
@@ -84,8 +90,12 @@ def _scalar(label: str, kind: type, value: Any) -> Any:
             raise ChatforgeError(f"{label} must be an integer, got {value!r}")
         return value
     if kind is float:
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-            raise ChatforgeError(f"{label} must be a finite number, got {value!r}")
+        try:
+            finite = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        except OverflowError:  # an int too large for a float
+            finite = False
+        if not finite:
+            raise ChatforgeError(f"{label} must be a finite number, got {str(value)[:40]}")
         return float(value)
     if kind is str:
         if isinstance(value, (int, float)) and not isinstance(value, bool):

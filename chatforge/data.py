@@ -194,8 +194,11 @@ def prepare(cfg: DataConfig, tok=None, log=print) -> dict:
         "skipped": dict(stats.skipped), "invalid_utf8_lines": stats.invalid_utf8_lines,
         "records": stats.records, "seconds": round(time.time() - started, 2),
     }
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
-    replace_with(out, tmp)  # a killed run never leaves a manifest next to partial shards
+    try:
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
+        replace_with(out, tmp)  # a killed run never leaves a manifest next to partial shards
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already when it was moved into place
     mb = manifest["train"]["bytes"] + manifest["val"]["bytes"]
     log(f"data: {manifest['train']['tokens']:,} train / {manifest['val']['tokens']:,} val tokens from "
         f"{doc_index:,} documents ({stats.summary()}), {mb / 1e6 / max(manifest['seconds'], 1e-9):.1f} MB/s -> {out}")

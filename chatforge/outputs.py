@@ -9,6 +9,7 @@ and renamed into place, so a killed command leaves the old content or the new, n
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -36,40 +37,56 @@ def mark(folder: str | Path, kind: str) -> None:
     os.replace(tmp, path)
 
 
+def _input_paths(spec: str) -> list[Path]:
+    """The local paths a source spec may read: itself, a glob's matches and the folder it starts in,
+    an `hf:` spec naming a local folder; none for the demo corpus or a Hub dataset."""
+    if spec == "demo" or spec.startswith("demo:"):
+        return []
+    if spec.startswith("hf:"):
+        name = spec[3:].partition(":")[0]
+        return [Path(name)] if name and Path(name).exists() else []
+    if any(ch in spec for ch in "*?["):
+        root = spec[:min(spec.index(ch) for ch in "*?[" if ch in spec)]
+        return [Path(root.rpartition("/")[0] or "."), *map(Path, glob.glob(spec, recursive=True))]
+    return [Path(spec)]
+
+
 def check_not_inputs(out: str | Path, inputs: list[tuple[str, str | None]], keep: tuple[str, ...] = ()) -> None:
-    """Refuse an output folder that is, or holds, one of the command's inputs, or the working folder.
+    """Refuse an output folder that is, or holds, one of the command's inputs (or is inside a --data
+    folder, which would read it next time), or the working folder or one above it.
 
-    inputs: (option name, path) pairs (None or a non-path spec such as demo or hf:NAME is ignored);
-    keep: sub-folders of `out` the command reuses rather than replaces (their inputs are fine)."""
-    target = Path(out).resolve()
-    if target == Path.cwd().resolve() or target in Path.cwd().resolve().parents or target == Path(target.anchor):
-        raise ChatforgeError(f"--out {out}: that is the working folder or one above it; name a new folder")
-    for flag, path in inputs:
-        if not path or path.startswith(("hf:", "demo")) or any(ch in path for ch in "*?["):
-            continue
-        source = Path(path).resolve()
-        if source == target or target in source.parents:
-            if any(source == target / k or (target / k) in source.parents for k in keep):
-                continue
-            raise ChatforgeError(f"--out {out} would replace the input {flag} {path}; choose another --out")
+    inputs: (option name, source spec or path) pairs; keep: sub-folders of `out` the command reuses
+    rather than replaces (inputs there are fine)."""
+    target = Path(os.path.abspath(os.path.expanduser(str(out)))).resolve()
+    cwd = Path.cwd().resolve()
+    if target == cwd or target in cwd.parents or target == Path(target.anchor) or target == Path.home().resolve():
+        raise ChatforgeError(f"--out {out}: that is the working folder, one above it or the home folder; "
+                             "name a new folder")
+    for flag, spec in inputs:
+        for path in _input_paths(spec) if spec else []:
+            source = path.resolve()
+            if source == target or target in source.parents:
+                if any(source == target / k or (target / k) in source.parents for k in keep):
+                    continue
+                raise ChatforgeError(f"--out {out} would replace the input {flag} {spec}; choose another --out")
+            if flag == "--data" and source.is_dir() and source in target.parents:
+                raise ChatforgeError(f"--out {out} is inside the input {flag} {spec}, which would read it; "
+                                     "choose another --out")
 
 
-def claim(out: str | Path, kind: str, *, overwrite: bool = False, resume: bool = False,
-          keep: tuple[str, ...] = (), legacy: tuple[str, ...] = ()) -> None:
+def claim(out: str | Path, kind: str, *, overwrite: bool = False, resume: bool | None = False,
+          keep: tuple[str, ...] = ()) -> None:
     """Make `out` this command's output folder, or raise ChatforgeError saying why not.
 
     New or empty: marked as ours. Ours, of this kind: `resume` keeps it as it is; `overwrite` empties
-    it (but `keep`); neither is an error. Anything else is never touched. `legacy`: files that mark an
-    output of this kind written before the marker existed (enough to resume it, never to delete it)."""
+    it (but `keep`); neither is an error. Anything else is never touched (a run written before chatforge
+    marked its folders included: it cannot be resumed or replaced, only read).
+    `resume=None`: the command cannot resume (the error message then offers only --overwrite)."""
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise ChatforgeError(f"--out {out}: exists and is not a folder")
-    if path.is_dir() and any(path.iterdir()):
+    if path.is_dir() and any(p.name != OWNER for p in path.iterdir()):  # only our marker: a run that failed early
         found = owner_kind(path)
-        if found is None and resume and any((path / name).exists() for name in legacy):
-            check_checkpoints_ours(path)
-            mark(path, kind)
-            return
         if found is None:
             raise ChatforgeError(f"--out {out}: the folder exists and was not written by chatforge; "
                                  "chatforge replaces only its own outputs: choose a new --out")
@@ -80,8 +97,9 @@ def claim(out: str | Path, kind: str, *, overwrite: bool = False, resume: bool =
             check_checkpoints_ours(path)
             return
         if not overwrite:
-            raise ChatforgeError(f"--out {out}: already holds a run; pass --resume to continue it or "
-                                 "--overwrite to replace it")
+            how = "pass --overwrite to replace it" if resume is None else \
+                "pass --resume to continue it or --overwrite to replace it"
+            raise ChatforgeError(f"--out {out}: already holds a run; {how}")
         for child in path.iterdir():
             if child.name not in keep and child.name != OWNER:
                 shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
@@ -109,8 +127,9 @@ def check_replaceable(out: str | Path, is_ours) -> None:
 
 
 def temporary_sibling(out: str | Path) -> Path:
-    """An empty folder next to `out`, to be moved into place by `replace_with`."""
-    out = Path(out)
+    """An empty folder next to `out`, to be moved into place by `replace_with` (or removed by the caller
+    on failure)."""
+    out = Path(os.path.abspath(out))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     if tmp.exists():
@@ -121,11 +140,11 @@ def temporary_sibling(out: str | Path) -> Path:
 
 def replace_with(out: str | Path, tmp: Path) -> None:
     """Move `tmp` into place as `out`; an older `out` (already checked to be ours) goes only after."""
-    out = Path(out)
+    out = Path(os.path.abspath(out))
     old = None
-    if out.exists():
+    if out.exists() or out.is_symlink():
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         os.replace(out, old)
     os.replace(tmp, out)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        old.unlink() if old.is_symlink() else shutil.rmtree(old, ignore_errors=True)

@@ -51,7 +51,7 @@ def quickstart(cfg: QuickstartConfig, overwrite: bool = False, log=print) -> dic
 
     cfg.validate()
     check_not_inputs(cfg.out, [])
-    claim(cfg.out, "quickstart", overwrite=overwrite)
+    claim(cfg.out, "quickstart", overwrite=overwrite, resume=None)
     gpu = torch.cuda.is_available()
     started = time.time()
     data = [f"demo:{cfg.lang}"]

@@ -63,9 +63,10 @@ def test_help_shows_each_default_once_from_the_field():
 def test_yaml_string_where_a_list_is_meant_is_one_source(tmp_path):
     from chatforge.train.pretrain import PretrainConfig
 
-    (tmp_path / "c.yaml").write_text("data: corpus/a.txt\nlearning_rate: 1\n")
+    (tmp_path / "c.yaml").write_text("data: corpus/a.txt\nlearning_rate: 1\nmin_lr_ratio: 5e-2\nmax_steps: 1e3\n")
     cfg = config.build(PretrainConfig, str(tmp_path / "c.yaml"))
     assert cfg.data == ["corpus/a.txt"] and cfg.learning_rate == 1.0
+    assert cfg.min_lr_ratio == 0.05 and cfg.max_steps == 1000  # YAML reads 5e-2 as a string
 
 
 def _sandbox(root: Path, tokenizer_dir: str, base_model_dir: str) -> None:
@@ -78,6 +79,14 @@ def _sandbox(root: Path, tokenizer_dir: str, base_model_dir: str) -> None:
     shutil.copytree(root / "model", run)
     (run / "checkpoint-7").mkdir()
     (run / "checkpoint-7" / "model.safetensors").write_text("not ours")
+    (root / "qs").mkdir()  # a previous quickstart's folder (its marker is all quickstart checks)
+    (root / "qs" / "chatforge_output.json").write_text('{"kind": "quickstart", "written_by": "chatforge"}')
+    (root / "qs" / "notes.txt").write_text("the user's notes about that run\n")
+    (root / "demo_corpus").mkdir()  # a folder whose name starts like the demo corpus
+    (root / "demo_corpus" / "a.txt").write_text("the user's own corpus\n" * 20)
+    (root / "theirs").mkdir()  # another tool's run folder: a run_config.yaml is no chatforge marker
+    (root / "theirs" / "run_config.yaml").write_text("seed: 1\n")
+    (root / "theirs" / "model.safetensors").write_text("their weights")
     (root / "notok").mkdir()
     (root / "notok" / "config.json").write_text((root / "model" / "config.json").read_text())
     shutil.copy(root / "model" / "model.safetensors", root / "notok")
@@ -124,12 +133,27 @@ BAD = [
      "checkpoint folder chatforge did not write"),
     ("quickstart into a user folder", ["quickstart", "--out", "mine"], "not written by chatforge"),
     ("quickstart into a model", ["quickstart", "--out", "model"], "not a quickstart one"),
+    ("quickstart again", ["quickstart", "--out", "qs"], "already holds a run; pass --overwrite to replace it"),
     ("tokenizer over a model", ["tokenizer", "train", "--data", "corpus", "--out", "model"],
      "not written by chatforge for this step"),
     ("tokenizer into a file", ["tokenizer", "train", "--data", "corpus", "--out", "file.txt"], "not a folder"),
     ("tokenizer over its corpus", ["tokenizer", "train", "--data", "corpus", "--out", "corpus"],
      "would replace the input --data"),
     ("pretrain into the parent", ["pretrain", "--data", "corpus", "--out", "..", *M], "working folder"),
+    ("glob input inside out", ["tokenizer", "train", "--data", "mine/*.txt", "--out", "mine"],
+     "would replace the input --data"),
+    ("glob input, overwrite", ["pretrain", "--data", "corpus/*.txt", "--out", "corpus", "--overwrite", *M],
+     "would replace the input --data"),
+    ("out inside its corpus", ["tokenizer", "train", "--data", "corpus", "--out", "corpus/tok"],
+     "is inside the input --data"),
+    ("a folder named demo-something", ["tokenizer", "train", "--data", "demo_corpus/a.txt", "--out", "demo_corpus"],
+     "would replace the input --data"),
+    ("resume another tool's run", ["pretrain", "--data", "corpus", "--out", "theirs", "--resume", *M],
+     "not written by chatforge"),
+    ("out under a file", ["data", "prepare", "--data", "corpus", "--tokenizer", "tok", "--out", "file.txt/sub"],
+     "file.txt"),
+    ("out is the home folder", ["tokenizer", "train", "--data", "corpus", "--out", "~"], "home folder"),
+    ("empty source", ["tokenizer", "train", "--data", "", "--out", "t"], "empty source"),
     # YAML
     ("yaml value of the wrong type", ["tokenizer", "train", "--config", "y_type.yaml", "--out", "t"],
      "--vocab-size must be an integer"),

@@ -59,7 +59,10 @@ class Request:
     def put(self, kind: str, value) -> None:
         self.events.put((kind, value))
         if self.on_event is not None:
-            self.on_event()
+            try:
+                self.on_event()
+            except Exception:  # a caller's hook must not fail this request's neighbours
+                pass
 
     def __iter__(self) -> Iterator[str]:
         try:

@@ -87,6 +87,8 @@ def _is_supported_file(path: str) -> bool:
 
 def resolve_files(spec: str) -> list[str]:
     """Expand a file/directory/glob spec to a sorted list of readable files, or raise."""
+    if not spec.strip():
+        raise ChatforgeError("--data: an empty source name")
     if any(ch in spec for ch in "*?["):
         files = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
         if not files:

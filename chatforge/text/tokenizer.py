@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -123,9 +124,12 @@ def save_tokenizer(tok, out: str) -> None:
     from chatforge.outputs import mark, replace_with, temporary_sibling
 
     tmp = temporary_sibling(out)
-    tok.save_pretrained(str(tmp))
-    mark(tmp, "tokenizer")
-    replace_with(out, tmp)
+    try:
+        tok.save_pretrained(str(tmp))
+        mark(tmp, "tokenizer")
+        replace_with(out, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already when it was moved into place
 
 
 def load_tokenizer(path: str):

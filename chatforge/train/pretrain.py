@@ -180,7 +180,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
                                                                     ("--init-from", cfg.init_from)], keep=keep)
     state = PartialState()
     if is_main():
-        claim(cfg.out, "pretrain", overwrite=overwrite, resume=resume, keep=keep, legacy=(RUN_CONFIG,))
+        claim(cfg.out, "pretrain", overwrite=overwrite, resume=resume, keep=keep)
     with state.main_process_first():  # rank 0 trains the tokenizer and writes shards; others reuse them
         tok = _load_or_train_tokenizer(cfg, log)
         data_dir, manifest = _prepare_data(cfg, tok, log)

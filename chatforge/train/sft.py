@@ -128,7 +128,7 @@ def sft(cfg: SFTConfig, resume: bool = False, overwrite: bool = False, log=print
     cfg.validate()
     check_not_inputs(cfg.out, [("--model", cfg.model)] + [("--data", d) for d in cfg.data])
     if is_main():
-        claim(cfg.out, "sft", overwrite=overwrite, resume=resume, legacy=(RUN_CONFIG,))
+        claim(cfg.out, "sft", overwrite=overwrite, resume=resume)
     model, tok, added = prepare_model_and_tokenizer(cfg.model, log)
     ctx = context_length(model.config)
     max_length = cfg.max_length or ctx
