@@ -22,18 +22,26 @@ CHECKPOINT_STARTED = "chatforge_started.json"   # in a checkpoint folder, before
 CHECKPOINT_COMPLETE = "chatforge_complete.json"  # after it wrote every file
 
 
+def owner_record(folder: str | Path) -> dict:
+    """What chatforge recorded about the output in `folder` ({} if it did not write it)."""
+    try:
+        record = json.loads((Path(folder) / OWNER).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
 def owner_kind(folder: str | Path) -> str | None:
     """The kind of output chatforge recorded in `folder`, or None if it did not write it."""
-    try:
-        return json.loads((Path(folder) / OWNER).read_text()).get("kind")
-    except (OSError, ValueError, AttributeError):
-        return None
+    return owner_record(folder).get("kind")
 
 
-def mark(folder: str | Path, kind: str) -> None:
+def mark(folder: str | Path, kind: str, **made_from) -> None:
+    """Record `folder` as chatforge's output of `kind`; `made_from`: what it was made from (JSON values)."""
     path = Path(folder) / OWNER
     tmp = path.with_name(OWNER + ".tmp")
-    tmp.write_text(json.dumps({"kind": kind, "written_by": "chatforge"}))
+    tmp.write_text(json.dumps({"kind": kind, "written_by": "chatforge", **made_from}, ensure_ascii=False),
+                   encoding="utf-8")
     os.replace(tmp, path)
 
 

@@ -130,3 +130,17 @@ def test_max_time_is_a_budget_across_resumes(tmp_path, base_model_dir, tokenizer
     assert "already spent before this resume" in resumed.stdout
     total = max(json.loads(p.read_text())["train_seconds"] for p in out.glob("checkpoint-*/chatforge_complete.json"))
     assert first < total < 5 + 3  # the second run trained about 5 - first seconds, not 5
+
+
+def test_overwrite_retrains_a_tokenizer_made_from_other_options(tmp_path):
+    """The run's own tokenizer is kept by --overwrite only while --data and --vocab-size are unchanged."""
+    out = tmp_path / "run"
+    args = ["pretrain", "--data", "demo:en", "--out", out, *TINY, "--max-steps", 2, "--report-to", "none",
+            "--eval-every", 1000]
+    run_cli(*args, "--vocab-size", 300)
+    assert len(AutoTokenizer.from_pretrained(out / "tokenizer")) == 300
+    kept = run_cli(*args, "--vocab-size", 300, "--overwrite")
+    assert "training a" not in kept.stdout
+    run_cli(*args, "--vocab-size", 400, "--overwrite")
+    assert len(AutoTokenizer.from_pretrained(out / "tokenizer")) == 400
+    assert AutoModelForCausalLM.from_pretrained(out).config.vocab_size >= 400

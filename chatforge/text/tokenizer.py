@@ -102,7 +102,8 @@ def train_tokenizer(cfg: TokenizerConfig, log=print):
             f"{tok.get_vocab_size()} tokens ({used_chars:,} characters); use --vocab-size {tok.get_vocab_size()} "
             "or less, or more data")
     hf_tok = wrap_tokenizer(tok)
-    save_tokenizer(hf_tok, cfg.out)
+    save_tokenizer(hf_tok, cfg.out, made_from={"data": cfg.data, "vocab_size": cfg.vocab_size,
+                                               "text_field": cfg.text_field, "doc_per_line": cfg.doc_per_line})
     log(f"tokenizer: {tok.get_vocab_size()} tokens from {used_chars:,} characters ({stats.summary()}) -> {cfg.out}")
     return hf_tok
 
@@ -119,14 +120,14 @@ def wrap_tokenizer(tok):
     return hf_tok
 
 
-def save_tokenizer(tok, out: str) -> None:
+def save_tokenizer(tok, out: str, made_from: dict | None = None) -> None:
     """Written to a temporary sibling, marked as chatforge's, then renamed into place."""
     from chatforge.outputs import mark, replace_with, temporary_sibling
 
     tmp = temporary_sibling(out)
     try:
         tok.save_pretrained(str(tmp))
-        mark(tmp, "tokenizer")
+        mark(tmp, "tokenizer", **(made_from or {}))
         replace_with(out, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already when it was moved into place

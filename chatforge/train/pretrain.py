@@ -88,7 +88,10 @@ def resolved_preset(preset: str) -> str:
     return "gpt2-small" if torch.cuda.is_available() else "tiny"
 
 
-def _load_or_train_tokenizer(cfg: PretrainConfig, log):
+def _load_or_train_tokenizer(cfg: PretrainConfig, resume: bool, log):
+    """--tokenizer, else --init-from's, else the run's own: kept on --resume, and on --overwrite while it was
+    made from the same sources and vocabulary size (else trained again)."""
+    from chatforge.outputs import owner_record
     from chatforge.text.tokenizer import TokenizerConfig, load_tokenizer, train_tokenizer
 
     if cfg.tokenizer:
@@ -96,7 +99,10 @@ def _load_or_train_tokenizer(cfg: PretrainConfig, log):
     if cfg.init_from:
         return load_tokenizer(cfg.init_from)
     tok_dir = str(Path(cfg.out) / "tokenizer")
-    if (Path(tok_dir) / "tokenizer.json").exists():
+    record = owner_record(tok_dir)
+    same = {k: record.get(k) for k in ("data", "vocab_size", "text_field", "doc_per_line")} == \
+        {"data": cfg.data, "vocab_size": cfg.vocab_size, "text_field": cfg.text_field, "doc_per_line": cfg.doc_per_line}
+    if (Path(tok_dir) / "tokenizer.json").exists() and (resume or same):
         return load_tokenizer(tok_dir)
     log(f"no --tokenizer given: training a {cfg.vocab_size}-token byte-level BPE on the corpus")
     return train_tokenizer(TokenizerConfig(**asdict(cfg.sources()), out=tok_dir, vocab_size=cfg.vocab_size), log=log)
@@ -182,7 +188,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
     if is_main():
         claim(cfg.out, "pretrain", overwrite=overwrite, resume=resume, keep=keep)
     with state.main_process_first():  # rank 0 trains the tokenizer and writes shards; others reuse them
-        tok = _load_or_train_tokenizer(cfg, log)
+        tok = _load_or_train_tokenizer(cfg, resume, log)
         data_dir, manifest = _prepare_data(cfg, tok, log)
     model, ctx = _build_model(cfg, tok, log)
     precision = resolve_precision(cfg.precision)
