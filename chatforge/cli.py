@@ -33,7 +33,7 @@ class Parser(argparse.ArgumentParser):
 
 def add_options(parser: argparse.ArgumentParser, cls) -> None:
     """One flag per field of `cls` (nested option groups included), from the field's declaration."""
-    hints = typing.get_type_hints(cls)
+    hints = config.type_hints(cls)
     groups = config.nested_groups(cls)
     for f in dataclasses.fields(cls):
         if f.name in groups:

@@ -9,6 +9,7 @@ YAML stays flat) or nested dataclass fields (their flags are flat all the same).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -32,6 +33,12 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *, flag: str | No
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+@functools.cache
+def type_hints(cls) -> dict:
+    """The resolved field types of a config class (computed once: requests validate their sampling)."""
+    return typing.get_type_hints(cls)
 
 
 def flag_name(f: dataclasses.Field) -> str:
@@ -122,13 +129,13 @@ def check_range(f: dataclasses.Field, value: Any) -> None:
             raise ChatforgeError(f"{label} must be <= {high}, got {v}")
 
 
-def check_fields(obj, where: str = "") -> None:
+def check_fields(obj) -> None:
     """Check (and normalise in place) every field of a config object: type, then range."""
-    hints = typing.get_type_hints(type(obj))
+    hints = type_hints(type(obj))
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
-            check_fields(value, where)
+            check_fields(value)
             continue
         value = coerce(f, hints[f.name], value)
         check_range(f, value)
@@ -137,7 +144,7 @@ def check_fields(obj, where: str = "") -> None:
 
 def nested_groups(cls) -> dict[str, type]:
     """Fields of `cls` that are option groups of their own (a nested dataclass): name -> class."""
-    hints = typing.get_type_hints(cls)
+    hints = type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])}
 
 

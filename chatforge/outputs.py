@@ -13,6 +13,7 @@ import glob
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from chatforge.errors import ChatforgeError
@@ -46,16 +47,15 @@ def mark(folder: str | Path, kind: str, **made_from) -> None:
 
 
 def _input_paths(spec: str) -> list[Path]:
-    """The local paths a source spec may read: itself, a glob's matches and the folder it starts in,
-    an `hf:` spec naming a local folder; none for the demo corpus or a Hub dataset."""
+    """The local paths a source spec may read: itself, a glob's matches, an `hf:` spec naming a local
+    folder; none for the demo corpus or a Hub dataset."""
     if spec == "demo" or spec.startswith("demo:"):
         return []
     if spec.startswith("hf:"):
         name = spec[3:].partition(":")[0]
         return [Path(name)] if name and Path(name).exists() else []
     if any(ch in spec for ch in "*?["):
-        root = spec[:min(spec.index(ch) for ch in "*?[" if ch in spec)]
-        return [Path(root.rpartition("/")[0] or "."), *map(Path, glob.glob(spec, recursive=True))]
+        return [Path(p) for p in glob.glob(spec, recursive=True)]
     return [Path(spec)]
 
 
@@ -139,11 +139,7 @@ def temporary_sibling(out: str | Path) -> Path:
     on failure)."""
     out = Path(os.path.abspath(out))
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)  # our own leftover: the name holds this process's id
-    tmp.mkdir()
-    return tmp
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))  # a new name: nothing is replaced
 
 
 def replace_with(out: str | Path, tmp: Path) -> None:
@@ -151,7 +147,8 @@ def replace_with(out: str | Path, tmp: Path) -> None:
     out = Path(os.path.abspath(out))
     old = None
     if out.exists() or out.is_symlink():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        old.rmdir()  # a fresh name that no one else's file holds
         os.replace(out, old)
     os.replace(tmp, out)
     if old is not None:

@@ -82,15 +82,10 @@ def complete_checkpoints(out: str) -> list[Path]:
 
 
 def resume_checkpoint(out: str, log=print) -> str | None:
-    """The newest complete checkpoint. Ours that a kill left incomplete are removed first; a checkpoint
-    folder chatforge did not start (another tool's) is an error, never deleted."""
+    """The newest complete checkpoint. Ours that a kill left incomplete are removed first (a checkpoint
+    folder chatforge did not start was refused by `outputs.claim` before any work, and is never deleted)."""
     for ckpt in sorted(Path(out).glob("checkpoint-*")):
-        if (ckpt / COMPLETE_MARKER).exists():
-            continue
-        if not (ckpt / STARTED_MARKER).exists():
-            raise ChatforgeError(f"{ckpt}: a checkpoint folder chatforge did not write; move it out of {out} "
-                                 "before resuming")
-        if is_main():
+        if (ckpt / STARTED_MARKER).exists() and not (ckpt / COMPLETE_MARKER).exists() and is_main():
             log(f"removing incomplete checkpoint {ckpt}")
             shutil.rmtree(ckpt, ignore_errors=True)
     done = complete_checkpoints(out)
