@@ -125,11 +125,11 @@ def test_max_time_is_a_budget_across_resumes(tmp_path, base_model_dir, tokenizer
             "--eval-every", 10_000, "--log-every", 10_000, "--report-to", "none"]
     run_cli(*args, "--max-time", 3)
     first = max(json.loads(p.read_text())["train_seconds"] for p in out.glob("checkpoint-*/chatforge_complete.json"))
-    assert 2.5 < first < 6
+    assert first >= 2.5
     resumed = run_cli(*args, "--max-time", 5, "--resume")
     assert "already spent before this resume" in resumed.stdout
     total = max(json.loads(p.read_text())["train_seconds"] for p in out.glob("checkpoint-*/chatforge_complete.json"))
-    assert first < total < 5 + 3  # the second run trained about 5 - first seconds, not 5
+    assert 0 < total - first < 3.75  # the second run trained what was left of 5 s (about 2), not a fresh 5
 
 
 def test_overwrite_retrains_a_tokenizer_made_from_other_options(tmp_path):
