@@ -48,8 +48,8 @@ def add_options(parser: argparse.ArgumentParser, cls) -> None:
         if default not in (None, "", [], False) and "default:" not in help_text:
             shown = ", ".join(map(str, default)) if isinstance(default, list) else default
             help_text += f" (default: {shown})"
-        if meta.get("positional"):
-            parser.add_argument(f.name, metavar=meta.get("metavar"), help=help_text)
+        if meta.get("positional"):  # a list field takes one or more values
+            parser.add_argument(f.name, metavar=meta.get("metavar"), help=help_text, nargs="+" if is_list else None)
             continue
         kw: dict = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
         if kind is bool:
@@ -129,10 +129,24 @@ def cmd_serve(cfg, args) -> None:
     serve(cfg)
 
 
+def cmd_eval(cfg, args) -> None:
+    from chatforge.eval.run import evaluate
+
+    evaluate(cfg)
+
+
+def cmd_report(cfg, args) -> None:
+    from chatforge.report import write_report
+
+    write_report(cfg)
+
+
 def _configs() -> dict:
     """Command -> (config class, function, help, description, run flags)."""
     from chatforge.chat import ChatConfig, GenerateConfig
     from chatforge.data import DataConfig
+    from chatforge.eval.run import EvalConfig
+    from chatforge.report import ReportConfig
     from chatforge.quickstart import QuickstartConfig
     from chatforge.serve.http import ServeConfig
     from chatforge.text.tokenizer import TokenizerConfig
@@ -164,6 +178,12 @@ def _configs() -> dict:
         "serve": (ServeConfig, cmd_serve, "serve a model: OpenAI-compatible API and a web chat page",
                   "Serve MODEL_DIR over HTTP: /v1/chat/completions, /v1/completions, /v1/models (OpenAI-"
                   "compatible, streaming), /health, and a web chat at /.", ()),
+        "eval": (EvalConfig, cmd_eval, "benchmark scores: lm-eval tasks, your own task files, suites",
+                 "Evaluate one or more models (a column each) on lm-evaluation-harness tasks, local JSONL tasks and "
+                 "suites (builtin, core, chat), with chatforge's engine underneath.", ()),
+        "report": (ReportConfig, cmd_report, "a run report with plots, and a Hugging Face model card",
+                   "Write report.md with loss, learning-rate and speed plots, tables and sample answers for one or "
+                   "more runs, and a model card (README.md) with the eval results.", ()),
     }
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
@@ -82,6 +83,7 @@ class Engine:
         self._tok_lock = threading.Lock()  # HF fast tokenizers are not safe to share across threads
         self._cv = threading.Condition()
         self._waiting: collections.deque[Request] = collections.deque()
+        self._calls: collections.deque[tuple[Future, object, tuple]] = collections.deque()
         self._closed = False
         # Every torch op runs on the engine thread, loading included: each thread that runs an OpenMP
         # region gets its own worker team, and more teams than cores make every op pay a wake-up
@@ -162,6 +164,17 @@ class Engine:
         text = "".join(req)
         return Completion(text, req.finish_reason, req.prompt_tokens, req.completion_tokens)
 
+    def call(self, fn, *args):
+        """`fn(model, *args)` on the engine thread between decode steps (whole-sequence work such as
+        scoring for `chatforge eval`), under inference mode; returns its result or raises its error."""
+        done: Future = Future()
+        with self._cv:
+            if self._closed:
+                raise ChatforgeError("the engine is closed")
+            self._calls.append((done, fn, args))
+            self._cv.notify()
+        return done.result()
+
     def close(self) -> None:
         with self._cv:
             self._closed = True
@@ -188,11 +201,22 @@ class Engine:
             self._ready.set()
         while True:
             with self._cv:
-                while not self._waiting and not self.scheduler.active and not self._closed:
+                while not (self._waiting or self.scheduler.active or self._calls or self._closed):
                     self._cv.wait()
                 if self._closed:
                     self.scheduler.close(list(self._waiting))
+                    for done, _, _ in self._calls:
+                        done.set_exception(ChatforgeError("the engine is closed"))
                     return
+                calls, self._calls = list(self._calls), collections.deque()
+            for done, fn, args in calls:  # a failing call fails its caller alone
+                try:
+                    with torch.inference_mode():
+                        done.set_result(fn(self.model, *args))
+                except Exception as err:
+                    done.set_exception(err)
+            if not self.scheduler.active and not self._waiting:
+                continue
             try:
                 with torch.inference_mode():
                     self.scheduler.step()

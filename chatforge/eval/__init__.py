@@ -1,0 +1,1 @@
+"""chatforge eval: benchmark scores through lm-evaluation-harness, with chatforge's engine underneath."""

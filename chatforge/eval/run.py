@@ -1,0 +1,302 @@
+"""`chatforge eval MODEL_DIR... --tasks ...`: scores on lm-eval tasks, local task files and suites.
+
+Each model loads once into an Engine; lm-eval runs every task through it (`lm.py`), HumanEval through
+chatforge's sandbox (`humaneval.py`). Results: a table (one column per model), `OUT/eval.json`, and
+for a model folder chatforge wrote, the record merged into its summary.json under "eval".
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from chatforge.config import option
+from chatforge.errors import ChatforgeError
+from chatforge.eval import tasks as T
+
+EVAL_JSON = "eval.json"
+HUMANEVAL_MAX_TOKENS = 384
+FEWSHOT_SEED = 1234  # lm-eval's default: the same few-shot examples as its own runs
+CHAT_KINDS = ("sft", "dpo", "rl")  # chatforge outputs that are chat models
+
+
+@dataclass
+class EvalConfig:
+    """`chatforge eval`: benchmark scores through lm-evaluation-harness, with chatforge's engine underneath."""
+
+    models: list[str] = option([], "model folders: chatforge runs or any local Hugging Face causal LM",
+                               positional=True, metavar="MODEL_DIR")
+    tasks: list[str] = option([], "lm-eval task names or suites (builtin, core, chat), comma-separated or repeated "
+                              "(default: builtin, unless --task-file is given)", metavar="TASKS")
+    task_file: list[str] = option([], "your own task: a .jsonl file or a folder of them (format: README, Evaluate)",
+                                  metavar="PATH")
+    out: str = option("eval", "folder for eval.json (an earlier chatforge eval output there is replaced)",
+                      metavar="DIR")
+    limit: int | None = option(None, "at most N examples per task, for quick runs", min=1, metavar="N")
+    num_fewshot: int | None = option(None, "few-shot examples per prompt (default: each task's own)", min=0,
+                                     metavar="N")
+    batch_size: int = option(64, "scoring: prefixes per forward; generation: requests decoding at once", min=1,
+                             max=256, metavar="N")
+    chat_template: str = option("auto", "format prompts with the model's chat template; auto: for chat models "
+                                "(a chatforge sft run, or another folder whose tokenizer has a template)", choices=("auto", "on", "off"))
+    device: str | None = option(None, "cpu, cuda, cuda:1, ... (default: cuda when available)", metavar="DEVICE")
+    dtype: str = option("auto", "weights' dtype; auto: bf16 on GPUs and on CPUs with native bf16, else fp32",
+                        choices=("auto", "bf16", "fp16", "fp32"))
+
+    def validate(self) -> None:
+        if not self.models:
+            raise ChatforgeError("name at least one MODEL_DIR")
+        for model in self.models:
+            if not os.path.isdir(model):
+                raise ChatforgeError(f"{model}: model directory not found")
+            if not os.path.exists(os.path.join(model, "config.json")):
+                raise ChatforgeError(f"{model}: no config.json: not a Hugging Face model directory")
+        if len({os.path.realpath(m) for m in self.models}) < len(self.models):
+            raise ChatforgeError("the same MODEL_DIR is named twice")
+
+
+@dataclass
+class Plan:
+    """What to run: lm-eval tasks (names and local configs), HumanEval, and how suites are scored."""
+
+    lm_eval: dict  # lm-eval's loaded tasks (TaskManager.load), empty when none
+    local: dict[str, T.LocalTask]
+    humaneval: bool
+    suites: list[str]
+
+
+def plan_tasks(cfg: EvalConfig) -> Plan:
+    """Resolve --tasks and --task-file and load the tasks' data before any model loads or anything is
+    written: unknown names, bad files and datasets out of reach are errors."""
+    specs = cfg.tasks or ([] if cfg.task_file else ["builtin"])
+    names = T.split_task_names([s for s in specs if s.strip() != "builtin"])
+    local = {t.name: t for t in (T.builtin_tasks() if any(s.strip() == "builtin" for s in specs) else [])}
+    for spec in cfg.task_file:
+        for path in T.task_files(spec):
+            task = T.read_task_file(path)
+            if task.name in local:
+                raise ChatforgeError(f"--task-file {path}: a second task named {task.name!r}; rename one file")
+            local[task.name] = task
+    humaneval = T.HUMANEVAL in names
+    named = [n for n in names if n != T.HUMANEVAL]
+    if named:
+        known = _task_manager().all_tasks
+        for name in named:
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=3)
+                hint = f"; did you mean {', '.join(close)}?" if close else "; `lm_eval ls tasks` lists them"
+                raise ChatforgeError(f"--tasks {name}: no such lm-eval task or chatforge suite{hint}")
+    suites = [s for s in T.SUITES if any(s in spec.split(",") for spec in specs)]
+    wanted = named + [t.lm_eval_config() for t in local.values()]
+    return Plan(load_lm_eval_tasks(wanted, cfg.num_fewshot) if wanted else {}, local, humaneval,
+                suites + (["builtin"] if any(s.strip() == "builtin" for s in specs) else []))
+
+
+@functools.cache
+def _task_manager(named: bool = True):
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager() if named else TaskManager(include_defaults=False)
+
+
+def evaluate(cfg: EvalConfig, overwrite: bool = True, log=print) -> list[dict]:
+    """Run the plan on every model; print the table; write eval.json (and summaries); return the records."""
+    from chatforge.outputs import check_not_inputs, claim
+
+    cfg.validate()
+    for name in ("lm-eval", "lm_eval"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    plan = plan_tasks(cfg)
+    check_not_inputs(cfg.out, [(m, "MODEL_DIR") for m in cfg.models] + [(f, "--task-file") for f in cfg.task_file])
+    claim(cfg.out, "eval", overwrite=overwrite, resume=None)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    records = [evaluate_model(cfg, plan, model, log) for model in cfg.models]
+    log(format_table(records))
+    _write_json(Path(cfg.out) / EVAL_JSON, {"models": records})
+    for record in records:
+        merge_into_summary(record)
+    log(f"results: {Path(cfg.out) / EVAL_JSON}")
+    return records
+
+
+def evaluate_model(cfg: EvalConfig, plan: Plan, model_dir: str, log=print) -> dict:
+    from chatforge.engine import Engine
+    from chatforge.eval.lm import ChatforgeLM
+
+    started = time.time()
+    log(f"evaluating {model_dir}")
+    engine = Engine(model_dir, device=cfg.device, dtype=cfg.dtype, max_batch=min(cfg.batch_size, 64),
+                    max_queue=max(64, cfg.batch_size))
+    try:
+        lm = ChatforgeLM(model_dir, batch_size=cfg.batch_size, engine=engine)
+        chat = cfg.chat_template == "on" or (cfg.chat_template == "auto" and is_chat_model(model_dir, engine.tokenizer))
+        record = {"model": os.path.abspath(model_dir), "tasks": {}, "suites": {}, "limit": cfg.limit,
+                  "chat_template": chat}
+        if plan.lm_eval:
+            record["tasks"].update(run_lm_eval(lm, plan, cfg, chat))
+        if plan.humaneval:
+            record["tasks"][T.HUMANEVAL] = run_humaneval(engine, cfg.limit)
+    finally:
+        engine.close()
+    record["suites"] = suite_scores(record["tasks"], plan)
+    record["seconds"] = round(time.time() - started, 1)
+    return record
+
+
+def is_chat_model(model_dir: str, tokenizer) -> bool:
+    """A chatforge chat run, or a folder chatforge did not write whose tokenizer has a chat template (a
+    chatforge tokenizer always has one, base models' included)."""
+    from chatforge.outputs import owner_kind
+
+    kind = owner_kind(model_dir)
+    return kind in CHAT_KINDS if kind is not None else bool(tokenizer.chat_template)
+
+
+def load_lm_eval_tasks(tasks: list, num_fewshot: int | None) -> dict:
+    """lm-eval's tasks, datasets loaded, set up as `simple_evaluate` sets them up."""
+    manager = _task_manager(named=any(isinstance(t, str) for t in tasks))
+    loaded: dict = {"tasks": {}, "groups": {}}
+    for task in tasks:  # one at a time, so that a dataset that cannot load is named
+        name = task if isinstance(task, str) else task["task"]
+        try:
+            one = manager.load([task])
+        except Exception as err:  # noqa: BLE001 - datasets fails in many ways; all mean "cannot get the data"
+            offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
+            why = "offline (HF_HUB_OFFLINE=1) and not in the datasets cache" if offline else \
+                f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            raise ChatforgeError(f"task {name}: cannot load its dataset from the Hugging Face Hub: {why}") from None
+        for key in loaded:
+            loaded[key].update(one[key])
+    for task in loaded["tasks"].values():
+        if num_fewshot is not None and task.get_config("num_fewshot") != 0:
+            task.set_config(key="num_fewshot", value=num_fewshot)
+        elif task.get_config("num_fewshot") is None:
+            task.set_config(key="num_fewshot", value=0)
+        task.set_fewshot_seed(seed=FEWSHOT_SEED)
+    return loaded
+
+
+def run_lm_eval(lm, plan: Plan, cfg: EvalConfig, chat: bool) -> dict:
+    """lm-eval's own evaluation loop (`evaluator.evaluate`: `simple_evaluate` would add a pip and git
+    environment survey, printed to the terminal, to every call)."""
+    from lm_eval.evaluator import evaluate as lm_eval_evaluate
+
+    results = lm_eval_evaluate(lm=lm, task_dict=plan.lm_eval, limit=cfg.limit, bootstrap_iters=1000,
+                               log_samples=False, apply_chat_template=chat, fewshot_as_multiturn=chat,
+                               verbosity="ERROR")
+    return task_results(results)
+
+
+def task_results(results: dict) -> dict:
+    """lm-eval's results -> {task: {metrics, stderr, n, kind}} (groups such as mmlu included)."""
+    out = {}
+    for task, values in results["results"].items():
+        metrics, stderr = {}, {}
+        for key, value in values.items():
+            if "," not in key or not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            metric = key.split(",", 1)[0]
+            if metric.endswith("_stderr"):
+                stderr[metric[:-len("_stderr")]] = value
+            else:
+                metrics[metric] = value
+        if not metrics:
+            continue
+        n = results.get("n-samples", {}).get(task, {}).get("effective")
+        kind = results.get("configs", {}).get(task, {}).get("output_type", "group")
+        out[task] = {"metrics": metrics, "stderr": stderr, "n": n, "kind": kind}
+    return out
+
+
+def run_humaneval(engine, limit: int | None) -> dict:
+    """Completion-style: the model continues each problem's prompt (no chat template), greedy, and the
+    program runs against the problem's tests in the sandbox."""
+    from chatforge.engine import SamplingParams
+    from chatforge.eval import humaneval
+    from chatforge.eval.lm import generate_all
+
+    problems = humaneval.load_problems(limit)
+    jobs, fits = [], []
+    for problem in problems:
+        prompt = engine.encode(problem["prompt"])
+        budget = min(HUMANEVAL_MAX_TOKENS, engine.context_length - len(prompt))
+        fits.append(budget >= 1)  # a prompt the model's window cannot hold counts as failed
+        if budget >= 1:
+            jobs.append((prompt, SamplingParams(max_new_tokens=budget, temperature=0.0, stop=humaneval.STOP)))
+    texts = iter(generate_all(engine, jobs))
+    completions = [next(texts) if fit else "" for fit in fits]
+    passed = [ok for ok, _ in humaneval.evaluate(problems, completions)]
+    value = humaneval.pass_at_1(passed)
+    err = humaneval.pass_at_1_stderr(passed)
+    return {"metrics": {"pass@1": value}, "stderr": {} if math.isnan(err) else {"pass@1": err}, "n": len(problems),
+            "kind": "generate_until", "too_long": fits.count(False)}
+
+
+def suite_scores(results: dict, plan: Plan) -> dict:
+    """Each suite's average centered score over the tasks that ran (nanochat's CORE-style metric)."""
+    out = {}
+    for suite in plan.suites:
+        table = {name: (t.metric, t.random_baseline) for name, t in plan.local.items()
+                 if name.startswith(T.BUILTIN_PREFIX)} if suite == "builtin" else T.SUITES[suite]
+        scores = [T.centered(results[name]["metrics"][metric], baseline) for name, (metric, baseline) in table.items()
+                  if name in results and metric in results[name]["metrics"]]
+        if scores:
+            out[suite] = round(sum(scores) / len(scores), 4)
+    return out
+
+
+def format_table(records: list[dict]) -> str:
+    """task | metric | n | one column per model (value ± stderr); suites last."""
+    names = [Path(r["model"]).name for r in records]
+    rows = []
+    for task in dict.fromkeys(t for r in records for t in r["tasks"]):
+        for metric in dict.fromkeys(m for r in records if task in r["tasks"] for m in r["tasks"][task]["metrics"]):
+            cells = []
+            n = ""
+            for r in records:
+                entry = r["tasks"].get(task)
+                if not entry or metric not in entry["metrics"]:
+                    cells.append("-")
+                    continue
+                n = str(entry["n"] or "")
+                err = entry["stderr"].get(metric)
+                cells.append(f"{entry['metrics'][metric]:.4f}" + (f" ± {err:.4f}" if err else ""))
+            rows.append([task, metric, n, *cells])
+    for suite in dict.fromkeys(s for r in records for s in r["suites"]):
+        rows.append([f"suite: {suite}", "centered", "", *[f"{r['suites'][suite]:.4f}" if suite in r["suites"]
+                                                          else "-" for r in records]])
+    header = ["task", "metric", "n", *names]
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    line = lambda row: "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def merge_into_summary(record: dict) -> None:
+    """A model folder chatforge wrote gets the record in its summary.json (tasks merged with earlier
+    evals); any other folder is never written to."""
+    from chatforge.outputs import owner_kind
+    from chatforge.train.common import SUMMARY
+
+    folder = Path(record["model"])
+    path = folder / SUMMARY
+    if owner_kind(folder) is None or not path.exists():
+        return
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    earlier = summary.get("eval") or {}
+    merged = {**record, "tasks": {**earlier.get("tasks", {}), **record["tasks"]},
+              "suites": {**earlier.get("suites", {}), **record["suites"]}}
+    summary["eval"] = {k: v for k, v in merged.items() if k != "model"}
+    _write_json(path, summary)
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)

@@ -1,0 +1,194 @@
+"""chatforge eval: scores equal lm-eval's stock `hf` model, local tasks and suites, outputs, bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+
+pytest.importorskip("lm_eval")
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def mc_records(n: int, seed: int = 0) -> list[dict]:
+    """Questions with contexts long enough to be truncated by a 128-token window, and choices of
+    different lengths (one-token ones included): every branch of the scorer."""
+    rng = random.Random(seed)
+    words = "the cat sat on a mat and the sun rose over 山 水 你好 river bank while robots sing".split()
+    out = []
+    for i in range(n):
+        context = "Question: " + " ".join(rng.choice(words) for _ in range(rng.choice([3, 12, 40, 150]))) + "?\nAnswer:"
+        choices = [" " + " ".join(rng.choice(words) for _ in range(rng.choice([1, 1, 2, 5]))) for _ in range(4)]
+        out.append({"context": context, "choices": choices, "gold": i % 4})
+    return out
+
+
+def gen_records(n: int) -> list[dict]:
+    return [{"prompt": f"Q: What is {i} plus {i}?\nA:", "answer": str(2 * i), "regex": r"(-?\d+)"} for i in range(n)]
+
+
+def folder_digest(folder: str) -> str:
+    h = hashlib.sha256()
+    for p in sorted(Path(folder).rglob("*")):
+        h.update(str(p.relative_to(folder)).encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def instances(tmp_path_factory):
+    """lm-eval requests of all three kinds, built by lm-eval itself from local task files."""
+    from lm_eval.api.instance import Instance
+
+    from chatforge.eval.tasks import read_task_file
+
+    folder = tmp_path_factory.mktemp("tasks")
+    mc = read_task_file(write_jsonl(folder / "mc.jsonl", mc_records(12)))
+    reqs = [Instance("loglikelihood", r, (r["context"], c), i) for r in mc.records for i, c in enumerate(r["choices"])]
+    reqs += [Instance("loglikelihood", {}, ("", " the cat"), 0)]  # an empty context: lm-eval's prefix token
+    text = " ".join(["the river bank 你好 robots sing"] * 40)  # several rolling windows of 128 tokens
+    rolling = [Instance("loglikelihood_rolling", {}, (text[:n],), 0) for n in (40, len(text))]
+    gen = [Instance("generate_until", {}, (prompt, {"until": ["\n\n"], "max_gen_toks": 12, "do_sample": False}), 0)
+           for prompt in ("Hello", "What is AI?", "你好", "Tell me a joke about the river")]
+    return reqs, rolling, gen
+
+
+def test_scores_equal_lm_eval_hf_model(base_model_dir, instances):
+    """The issue's contract: log-likelihoods within 1e-3 nats of lm-eval's `hf` model (fp32), the same
+    greedy flags, so the same accuracy; rolling perplexity and greedy generations equal too."""
+    from lm_eval.models.huggingface import HFLM
+
+    from chatforge.eval.lm import ChatforgeLM
+
+    reqs, rolling, gen = instances
+    ours = ChatforgeLM(base_model_dir, dtype="fp32", batch_size=8)  # small batches: several forwards per call
+    try:
+        mine = (ours.loglikelihood(reqs), ours.loglikelihood_rolling(rolling), ours.generate_until(gen))
+    finally:
+        ours.close()
+    hf = HFLM(pretrained=base_model_dir, device="cpu", batch_size=1, dtype="float32")
+    theirs = (hf.loglikelihood(reqs), hf.loglikelihood_rolling(rolling), hf.generate_until(gen))
+    assert len(mine[0]) == len(theirs[0]) == len(reqs)
+    for (a, greedy_a), (b, greedy_b) in zip(mine[0], theirs[0]):
+        assert abs(a - b) < 1e-3 and greedy_a == greedy_b
+    assert mine[1] == pytest.approx(theirs[1], abs=1e-3)
+    assert mine[2] == theirs[2]
+    assert any(text.strip() for text in mine[2])
+
+
+def test_engine_call_failure_is_the_callers_alone(base_model_dir):
+    from chatforge.engine import Engine, SamplingParams
+
+    engine = Engine(base_model_dir)
+    try:
+        running = engine.submit(engine.encode("Hello"), SamplingParams(max_new_tokens=30, temperature=0.0))
+
+        def broken(model):
+            raise ValueError("this call fails")
+
+        with pytest.raises(ValueError, match="this call fails"):
+            engine.call(broken)
+        assert engine.call(lambda model: model.config.model_type) == "gpt2"
+        assert "".join(running) is not None and running.finish_reason in ("stop", "length")
+    finally:
+        engine.close()
+
+
+def test_eval_cli_local_tasks_outputs_and_summary(base_model_dir, tmp_path):
+    """Two models side by side; eval.json has their records; the chatforge run gets its summary updated,
+    the foreign folder is left byte for byte as it was; suite scores are the centered accuracies."""
+    model = tmp_path / "run"
+    shutil.copytree(base_model_dir, model)
+    foreign = tmp_path / "foreign"
+    shutil.copytree(base_model_dir, foreign)
+    (foreign / "chatforge_output.json").unlink()
+    (foreign / "summary.json").unlink()
+    before = folder_digest(foreign)
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    write_jsonl(tasks / "mc.jsonl", mc_records(10))
+    write_jsonl(tasks / "gen.jsonl", gen_records(4))
+    out = tmp_path / "eval"
+    proc = run_cli("eval", model, foreign, "--task-file", tasks, "--tasks", "builtin", "--limit", 8, "--out", out)
+    lines = proc.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("task"))
+    assert header.split()[-2:] == ["run", "foreign"]
+    assert any(line.startswith("suite: builtin") for line in lines)
+    records = json.loads((out / "eval.json").read_text())["models"]
+    assert [Path(r["model"]).name for r in records] == ["run", "foreign"]
+    run = records[0]
+    assert set(run["tasks"]) == {"mc", "gen", "builtin_mc_en", "builtin_mc_zh", "builtin_gen_en"}
+    assert run["tasks"]["mc"]["n"] == 8 and 0 <= run["tasks"]["mc"]["metrics"]["acc"] <= 1
+    # a pretrain run is a base model; a folder of unknown origin whose tokenizer has a chat template is
+    # taken for a chat model
+    assert run["chat_template"] is False and records[1]["chat_template"] is True
+    from chatforge.eval.tasks import builtin_tasks, centered
+
+    expected = [centered(run["tasks"][t.name]["metrics"][t.metric], t.random_baseline) for t in builtin_tasks()]
+    assert run["suites"]["builtin"] == pytest.approx(sum(expected) / len(expected), abs=1e-4)
+    summary = json.loads((model / "summary.json").read_text())
+    assert summary["eval"]["tasks"]["mc"] == run["tasks"]["mc"] and "eval_loss" in summary
+    assert folder_digest(foreign) == before
+    # a second eval adds its tasks to the summary and replaces the earlier eval.json
+    run_cli("eval", model, "--task-file", tasks / "gen.jsonl", "--limit", 2, "--out", out)
+    summary = json.loads((model / "summary.json").read_text())
+    assert summary["eval"]["tasks"]["gen"]["n"] == 2 and "mc" in summary["eval"]["tasks"]
+    assert [Path(r["model"]).name for r in json.loads((out / "eval.json").read_text())["models"]] == ["run"]
+
+
+def test_humaneval_runs_generated_code_in_the_sandbox(never_stopping_model_dir, tmp_path):
+    """A random model writes nonsense: the path (engine generation, sandboxed tests, pass@1) still runs."""
+    out = tmp_path / "eval"
+    proc = run_cli("eval", never_stopping_model_dir, "--tasks", "humaneval", "--limit", 2, "--out", out)
+    assert "humaneval" in proc.stdout
+    record = json.loads((out / "eval.json").read_text())["models"][0]
+    assert record["tasks"]["humaneval"]["n"] == 2 and record["tasks"]["humaneval"]["metrics"]["pass@1"] == 0.0
+
+
+BAD_TASK_FILES = [
+    ('{"context": "a", "choices": [" b"], "gold": 0}', "mc.jsonl:1: 'choices' must be a list of at least two"),
+    ('{"context": "a", "choices": [" b", " c"], "gold": 2}', "mc.jsonl:1: 'gold' must be an index into choices"),
+    ('{"context": "a", "choices": [" b", " c"], "gold": 0}\n{"prompt": "x", "answer": "y"}',
+     "mc.jsonl:2: a generate until record in a file of multiple choice records"),
+    ('{"prompt": "x", "answer": "y", "regex": "("}', "mc.jsonl:1: 'regex' does not compile"),
+    ('{"context": "a"', "mc.jsonl:1: not valid JSON"),
+    ('{"question": "a"}', "mc.jsonl:1: a record needs context, choices, gold"),
+    ("", "mc.jsonl: no records"),
+]
+
+
+@pytest.mark.parametrize("text,message", BAD_TASK_FILES)
+def test_bad_task_files_name_file_and_line(base_model_dir, tmp_path, text, message):
+    (tmp_path / "mc.jsonl").write_text(text + "\n", encoding="utf-8")
+    proc = run_cli("eval", base_model_dir, "--task-file", tmp_path / "mc.jsonl", "--out", tmp_path / "e", check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["/nonexistent/model"], "/nonexistent/model: model directory not found"),
+    (["MODEL", "--tasks", "hellaswagg"], "--tasks hellaswagg: no such lm-eval task or chatforge suite; did you mean"),
+    (["MODEL", "--tasks", "arc_easy", "--limit", 2], "task arc_easy: cannot load its dataset from the Hugging Face "
+     "Hub: offline"),
+    (["MODEL", "--task-file", "/nonexistent.jsonl"], "--task-file /nonexistent.jsonl: no such file or folder"),
+    (["MODEL", "--limit", 0], "--limit must be >= 1, got 0"),
+])
+def test_bad_eval_input_is_one_line(base_model_dir, tmp_path, args, message):
+    args = [base_model_dir if a == "MODEL" else a for a in args]
+    proc = run_cli("eval", *args, "--out", tmp_path / "e", check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
