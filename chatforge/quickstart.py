@@ -1,6 +1,7 @@
 """`chatforge quickstart`: the whole pipeline on the built-in demo corpus, in minutes, on a laptop CPU.
 
-tokenizer -> pretrain a small GPT -> fine-tune it for chat -> a sample conversation. Each stage is the
+tokenizer -> pretrain a small GPT -> fine-tune it for chat -> a sample conversation -> scores on the
+built-in eval suite and a report with plots and model cards. Each stage is the
 same code the individual commands run; only the budgets are set for a ~5 minute run on 2 CPU cores
 (or a larger model in the same time when a GPU is present).
 """
@@ -56,32 +57,47 @@ def quickstart(cfg: QuickstartConfig, overwrite: bool = False, log=print) -> dic
     started = time.time()
     data = [f"demo:{cfg.lang}"]
     out = Path(cfg.out)
-    log(f"[1/4] tokenizer: byte-level BPE on the {cfg.lang} demo corpus (chatterbot-corpus)")
+    log(f"[1/5] tokenizer: byte-level BPE on the {cfg.lang} demo corpus (chatterbot-corpus)")
     train_tokenizer(TokenizerConfig(data=data, out=str(out / "tokenizer"), vocab_size=cfg.vocab_size), log=log)
 
-    log(f"[2/4] pretrain: a {'small (~30M)' if gpu else 'tiny (~2M)'} GPT-2 from scratch on the same text")
+    log(f"[2/5] pretrain: a {'small (~30M)' if gpu else 'tiny (~2M)'} GPT-2 from scratch on the same text")
     base = pretrain(PretrainConfig(
         data=data, out=str(out / "base"), tokenizer=str(out / "tokenizer"), preset="small" if gpu else "tiny",
         max_time=cfg.pretrain_seconds or (300 if gpu else 240), max_epochs=12, val_fraction=0.02,
         micro_batch_size=16 if gpu else 8, learning_rate=2e-3 if not gpu else 1e-3, eval_every=100,
         save_every=1000, log_every=25, report_to=["tensorboard"]), overwrite=True, log=log)
 
-    log("[3/4] sft: fine-tune it into a chat assistant on the demo dialogues")
+    log("[3/5] sft: fine-tune it into a chat assistant on the demo dialogues")
     chat = sft(SFTConfig(model=str(out / "base"), data=data, out=str(out / "chat"), epochs=30,
                          max_time=cfg.sft_seconds or 180, learning_rate=1e-3, eval_every=100,
                          save_every=1000, log_every=25, report_to=["tensorboard"]), overwrite=True, log=log)
 
-    log("[4/4] a sample conversation (greedy decoding)")
+    log("[4/5] a sample conversation (greedy decoding)")
     engine = Engine(str(out / "chat"))
     params = SamplingParams(max_new_tokens=40, temperature=0.0, repetition_penalty=1.1)
     for prompt in SAMPLE_PROMPTS.get(cfg.lang, SAMPLE_PROMPTS["en"]):
         answer = engine.complete(engine.chat_prompt([{"role": "user", "content": prompt}]), params).text
         log(f"  user: {prompt}\n  assistant: {answer}")
     engine.close()
+    report = evaluate_and_report(out, log)
     minutes = (time.time() - started) / 60
     log(f"\ndone in {minutes:.1f} min: base val loss {base.get('eval_loss')}, bits/byte {base.get('eval_bpb')}; "
         f"chat eval loss {chat.get('eval_loss')}\n"
         f"chat with it:   chatforge chat {out / 'chat'}\n"
         f"serve it:       chatforge serve {out / 'chat'}   (then open http://127.0.0.1:8000)\n"
-        f"training curves: tensorboard --logdir {out}")
-    return {"base": base, "chat": chat, "minutes": round(minutes, 2)}
+        f"training curves: tensorboard --logdir {out}" + (f"\nreport:          {report}" if report else ""))
+    return {"base": base, "chat": chat, "minutes": round(minutes, 2), "report": report}
+
+
+def evaluate_and_report(out: Path, log=print) -> str | None:
+    """Both models on the built-in eval suite (seconds), then report.md with plots and model cards."""
+    from chatforge.eval.run import EvalConfig, evaluate, lm_eval_installed
+    from chatforge.report import ReportConfig, write_report
+
+    models = [str(out / "base"), str(out / "chat")]
+    if lm_eval_installed():
+        log("[5/5] eval on the built-in suite, and a report")
+        evaluate(EvalConfig(models=models, tasks=["builtin"], out=str(out / "eval")), log=log)
+    else:  # lm-eval is an optional extra
+        log("[5/5] a report (no eval: `pip install 'chatforge[eval]'` adds it)")
+    return write_report(ReportConfig(runs=models, out=str(out)), log=log)["report"]

@@ -133,5 +133,10 @@ def test_quickstart_chinese_end_to_end(tmp_path):
     proc = run_cli("quickstart", "--lang", "zh", "--out", tmp_path / "qs", "--pretrain-seconds", 15,
                    "--sft-seconds", 15)
     assert "user: 你好" in proc.stdout and "chatforge chat" in proc.stdout
+    # it ends with the built-in eval suite (base and chat side by side) and a report with model cards
+    records = json.loads((tmp_path / "qs" / "eval" / "eval.json").read_text())["models"]
+    assert [Path(r["model"]).name for r in records] == ["base", "chat"] and "builtin" in records[1]["suites"]
+    assert f"report:          {tmp_path / 'qs' / 'report.md'}" in proc.stdout
+    assert (tmp_path / "qs" / "report.md").exists() and (tmp_path / "qs" / "chat" / "README.md").exists()
     tok = AutoTokenizer.from_pretrained(tmp_path / "qs" / "chat")
     assert tok.decode(tok.encode("你好，世界", add_special_tokens=False)) == "你好，世界"

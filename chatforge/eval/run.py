@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import importlib.util
 import json
 import logging
 import math
@@ -51,6 +52,8 @@ class EvalConfig:
                         choices=("auto", "bf16", "fp16", "fp32"))
 
     def validate(self) -> None:
+        if not lm_eval_installed():
+            raise ChatforgeError("chatforge eval needs lm-evaluation-harness: pip install 'chatforge[eval]'")
         if not self.models:
             raise ChatforgeError("name at least one MODEL_DIR")
         for model in self.models:
@@ -60,6 +63,10 @@ class EvalConfig:
                 raise ChatforgeError(f"{model}: no config.json: not a Hugging Face model directory")
         if len({os.path.realpath(m) for m in self.models}) < len(self.models):
             raise ChatforgeError("the same MODEL_DIR is named twice")
+
+
+def lm_eval_installed() -> bool:
+    return importlib.util.find_spec("lm_eval") is not None
 
 
 @dataclass
