@@ -162,7 +162,7 @@ BAD_TASK_FILES = [
     ('{"context": "a", "choices": [" b", " c"], "gold": 0}\n{"prompt": "x", "answer": "y"}',
      "mc.jsonl:2: a generate until record in a file of multiple choice records"),
     ('{"prompt": "x", "answer": "y", "regex": "("}', "mc.jsonl:1: 'regex' does not compile"),
-    ('{"context": "a"', "mc.jsonl:1: not valid JSON"),
+    ('{"context": "a"', "mc.jsonl:1: malformed JSON"),
     ('{"question": "a"}', "mc.jsonl:1: a record needs context, choices, gold"),
     ("", "mc.jsonl: no records"),
 ]

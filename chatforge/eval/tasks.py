@@ -18,7 +18,6 @@ Suites (`--tasks NAME`):
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,21 +99,10 @@ def exact_match(doc: dict, results: list[str]) -> dict:
 
 def read_task_file(path: Path, prefix: str = "") -> LocalTask:
     """Read and check one JSONL task file; a bad record is an error naming the file and line."""
+    from chatforge.text.sources import SourceStats, jsonl_records
+
     records, kind = [], None
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as err:
-        raise ChatforgeError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ChatforgeError(f"{where}: not valid JSON ({err.msg})") from None
-        if not isinstance(record, dict):
-            raise ChatforgeError(f"{where}: a record must be a JSON object")
+    for record, where in jsonl_records(str(path), SourceStats(), strict=True):
         this = "multiple_choice" if "choices" in record else "generate_until" if "prompt" in record else None
         if this is None:
             raise ChatforgeError(f"{where}: a record needs {', '.join(MC_FIELDS)} (multiple choice) or "

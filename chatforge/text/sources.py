@@ -171,6 +171,21 @@ def _iter_lines(path: str, stats: SourceStats, strict: bool) -> Iterator[tuple[s
             yield _decode(raw, f"{path}:{lineno}", stats, strict).rstrip("\r\n"), f"{path}:{lineno}"
 
 
+def jsonl_records(path: str, stats: SourceStats, strict: bool) -> Iterator[tuple[dict, str]]:
+    """The JSON objects of a JSON-lines file (compressed or not), each with its "file:line"; blank lines
+    are skipped, anything else that is not an object is an error naming its line."""
+    for line, origin in _iter_lines(path, stats, strict):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ChatforgeError(f"{origin}: malformed JSON ({err.msg})") from None
+        if not isinstance(record, dict):
+            raise ChatforgeError(f"{origin}: expected a JSON object, got {type(record).__name__}")
+        yield record, origin
+
+
 def _base_suffix(path: str) -> str:
     name = path.lower()
     for suffix in COMPRESSED_SUFFIXES:
@@ -182,16 +197,7 @@ def _base_suffix(path: str) -> str:
 def _read_file(path: str, doc_per_line: bool, stats: SourceStats, strict: bool) -> Iterator[tuple[dict, str]]:
     suffix = _base_suffix(path)
     if suffix == ".jsonl" or (suffix == ".json" and _looks_like_jsonl(path)):
-        for line, origin in _iter_lines(path, stats, strict):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ChatforgeError(f"{origin}: malformed JSON ({err.msg})") from None
-            if not isinstance(record, dict):
-                raise ChatforgeError(f"{origin}: expected a JSON object, got {type(record).__name__}")
-            yield record, origin
+        yield from jsonl_records(path, stats, strict)
     elif suffix == ".json":
         with _open_binary(path) as handle:
             text = _decode(handle.read(), path, stats, strict)
