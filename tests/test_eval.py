@@ -9,7 +9,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import run_cli
 
 pytest.importorskip("lm_eval")
@@ -24,7 +23,7 @@ def mc_records(n: int, seed: int = 0) -> list[dict]:
     """Questions with contexts long enough to be truncated by a 128-token window, and choices of
     different lengths (one-token ones included): every branch of the scorer."""
     rng = random.Random(seed)
-    words = "the cat sat on a mat and the sun rose over 山 水 你好 river bank while robots sing".split()
+    words = ["the", "cat", "sat", "on", "a", "mat", "and", "the", "sun", "rose", "over", "山", "水", "你好", "river", "bank", "while", "robots", "sing"]
     out = []
     for i in range(n):
         context = "Question: " + " ".join(rng.choice(words) for _ in range(rng.choice([3, 12, 40, 150]))) + "?\nAnswer:"
@@ -128,8 +127,8 @@ def test_eval_cli_local_tasks_outputs_and_summary(base_model_dir, tmp_path):
     records = json.loads((out / "eval.json").read_text())["models"]
     assert [Path(r["model"]).name for r in records] == ["run", "foreign"]
     run = records[0]
-    assert set(run["tasks"]) == {"mc", "gen", "builtin_mc_en", "builtin_mc_zh", "builtin_gen_en"}
-    assert run["tasks"]["mc"]["n"] == 8 and 0 <= run["tasks"]["mc"]["metrics"]["acc"] <= 1
+    assert set(run["tasks"]) == {"local_mc", "local_gen", "builtin_mc_en", "builtin_mc_zh", "builtin_gen_en"}
+    assert run["tasks"]["local_mc"]["n"] == 8 and 0 <= run["tasks"]["local_mc"]["metrics"]["acc"] <= 1
     # a pretrain run is a base model; a folder of unknown origin whose tokenizer has a chat template is
     # taken for a chat model
     assert run["chat_template"] is False and records[1]["chat_template"] is True
@@ -138,12 +137,14 @@ def test_eval_cli_local_tasks_outputs_and_summary(base_model_dir, tmp_path):
     expected = [centered(run["tasks"][t.name]["metrics"][t.metric], t.random_baseline) for t in builtin_tasks()]
     assert run["suites"]["builtin"] == pytest.approx(sum(expected) / len(expected), abs=1e-4)
     summary = json.loads((model / "summary.json").read_text())
-    assert summary["eval"]["tasks"]["mc"] == run["tasks"]["mc"] and "eval_loss" in summary
+    assert summary["eval"]["tasks"]["local_mc"] == run["tasks"]["local_mc"] and "eval_loss" in summary
     assert folder_digest(foreign) == before
-    # a second eval adds its tasks to the summary and replaces the earlier eval.json
+    # a second eval adds its tasks to the summary and replaces only the earlier eval.json
+    (out / "notes.txt").write_text("mine")
     run_cli("eval", model, "--task-file", tasks / "gen.jsonl", "--limit", 2, "--out", out)
     summary = json.loads((model / "summary.json").read_text())
-    assert summary["eval"]["tasks"]["gen"]["n"] == 2 and "mc" in summary["eval"]["tasks"]
+    assert summary["eval"]["tasks"]["local_gen"]["n"] == 2 and "local_mc" in summary["eval"]["tasks"]
+    assert (out / "notes.txt").read_text() == "mine"
     assert [Path(r["model"]).name for r in json.loads((out / "eval.json").read_text())["models"]] == ["run"]
 
 
@@ -185,10 +186,17 @@ def test_bad_task_files_name_file_and_line(base_model_dir, tmp_path, text, messa
      "Hub: offline"),
     (["MODEL", "--task-file", "/nonexistent.jsonl"], "--task-file /nonexistent.jsonl: no such file or folder"),
     (["MODEL", "--limit", 0], "--limit must be >= 1, got 0"),
+    (["MODEL", "--tasks", ",,"], "--tasks names no task"),
+    (["MODEL", "--out", "USERDIR"], "holds files chatforge eval did not write"),
+    (["MODEL", "--tasks", "builtin", "--num-fewshot", 40], "--num-fewshot 40: task builtin_gen_en has 30 records"),
 ])
 def test_bad_eval_input_is_one_line(base_model_dir, tmp_path, args, message):
-    args = [base_model_dir if a == "MODEL" else a for a in args]
-    proc = run_cli("eval", *args, "--out", tmp_path / "e", check=False)
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    args = [base_model_dir if a == "MODEL" else user if a == "USERDIR" else a for a in args]
+    proc = run_cli("eval", *args, *([] if user in args else ["--out", tmp_path / "e"]), check=False)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "e").exists() and [p.name for p in user.iterdir()] == ["notes.txt"]

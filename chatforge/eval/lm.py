@@ -1,4 +1,4 @@
-"""chatforge's engine as an lm-evaluation-harness model (`lm_eval --model chatforge`).
+"""chatforge's engine as an lm-evaluation-harness model (registered as "chatforge" once imported).
 
 lm-eval asks three things of a model; all three run on the engine's thread, batched:
 - `loglikelihood`: log P(continuation | context) and whether greedy decoding would produce it; each
@@ -35,10 +35,11 @@ class ChatforgeLM(TemplateLM):
     def __init__(self, pretrained: str, device: str | None = None, dtype: str = "auto", batch_size: int = 64,
                  max_length: int | None = None, engine: Engine | None = None, **_ignored) -> None:
         super().__init__()
-        self.engine = engine or Engine(pretrained, device=device, dtype=dtype, max_batch=max(1, min(batch_size, 64)))
+        self.batch_size = 64 if str(batch_size).startswith("auto") else int(batch_size)  # lm-eval passes strings
+        self.engine = engine or Engine(pretrained, device=device, dtype=dtype, max_batch=min(self.batch_size, 64))
         self.tokenizer = self.engine.tokenizer
-        self.batch_size = int(batch_size)
-        self._max_length = max_length or resolve_max_length(self.engine.model.config, self.tokenizer, default=2048)
+        config = self.engine.model.config
+        self._max_length = int(max_length) if max_length else resolve_max_length(config, self.tokenizer, default=2048)
         self.pretrained = pretrained
 
     # ------------------------------------------------------------ what lm-eval reads
@@ -82,8 +83,9 @@ class ChatforgeLM(TemplateLM):
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """requests: ((context, continuation) or None, context ids, continuation ids) -> (logprob, is_greedy)."""
-        answers = loglikelihoods(self.engine.call, [(ctx, cont) for _, ctx, cont in requests], self.max_length,
-                                 self.batch_size)
+        # a whitespace-only context encodes to nothing: condition on the prefix token, as for an empty one
+        answers = loglikelihoods(self.engine.call, [(ctx or [self.prefix_token_id], cont) for _, ctx, cont in requests],
+                                 self.max_length, self.batch_size)
         for (request, _, _), answer in zip(requests, answers):
             if request is not None:
                 self.cache_hook.add_partial("loglikelihood", request, answer)
@@ -113,8 +115,8 @@ class ChatforgeLM(TemplateLM):
             kwargs = normalize_gen_kwargs(dict(gen_kwargs), self.max_gen_toks)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
             max_gen = kwargs.pop("max_gen_toks")
-            # as lm-eval: the prompt keeps room to generate, but at least half the window for a model whose
-            # window is shorter than the task's budget (where the `hf` model stops with an assertion)
+            # as lm-eval: the prompt keeps room to generate; where the task's budget leaves less than half the
+            # window (the `hf` model asserts at none), the prompt keeps half and the generation gets the rest
             room = max(self.max_length - max_gen, self.max_length // 2)
             prompt = self.tok_encode(context, left_truncate_len=room)
             sample = bool(kwargs.get("do_sample"))

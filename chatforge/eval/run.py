@@ -82,15 +82,27 @@ class Plan:
 def plan_tasks(cfg: EvalConfig) -> Plan:
     """Resolve --tasks and --task-file and load the tasks' data before any model loads or anything is
     written: unknown names, bad files and datasets out of reach are errors."""
-    specs = cfg.tasks or ([] if cfg.task_file else ["builtin"])
-    names = T.split_task_names([s for s in specs if s.strip() != "builtin"])
-    local = {t.name: t for t in (T.builtin_tasks() if any(s.strip() == "builtin" for s in specs) else [])}
+    parts = [t.strip() for spec in cfg.tasks for t in spec.split(",") if t.strip()]
+    if cfg.tasks and not parts:
+        raise ChatforgeError("--tasks names no task")
+    if not cfg.tasks and not cfg.task_file:
+        parts = ["builtin"]
+    names = T.split_task_names([p for p in parts if p != "builtin"])
+    local = {t.name: t for t in (T.builtin_tasks() if "builtin" in parts else [])}
+    seen: set[Path] = set()
     for spec in cfg.task_file:
         for path in T.task_files(spec):
-            task = T.read_task_file(path)
+            if path.resolve() in seen:
+                raise ChatforgeError(f"--task-file {path}: given twice")
+            seen.add(path.resolve())
+            task = T.read_task_file(path, prefix=T.LOCAL_PREFIX)
             if task.name in local:
                 raise ChatforgeError(f"--task-file {path}: a second task named {task.name!r}; rename one file")
             local[task.name] = task
+    for task in local.values():
+        if cfg.num_fewshot and cfg.num_fewshot >= len(task.records):
+            raise ChatforgeError(f"--num-fewshot {cfg.num_fewshot}: task {task.name} has {len(task.records)} records; "
+                                 "its few-shot examples come from the same file")
     humaneval = T.HUMANEVAL in names
     named = [n for n in names if n != T.HUMANEVAL]
     if named:
@@ -100,10 +112,40 @@ def plan_tasks(cfg: EvalConfig) -> Plan:
                 close = difflib.get_close_matches(name, known, n=3)
                 hint = f"; did you mean {', '.join(close)}?" if close else "; `lm_eval ls tasks` lists them"
                 raise ChatforgeError(f"--tasks {name}: no such lm-eval task or chatforge suite{hint}")
-    suites = [s for s in T.SUITES if any(s in spec.split(",") for spec in specs)]
     wanted = named + [t.lm_eval_config() for t in local.values()]
     return Plan(load_lm_eval_tasks(wanted, cfg.num_fewshot) if wanted else {}, local, humaneval,
-                suites + (["builtin"] if any(s.strip() == "builtin" for s in specs) else []))
+                [p for p in dict.fromkeys(parts) if p in T.SUITES or p == "builtin"])
+
+
+def check_models(cfg: EvalConfig) -> None:
+    """Every model's tokenizer loads (and has a chat template where one is asked for) before the first
+    model is evaluated."""
+    from transformers import AutoTokenizer
+
+    for model in cfg.models:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model)
+        except (OSError, ValueError) as err:
+            raise ChatforgeError(f"{model}: cannot load its tokenizer ({str(err).splitlines()[0]})") from None
+        if cfg.chat_template == "on" and not tokenizer.chat_template:
+            raise ChatforgeError(f"{model}: --chat-template on, but its tokenizer has no chat template")
+
+
+def check_out(cfg: EvalConfig) -> None:
+    """--out: new, empty, or an earlier `chatforge eval` output (only its eval.json is replaced); never an
+    input, nor inside a model folder chatforge did not write."""
+    from chatforge.outputs import OWNER, check_not_inputs, owner_kind
+
+    check_not_inputs(cfg.out, [(m, "MODEL_DIR") for m in cfg.models] + [(f, "--task-file") for f in cfg.task_file])
+    out = Path(cfg.out).resolve()
+    for model in cfg.models:
+        if out.is_relative_to(Path(model).resolve()) and owner_kind(model) is None:
+            raise ChatforgeError(f"--out {cfg.out}: inside {model}, a folder chatforge did not write")
+    if out.exists() and not out.is_dir():
+        raise ChatforgeError(f"--out {cfg.out}: exists and is not a folder")
+    if out.is_dir() and any(p.name != OWNER for p in out.iterdir()) and owner_kind(out) != "eval":
+        raise ChatforgeError(f"--out {cfg.out}: the folder exists and holds files chatforge eval did not write; "
+                             "choose a new --out")
 
 
 @functools.cache
@@ -113,19 +155,23 @@ def _task_manager(named: bool = True):
     return TaskManager() if named else TaskManager(include_defaults=False)
 
 
-def evaluate(cfg: EvalConfig, overwrite: bool = True, log=print) -> list[dict]:
-    """Run the plan on every model; print the table; write eval.json (and summaries); return the records."""
-    from chatforge.outputs import check_not_inputs, claim
+def evaluate(cfg: EvalConfig, log=print) -> list[dict]:
+    """Run the plan on every model; print the table; write eval.json (and summaries); return the records.
+    Nothing is written before every model has been evaluated."""
+    from chatforge.outputs import mark, owner_kind
 
     cfg.validate()
+    check_out(cfg)
     for name in ("lm-eval", "lm_eval"):
         logging.getLogger(name).setLevel(logging.ERROR)
     plan = plan_tasks(cfg)
-    check_not_inputs(cfg.out, [(m, "MODEL_DIR") for m in cfg.models] + [(f, "--task-file") for f in cfg.task_file])
-    claim(cfg.out, "eval", overwrite=overwrite, resume=None)
+    check_models(cfg)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     records = [evaluate_model(cfg, plan, model, log) for model in cfg.models]
     log(format_table(records))
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    if owner_kind(cfg.out) != "eval":
+        mark(cfg.out, "eval")
     _write_json(Path(cfg.out) / EVAL_JSON, {"models": records})
     for record in records:
         merge_into_summary(record)
@@ -147,9 +193,11 @@ def evaluate_model(cfg: EvalConfig, plan: Plan, model_dir: str, log=print) -> di
         record = {"model": os.path.abspath(model_dir), "tasks": {}, "suites": {}, "limit": cfg.limit,
                   "chat_template": chat}
         if plan.lm_eval:
+            for task in plan.lm_eval["tasks"].values():  # every model sees the same few-shot examples
+                task.set_fewshot_seed(seed=FEWSHOT_SEED)
             record["tasks"].update(run_lm_eval(lm, plan, cfg, chat))
         if plan.humaneval:
-            record["tasks"][T.HUMANEVAL] = run_humaneval(engine, cfg.limit)
+            record["tasks"][T.HUMANEVAL] = run_humaneval(engine, cfg.limit, log)
     finally:
         engine.close()
     record["suites"] = suite_scores(record["tasks"], plan)
@@ -222,7 +270,7 @@ def task_results(results: dict) -> dict:
     return out
 
 
-def run_humaneval(engine, limit: int | None) -> dict:
+def run_humaneval(engine, limit: int | None, log=print) -> dict:
     """Completion-style: the model continues each problem's prompt (no chat template), greedy, and the
     program runs against the problem's tests in the sandbox."""
     from chatforge.engine import SamplingParams
@@ -237,6 +285,11 @@ def run_humaneval(engine, limit: int | None) -> dict:
         fits.append(budget >= 1)  # a prompt the model's window cannot hold counts as failed
         if budget >= 1:
             jobs.append((prompt, SamplingParams(max_new_tokens=budget, temperature=0.0, stop=humaneval.STOP)))
+    if not jobs:
+        raise ChatforgeError(f"humaneval: no prompt fits this model's context window ({engine.context_length} tokens)")
+    if len(jobs) < len(problems):
+        log(f"humaneval: {len(problems) - len(jobs)} of {len(problems)} prompts do not fit this model's context "
+            f"window ({engine.context_length} tokens): counted as failed")
     texts = iter(generate_all(engine, jobs))
     completions = [next(texts) if fit else "" for fit in fits]
     passed = [ok for ok, _ in humaneval.evaluate(problems, completions)]
@@ -281,7 +334,7 @@ def format_table(records: list[dict]) -> str:
                                                           else "-" for r in records]])
     header = ["task", "metric", "n", *names]
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    line = lambda row: "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip()  # noqa: E731
+    line = lambda row: "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip()
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 

@@ -117,10 +117,12 @@ def main():
     for name in ("execl", "execle", "execlp", "execlpe", "execv", "execve", "execvp", "execvpe", "spawnl",
                  "spawnle", "spawnlp", "spawnlpe", "spawnv", "spawnve", "spawnvp", "spawnvpe", "posix_spawn",
                  "posix_spawnp", "setsid", "setpgid", "setpgrp", "popen", "forkpty", "fork", "vfork", "kill",
-                 "killpg", "system"):
+                 "killpg", "system", "pidfd_open"):
         for module in (os, posix):
             if hasattr(module, name):
                 setattr(module, name, None)
+    import signal as signals  # (this function runs alone in the child)
+    signals.pidfd_send_signal = None  # with os.pidfd_open: a signal to another process (the parent included)
     import subprocess
     subprocess._posixsubprocess = None
     for name in ("ctypes", "_ctypes", "_posixsubprocess"):

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from chatforge.errors import ChatforgeError
+
 PLAIN_HEAD = ("gpt2", "llama")  # logits = lm_head(last hidden state): the head can run on chosen positions only
 TOKENS_PER_BATCH = 8192  # padded tokens per forward: past this, bigger batches gain nothing on a CPU
 
@@ -24,6 +26,9 @@ def loglikelihoods(call, requests: list[tuple[list[int], list[int]]], max_length
     groups: dict[tuple, dict[tuple, int]] = {}  # prefix -> suffix -> its index in the group
     keys = []
     for ctx, cont in requests:
+        if not ctx or len(cont) > max_length:  # lm-eval's `hf` model asserts both away
+            raise ChatforgeError(f"a request with a {len(ctx)}-token context and a {len(cont)}-token continuation: "
+                                 f"the continuation must fit the model's window ({max_length}) after a context")
         inp = (ctx + cont)[-(max_length + 1):][:-1]  # as lm-eval: truncated from the left
         cut = len(inp) - len(cont) + 1
         prefix, suffix = tuple(inp[:cut]), tuple(inp[cut:])

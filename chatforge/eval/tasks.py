@@ -18,6 +18,7 @@ Suites (`--tasks NAME`):
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from chatforge.errors import ChatforgeError
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 BUILTIN_PREFIX = "builtin_"  # task names: builtin_mc_en, ...
+LOCAL_PREFIX = "local_"  # a user's task file my.jsonl is task local_my: it never replaces a named task's results
 HUMANEVAL = "humaneval"  # run by chatforge's sandbox, not lm-eval's in-process code_eval
 
 # task -> (metric, random baseline): the metric each suite averages
@@ -121,6 +123,10 @@ def read_task_file(path: Path, prefix: str = "") -> LocalTask:
 
 
 def _check_record(record: dict, kind: str, where: str) -> None:
+    try:  # what the datasets library reads back must be what was checked here
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ChatforgeError(f"{where}: holds a lone surrogate escape (such as \\ud800), which is not text") from None
     def need(key: str, ok, what: str) -> None:
         if key not in record:
             raise ChatforgeError(f"{where}: missing {key!r}")
@@ -147,6 +153,8 @@ def _check_record(record: dict, kind: str, where: str) -> None:
 
 def task_files(spec: str) -> list[Path]:
     """A --task-file: one .jsonl file, or a folder of them."""
+    if not spec.strip():
+        raise ChatforgeError("--task-file needs a path")
     path = Path(spec)
     if path.is_dir():
         files = sorted(path.glob("*.jsonl"))

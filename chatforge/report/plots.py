@@ -42,6 +42,7 @@ def render(runs: list[Run], name: str) -> bytes:
 
     curve, heading, y_label = PLOTS[name]
     axis = x_axis([run for run in runs if run.curves])  # one axis for every plot, as the report states
+    cjk = cjk_font()
     fig = Figure(figsize=(7, 4.2), dpi=110)
     ax = fig.subplots()
     for index, run in enumerate(runs):
@@ -50,7 +51,7 @@ def render(runs: list[Run], name: str) -> bytes:
         steps, values = zip(*run.curves[curve])
         xs = [s * run.tokens_per_step for s in steps] if axis == "tokens" else steps
         # a run keeps its colour in every plot; sparse eval points get markers to stay visible
-        ax.plot(xs, values, label=run.label, color=f"C{index % 10}", marker="o" if len(xs) <= 20 else None,
+        ax.plot(xs, values, label=legend_label(run.label, index, cjk), color=f"C{index % 10}", marker="o" if len(xs) <= 20 else None,
                 markersize=3)
     ax.set_title(heading)
     ax.set_xlabel("training tokens (step × tokens per step)" if axis == "tokens" else "optimizer step")
@@ -62,8 +63,25 @@ def render(runs: list[Run], name: str) -> bytes:
     if curve == "learning_rate":
         ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="best", fontsize="small")
+    ax.legend(loc="best", prop={"size": "small", **({"family": ["DejaVu Sans", cjk]} if cjk else {})})
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     return buffer.getvalue()
+
+
+CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans SC", "Source Han Sans SC", "WenQuanYi Zen Hei", "WenQuanYi Micro Hei",
+             "Microsoft YaHei", "PingFang SC", "SimHei", "Heiti SC", "Noto Sans CJK JP")
+
+
+def cjk_font() -> str | None:
+    """An installed font with Chinese glyphs, if any (matplotlib's default has none)."""
+    from matplotlib import font_manager
+
+    names = {f.name for f in font_manager.fontManager.ttflist}
+    return next((name for name in CJK_FONTS if name in names), None)
+
+
+def legend_label(label: str, index: int, cjk: str | None) -> str:
+    """A run's name, or "run N" (the Nth run given) where no installed font could draw it."""
+    return label if label.isascii() or cjk else f"run {index + 1}"
