@@ -1,11 +1,13 @@
-"""Log-likelihoods for lm-eval's requests: each shared context runs once, through a KV cache.
+"""Log-likelihoods for lm-eval's requests: each shared context runs once, its continuations packed after it.
 
 A multiple-choice question asks for log P(choice | context) for every choice: lm-eval's `hf` model runs
 the whole context once per choice and takes a vocabulary-wide log-softmax at every position. Here a
 request's model input splits into a prefix (the context, up to the position that predicts the first
-continuation token) and a suffix (the rest of the continuation). Requests are grouped by prefix; a batch
-runs its prefixes once, keeps their keys/values, and runs every suffix against its prefix's cache. The LM
-head runs only at scored positions. Identical requests are scored once (lm-eval's one-token cache).
+continuation token) and a suffix (the rest of the continuation). Requests are grouped by prefix, and each
+group is one row: the prefix, then every suffix, with an attention mask that lets each suffix see the
+prefix and its own earlier tokens only, and positions that restart after the prefix for each suffix.
+The LM head runs only at scored positions; identical requests are scored once (lm-eval's one-token
+cache). bench/README.md has the measurements behind the choices (packing beat a shared KV cache).
 """
 
 from __future__ import annotations
@@ -35,23 +37,17 @@ def loglikelihoods(call, requests: list[tuple[list[int], list[int]]], max_length
         suffixes = groups.setdefault(prefix, {})
         suffixes.setdefault(suffix, len(suffixes))
         keys.append((prefix, suffix))
-    order = sorted(groups, key=len, reverse=True)
+    width = {prefix: len(prefix) + sum(map(len, suffixes)) for prefix, suffixes in groups.items()}
+    order = sorted(groups, key=width.get, reverse=True)
     scored: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
     start = 0
-    while start < len(order):  # longest prefixes first: a batch is padded to its first one
-        end, rows, widest = start, 0, 0
-        while end < len(order) and end - start < batch_size:
-            suffixes = [s for s in groups[order[end]] if s]
-            new_widest = max([widest, *map(len, suffixes)])
-            cost = (end - start + 1) * len(order[start]) + (rows + len(suffixes)) * new_widest
-            if end > start and cost > TOKENS_PER_BATCH:
-                break
-            rows, widest, end = rows + len(suffixes), new_widest, end + 1
-        batch = order[start:end]
+    while start < len(order):  # widest rows first: a batch is padded to its first row
+        size = max(1, min(batch_size, TOKENS_PER_BATCH // width[order[start]]))
+        batch = order[start:start + size]
         for prefix, results in zip(batch, call(score_batch, batch, [list(groups[p]) for p in batch])):
             for suffix, result in zip(groups[prefix], results):
                 scored[prefix, suffix] = result
-        start = end
+        start += size
     answers = []
     for (_, cont), key in zip(requests, keys):
         logprobs, greedy = scored[key]
@@ -67,50 +63,47 @@ def _pad(seqs: list[tuple], width: int) -> torch.Tensor:
     return x
 
 
-def _logits_at(model, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, **kw):
-    """Logits [len(rows), V] at (rows, cols) of a forward over `x`, and the forward's KV cache."""
-    if model.config.model_type in PLAIN_HEAD:
-        out = model.base_model(input_ids=x, use_cache=True, **kw)
-        logits = model.get_output_embeddings()(out.last_hidden_state[rows, cols])
-    else:  # any other model through its own head (softcapping, logit scales)
-        out = model(input_ids=x, use_cache=True, **kw)
-        logits = out.logits[rows, cols]
-    return logits.float(), out.cache
-
-
 def score_batch(model, prefixes: list[tuple], suffixes: list[list[tuple]]) -> list[list[tuple]]:
-    """For each prefix and each of its suffixes: (log-probs [1 + len(suffix), V], argmax): the positions
-    that predict the continuation. Runs on the engine thread."""
+    """For each prefix and each of its suffixes: (log-probs [1 + len(suffix), V], argmax), the positions
+    that predict the continuation. One forward over rows [prefix, suffix 1, suffix 2, ...]. Runs on the
+    engine thread."""
     device = next(model.parameters()).device
-    lengths = torch.tensor([len(p) for p in prefixes])
-    width = int(lengths.max())
-    # right padding needs no mask: causal attention never looks forward
-    first, cache = _logits_at(model, _pad(prefixes, width).to(device), torch.arange(len(prefixes), device=device),
-                              (lengths - 1).to(device))
-    pairs = [(g, s) for g, group in enumerate(suffixes) for s in group if s]
-    rest = None
-    if pairs:
-        owner = torch.tensor([g for g, _ in pairs])
-        cache.reorder_cache(owner.to(device))  # each suffix row gets its prefix's keys/values
-        span = max(len(s) for _, s in pairs)
-        mask = torch.zeros((len(pairs), width + span), dtype=torch.long)
-        mask[:, :width] = torch.arange(width)[None, :] < lengths[owner][:, None]  # hide the prefix padding
-        mask[:, width:] = 1
-        # padding repeats the row's last position: past it a short row could outrun the position table
-        last = torch.tensor([len(s) - 1 for _, s in pairs])
-        positions = lengths[owner][:, None] + torch.minimum(torch.arange(span)[None, :], last[:, None])
-        rows = torch.tensor([r for r, (_, s) in enumerate(pairs) for _ in s], device=device)
-        cols = torch.tensor([c for _, s in pairs for c in range(len(s))], device=device)
-        rest, _ = _logits_at(model, _pad([s for _, s in pairs], span).to(device), rows, cols, cache=cache,
-                             attention_mask=mask.to(device), position_ids=positions.to(device))
-        rest = F.log_softmax(rest, dim=-1).cpu()
-    first = F.log_softmax(first, dim=-1).cpu()
+    rows = [list(p) + [t for s in group for t in s] for p, group in zip(prefixes, suffixes)]
+    width = max(map(len, rows))
+    allowed = torch.zeros((len(rows), width, width), dtype=torch.bool)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    at_rows, at_cols = [], []  # where the scored logits are
+    for r, (prefix, group) in enumerate(zip(prefixes, suffixes)):
+        n = len(prefix)
+        allowed[r, :n, :n] = torch.ones((n, n), dtype=torch.bool).tril()
+        positions[r, :n] = torch.arange(n)
+        start = n
+        for suffix in group:
+            end = start + len(suffix)
+            allowed[r, start:end, :n] = True
+            allowed[r, start:end, start:end] = torch.ones((end - start, end - start), dtype=torch.bool).tril()
+            positions[r, start:end] = torch.arange(n, n + end - start)
+            at_rows += [r] * (1 + end - start)
+            at_cols += [n - 1, *range(start, end)]
+            start = end
+        allowed[r, range(start, width), range(start, width)] = True  # padding sees itself: no empty softmax
+    x = _pad(rows, width).to(device)
+    mask, positions = allowed[:, None].to(device), positions.to(device)
+    at_rows, at_cols = torch.tensor(at_rows, device=device), torch.tensor(at_cols, device=device)
+    if model.config.model_type in PLAIN_HEAD:
+        hidden = model.base_model(input_ids=x, attention_mask=mask, position_ids=positions, use_cache=False)
+        logits = model.get_output_embeddings()(hidden.last_hidden_state[at_rows, at_cols])
+    else:  # any other model through its own head (softcapping, logit scales)
+        out = model(input_ids=x, attention_mask=mask, position_ids=positions, use_cache=False)
+        logits = out.logits[at_rows, at_cols]
+    logprobs = F.log_softmax(logits.float(), dim=-1).cpu()
+    greedy = logprobs.argmax(-1)
     out, offset = [], 0
-    for g, group in enumerate(suffixes):
+    for group in suffixes:
         results = []
-        for s in group:
-            logprobs = torch.cat([first[g:g + 1], rest[offset:offset + len(s)]]) if s else first[g:g + 1]
-            offset += len(s)
-            results.append((logprobs, logprobs.argmax(-1)))
+        for suffix in group:
+            span = slice(offset, offset + 1 + len(suffix))
+            results.append((logprobs[span], greedy[span]))
+            offset += 1 + len(suffix)
         out.append(results)
     return out
