@@ -81,6 +81,9 @@ class ChatforgeLM(TemplateLM):
 
     # ------------------------------------------------------------ scoring
 
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        return super().loglikelihood(requests, disable_tqdm=True)  # no progress bar per task: one line per model
+
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """requests: ((context, continuation) or None, context ids, continuation ids) -> (logprob, is_greedy)."""
         # a whitespace-only context encodes to nothing: condition on the prefix token, as for an empty one

@@ -38,7 +38,7 @@ class EvalConfig:
                               "(default: builtin, unless --task-file is given)", metavar="TASKS")
     task_file: list[str] = option([], "your own task: a .jsonl file or a folder of them (format: README, Evaluate)",
                                   metavar="PATH")
-    out: str = option("eval", "folder for eval.json (an earlier chatforge eval output there is replaced)",
+    out: str = option("eval", "folder for eval.json (in an earlier chatforge eval output only eval.json is replaced)",
                       metavar="DIR")
     limit: int | None = option(None, "at most N examples per task, for quick runs", min=1, metavar="N")
     num_fewshot: int | None = option(None, "few-shot examples per prompt (default: each task's own)", min=0,
