@@ -111,6 +111,12 @@ def cmd_sft(cfg, args) -> None:
     sft(cfg, resume=args.resume, overwrite=args.overwrite)
 
 
+def cmd_dpo(cfg, args) -> None:
+    from chatforge.train.dpo import dpo
+
+    dpo(cfg, resume=args.resume, overwrite=args.overwrite)
+
+
 def cmd_generate(cfg, args) -> None:
     from chatforge.chat import generate
 
@@ -150,6 +156,7 @@ def _configs() -> dict:
     from chatforge.quickstart import QuickstartConfig
     from chatforge.serve.http import ServeConfig
     from chatforge.text.tokenizer import TokenizerConfig
+    from chatforge.train.dpo import DPOConfig
     from chatforge.train.pretrain import PretrainConfig
     from chatforge.train.sft import SFTConfig
 
@@ -172,6 +179,9 @@ def _configs() -> dict:
         "sft": (SFTConfig, cmd_sft, "fine-tune a model into a chat assistant",
                 "Supervised fine-tuning on conversations, loss on assistant turns only (their closing <|im_end|> "
                 "included, so the model learns to stop).", train_flags),
+        "dpo": (DPOConfig, cmd_dpo, "align a chat model with preference pairs (DPO, on TRL)",
+                "Direct preference optimisation with TRL's DPOTrainer: the starting model is the reference; "
+                "pairs in TRL's or ShareGPT's preference format.", train_flags),
         "chat": (ChatConfig, cmd_chat, "chat with a model in the terminal",
                  "Multi-turn chat; tokens stream as they are generated. Type /reset to start over, /exit to quit.",
                  ()),

@@ -23,10 +23,9 @@ class InvalidRecord(ValueError):
 def to_messages(record: dict) -> list[dict]:
     """Normalise one record; raise InvalidRecord(reason) if it is not a usable conversation."""
     if isinstance(record.get("messages"), list):
-        turns = [(m.get("role"), m.get("content")) if isinstance(m, dict) else (None, None) for m in record["messages"]]
+        turns = turns_of(record["messages"])
     elif isinstance(record.get("conversations"), list):
-        turns = [(m.get("from", m.get("role")), m.get("value", m.get("content"))) if isinstance(m, dict)
-                 else (None, None) for m in record["conversations"]]
+        turns = turns_of(record["conversations"])
     elif "instruction" in record and "output" in record:
         prompt = str(record.get("instruction") or "")
         if record.get("input"):
@@ -45,6 +44,13 @@ def to_messages(record: dict) -> list[dict]:
     else:
         raise InvalidRecord("unrecognised format (expected messages, conversations, instruction/output, "
                             "prompt/completion)")
+    messages = messages_from(turns)
+    check_order(messages)
+    return messages
+
+
+def messages_from(turns: list[tuple]) -> list[dict]:
+    """(role, content) pairs in any of the formats' role names -> messages; InvalidRecord if one is not."""
     messages = []
     for role, content in turns:
         mapped = ROLES.get(str(role).lower()) if role is not None else None
@@ -53,8 +59,13 @@ def to_messages(record: dict) -> list[dict]:
         if not isinstance(content, str) or not content.strip():
             raise InvalidRecord("empty content")
         messages.append({"role": mapped, "content": content})
-    check_order(messages)
     return messages
+
+
+def turns_of(items: list) -> list[tuple]:
+    """A list of {role, content} or ShareGPT {from, value} dicts -> (role, content) pairs."""
+    return [(m.get("role", m.get("from")), m.get("content", m.get("value"))) if isinstance(m, dict) else (None, None)
+            for m in items]
 
 
 def check_order(messages: list[dict]) -> None:

@@ -165,9 +165,11 @@ class Plan:
 
 def run_trainer(cfg: RunSettings, out: str, model, tok, train, evals, plan: Plan, *, kind: str, throughput,
                 collator=None, compile: bool = False, num_workers: int = 0, resume: bool = False, log=print,
-                callbacks: tuple = ()):
+                callbacks: tuple = (), trainer_class=None, args_class=None, args_extra: dict | None = None,
+                trainer_extra: dict | None = None):
     """Train with the transformers Trainer (AdamW, schedule, markers, budget) and evaluate; returns
-    (trainer, final eval metrics). `callbacks`: extra TrainerCallbacks (benches)."""
+    (trainer, final eval metrics). `callbacks`: extra TrainerCallbacks (benches). A TRL stage passes its
+    trainer and config classes (they extend Trainer and TrainingArguments) and their own options."""
     from transformers import Trainer
     from transformers.trainer_callback import ProgressCallback
 
@@ -180,9 +182,11 @@ def run_trainer(cfg: RunSettings, out: str, model, tok, train, evals, plan: Plan
     spent = trained_seconds(checkpoint)
     args = training_arguments(cfg, out, max_steps=plan.max_steps, micro=plan.micro, accum=plan.accum,
                               precision=plan.precision, has_eval=bool(evals) and len(evals) > 0, compile=compile,
-                              num_workers=num_workers)
-    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=evals if evals and len(evals) else None,
-                      processing_class=tok, data_collator=collator, optimizers=(optimizer, scheduler))
+                              num_workers=num_workers, args_class=args_class, **(args_extra or {}))
+    trainer = (trainer_class or Trainer)(model=model, args=args, train_dataset=train,
+                                         eval_dataset=evals if evals and len(evals) else None, processing_class=tok,
+                                         data_collator=collator, optimizers=(optimizer, scheduler),
+                                         **(trainer_extra or {}))
     ours = [throughput, *callbacks]
     if cfg.max_time:
         if spent:
@@ -222,12 +226,13 @@ def finish_distributed() -> None:
 
 
 def training_arguments(cfg: RunSettings, out: str, *, max_steps: int, micro: int, accum: int, precision: str,
-                       has_eval: bool, compile: bool = False, num_workers: int = 0):
-    """The TrainingArguments both stages use; TensorBoard logs go to out/logs."""
+                       has_eval: bool, compile: bool = False, num_workers: int = 0, args_class=None, **extra):
+    """The TrainingArguments every stage uses (or `args_class`, a subclass, with its `extra` options);
+    TensorBoard logs go to out/logs."""
     from transformers import TrainingArguments
 
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(out) / "logs")
-    return TrainingArguments(
+    options = dict(
         output_dir=out, max_steps=max_steps, per_device_train_batch_size=micro, per_device_eval_batch_size=micro,
         gradient_accumulation_steps=accum, max_grad_norm=cfg.grad_clip, bf16=precision == "bf16",
         fp16=precision == "fp16", torch_compile=compile,
@@ -241,3 +246,4 @@ def training_arguments(cfg: RunSettings, out: str, *, max_steps: int, micro: int
         logging_nan_inf_filter=False,  # True checks isnan(loss) every step: a host-device sync on GPU
         remove_unused_columns=False,  # our datasets hold only model inputs; the filter would wrap the collator
     )
+    return (args_class or TrainingArguments)(**{**options, **extra})
