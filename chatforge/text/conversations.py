@@ -83,9 +83,15 @@ def check_order(messages: list[dict]) -> None:
 def iter_conversations(specs: Iterable[str], strict: bool = False,
                        stats: SourceStats | None = None) -> Iterator[tuple[list[dict], str]]:
     """Yield (messages, origin) for every valid conversation; invalid ones are counted in `stats`."""
+    return iter_valid(specs, to_messages, strict, stats)
+
+
+def iter_valid(specs: Iterable[str], convert, strict: bool = False, stats: SourceStats | None = None) -> Iterator:
+    """(convert(record), origin) for every record `convert` accepts; InvalidRecord ones are counted in
+    `stats` under their reason (with `strict`: the first is an error naming file and line)."""
     stats = stats if stats is not None else SourceStats()
     for record, origin in iter_records(specs, strict=strict, stats=stats):
         try:
-            yield to_messages(record), origin
+            yield convert(record), origin
         except InvalidRecord as err:
             stats.skip(str(err), origin, strict)

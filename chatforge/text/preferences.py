@@ -15,13 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-from chatforge.text.conversations import (
-    InvalidRecord,
-    check_order,
-    messages_from,
-    turns_of,
-)
-from chatforge.text.sources import SourceStats, iter_records
+from chatforge.text.conversations import InvalidRecord, check_order, iter_valid, messages_from, turns_of
+from chatforge.text.sources import SourceStats
 
 
 def _messages(value, default_role: str) -> list[dict]:
@@ -61,9 +56,4 @@ def to_preference(record: dict) -> dict:
 def iter_preferences(specs: Iterable[str], strict: bool = False,
                      stats: SourceStats | None = None) -> Iterator[tuple[dict, str]]:
     """Yield (pair, origin) for every valid preference record; invalid ones are counted in `stats`."""
-    stats = stats if stats is not None else SourceStats()
-    for record, origin in iter_records(specs, strict=strict, stats=stats):
-        try:
-            yield to_preference(record), origin
-        except InvalidRecord as err:
-            stats.skip(str(err), origin, strict)
+    return iter_valid(specs, to_preference, strict, stats)

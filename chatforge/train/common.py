@@ -58,6 +58,23 @@ def redefault(cls, name: str, value):
     return option(value, **meta)
 
 
+@dataclass
+class FineTuneSettings(RunSettings):
+    """What the stages that start from a trained model share (sft, dpo): batches, held-out data, LoRA."""
+
+    eval_fraction: float = option(0.05, "examples held out for evaluation (0 = none)", min=0.0, max=0.5,
+                                  metavar="F")
+    epochs: float = option(3.0, "passes over the data", min=0.0, exclusive_min=True, metavar="N")
+    micro_batch_size: int = option(8, "examples per forward pass", min=1, metavar="N")
+    grad_accum: int = option(1, "micro-batches per optimizer step", min=1, metavar="N")
+    weight_decay: float = redefault(RunSettings, "weight_decay", 0.0)
+    lora: bool = option(False, "train LoRA adapters (PEFT) instead of all weights")
+    lora_r: int = option(16, "LoRA rank", min=1, max=4096, metavar="R")
+    lora_alpha: int = option(32, "LoRA scaling numerator", min=1, metavar="A")
+    merge: bool = option(False, "with --lora: write merged full weights")
+    strict: bool = option(False, "fail on the first unusable record")
+
+
 def is_main() -> bool:
     """The one rank-0 test: torchrun (and accelerate) set RANK; a single process is rank 0."""
     return int(os.environ.get("RANK", "0")) == 0

@@ -17,14 +17,14 @@ from pathlib import Path
 
 from chatforge.config import option
 from chatforge.errors import ChatforgeError
-from chatforge.train.common import RunSettings, is_main, redefault
+from chatforge.train.common import FineTuneSettings, RunSettings, is_main, redefault
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
               "apo_zero", "apo_down", "discopop", "sigmoid_norm")
 
 
 @dataclass
-class DPOConfig(RunSettings):
+class DPOConfig(FineTuneSettings):
     """Everything that defines a DPO run; saved as out/run_config.yaml. Learning rate auto: 5e-6, or 5e-5
     with LoRA (DPO moves a chat model a little)."""
 
@@ -39,17 +39,9 @@ class DPOConfig(RunSettings):
     loss_type: str = option("sigmoid", "sigmoid = DPO; ipo, apo_zero, ... as TRL names them", choices=LOSS_TYPES)
     max_length: int | None = option(None, "tokens per prompt + answer; longer pairs are cut (default: the context "
                                           "window)", min=2, metavar="N")
-    eval_fraction: float = option(0.1, "pairs held out for rewards and accuracy (0 = none)", min=0.0, max=0.5,
-                                  metavar="F")
-    epochs: float = option(1.0, "passes over the pairs", min=0.0, exclusive_min=True, metavar="N")
-    micro_batch_size: int = option(4, "pairs per forward pass", min=1, metavar="N")
-    grad_accum: int = option(1, "micro-batches per optimizer step", min=1, metavar="N")
-    weight_decay: float = redefault(RunSettings, "weight_decay", 0.0)
-    lora: bool = option(False, "train LoRA adapters (PEFT) instead of all weights")
-    lora_r: int = option(16, "LoRA rank", min=1, max=4096, metavar="R")
-    lora_alpha: int = option(32, "LoRA scaling numerator", min=1, metavar="A")
-    merge: bool = option(False, "with --lora: write merged full weights")
-    strict: bool = option(False, "fail on the first unusable record")
+    eval_fraction: float = redefault(FineTuneSettings, "eval_fraction", 0.1)
+    epochs: float = redefault(FineTuneSettings, "epochs", 1.0)
+    micro_batch_size: int = redefault(FineTuneSettings, "micro_batch_size", 4)
     eval_every: int = redefault(RunSettings, "eval_every", 50)
 
     def validate(self) -> None:

@@ -25,11 +25,11 @@ from pathlib import Path
 
 from chatforge.config import option
 from chatforge.errors import ChatforgeError
-from chatforge.train.common import RunSettings, is_main, redefault
+from chatforge.train.common import FineTuneSettings, RunSettings, is_main, redefault
 
 
 @dataclass
-class SFTConfig(RunSettings):
+class SFTConfig(FineTuneSettings):
     """Everything that defines a fine-tuning run; saved as out/run_config.yaml. Learning rate auto:
     2e-4 with LoRA; 5e-4 below 50M parameters, else 5e-5."""
 
@@ -40,16 +40,6 @@ class SFTConfig(RunSettings):
     max_length: int | None = option(None, "tokens per conversation; longer ones keep their first N tokens "
                                           "(default: the context window)", min=2, metavar="N")
     packing: bool = option(False, "pack conversations (attention stays within each)")
-    eval_fraction: float = option(0.05, "conversations held out (0 = none)", min=0.0, max=0.5, metavar="F")
-    epochs: float = option(3.0, "passes over the conversations", min=0.0, exclusive_min=True, metavar="N")
-    micro_batch_size: int = option(8, "conversations per forward pass", min=1, metavar="N")
-    grad_accum: int = option(1, "micro-batches per optimizer step", min=1, metavar="N")
-    weight_decay: float = redefault(RunSettings, "weight_decay", 0.0)
-    lora: bool = option(False, "train LoRA adapters (PEFT) instead of all weights")
-    lora_r: int = option(16, "LoRA rank", min=1, max=4096, metavar="R")
-    lora_alpha: int = option(32, "LoRA scaling numerator", min=1, metavar="A")
-    merge: bool = option(False, "with --lora: write merged full weights")
-    strict: bool = option(False, "fail on the first unusable record")
     eval_every: int = redefault(RunSettings, "eval_every", 100)
 
     def validate(self) -> None:
