@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from chatforge.errors import ChatforgeError
 
 PLAIN_HEAD = ("gpt2", "llama")  # logits = lm_head(last hidden state): the head can run on chosen positions only
-TOKENS_PER_BATCH = 8192  # padded tokens per forward: past this, bigger batches gain nothing on a CPU
+TOKENS_PER_BATCH = 2048  # padded tokens per forward: more spill the activations out of the CPU caches (bench/README.md)
 
 
 def loglikelihoods(call, requests: list[tuple[list[int], list[int]]], max_length: int,
