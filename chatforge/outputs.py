@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 from chatforge.errors import ChatforgeError
@@ -153,3 +154,15 @@ def replace_with(out: str | Path, tmp: Path) -> None:
     os.replace(tmp, out)
     if old is not None:
         old.unlink() if old.is_symlink() else shutil.rmtree(old, ignore_errors=True)
+
+
+def write_atomic(path: str | Path, data: bytes) -> None:
+    """Write to a new temporary name in the same folder, then rename: readers see the old file or the new."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "xb") as handle:  # "x": a fresh name, never someone's file; created with the umask
+            handle.write(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -87,7 +87,7 @@ def plan_tasks(cfg: EvalConfig) -> Plan:
         raise ChatforgeError("--tasks names no task")
     if not cfg.tasks and not cfg.task_file:
         parts = ["builtin"]
-    names = T.split_task_names([p for p in parts if p != "builtin"])
+    names = T.expand_suites([p for p in parts if p != "builtin"])
     local = {t.name: t for t in (T.builtin_tasks() if "builtin" in parts else [])}
     seen: set[Path] = set()
     for spec in cfg.task_file:
@@ -357,6 +357,6 @@ def merge_into_summary(record: dict) -> None:
 
 
 def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    from chatforge.outputs import write_atomic
+
+    write_atomic(path, (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))

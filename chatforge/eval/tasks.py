@@ -170,11 +170,11 @@ def builtin_tasks() -> list[LocalTask]:
     return [read_task_file(p, prefix=BUILTIN_PREFIX) for p in sorted(BUILTIN_DIR.glob("*.jsonl"))]
 
 
-def split_task_names(tasks: list[str]) -> list[str]:
-    """`--tasks a,b --tasks c` -> [a, b, c], suites expanded, order kept, no repeats."""
+def expand_suites(parts: list[str]) -> list[str]:
+    """Task names with suites expanded, order kept, no repeats."""
     names: list[str] = []
-    for part in (t.strip() for spec in tasks for t in spec.split(",")):
-        for name in SUITES.get(part, [part] if part else []):
+    for part in parts:
+        for name in SUITES.get(part, [part]):
             if name not in names:
                 names.append(name)
     return names

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 from chatforge.config import check_fields, option
 from chatforge.errors import ChatforgeError
-from chatforge.outputs import owner_kind
+from chatforge.outputs import owner_kind, write_atomic
 from chatforge.report import card, plots
 from chatforge.report.markdown import cell, eval_table, facts_table, table
 from chatforge.report.runs import Run, labels_for, read_run
@@ -150,17 +149,6 @@ def check_replaceable(out: Path, names: list[str], previous: list[str] | None, c
         if (path.exists() or path.is_symlink()) and not card.is_ours(path):
             raise ChatforgeError(f"{path}: exists and is not a model card chatforge wrote; "
                                  "move it away or choose another --out")
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a new temporary name in the same folder, then rename: readers see the old file or the new."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "xb") as handle:  # "x": a fresh name, never someone's file; created with the umask
-            handle.write(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _inside(path: Path, folder: Path) -> bool:
