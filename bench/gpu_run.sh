@@ -1,42 +1,55 @@
 #!/usr/bin/env bash
-# Every GPU figure of the serving and pretraining benchmarks in one prepared run, for a lent GPU machine
-# that cannot reach the network (see bench/README.md). Wheels for what its image lacks travel in .whl/
-# (make them with bench/gpu_wheels.sh); chatforge itself runs from the checkout.
+# Every GPU check and figure in one prepared run, for a lent GPU machine that cannot reach the network
+# (see bench/README.md). Wheels for what its image lacks travel in .whl/ (make them with
+# bench/gpu_wheels.sh) and are installed into its Python (a throwaway machine); chatforge runs from the checkout.
 #
-#   bash bench/gpu_run.sh [decode|serve|decode+serve|pretrain|all] [NANOGPT_MODEL_PY]
+#   bash bench/gpu_run.sh [PARTS] [NANOGPT_MODEL_PY]     PARTS: tests+decode+serve (default), pretrain, profile, all
 #
-# Each part has its own time limit so one slow part cannot take the others' results with it; tables go
-# to stdout, JSON and logs to $OUT (or bench/results/gpu). The limits add up to more than one device call
-# may run (600 s): run `decode serve` as one call and `pretrain` as the next while the machine is warm.
+# Each part has its own time limit, so one slow part cannot take the others' results with it; tables go
+# to stdout, JSON and logs to $OUT (or bench/results/gpu). `tests+decode+serve` fits one device call
+# (about 6 minutes), `pretrain+profile` another.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-part=${1:-all}
+parts=${1:-tests+decode+serve}
+[[ $parts == all ]] && parts=tests+decode+serve+pretrain+profile
 nanogpt=${2:-}
 out=${OUT:-bench/results/gpu}
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=true
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=true TRANSFORMERS_VERBOSITY=error
 if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH="$PYTHONPATH:/tmp/site" || exit 1
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir .whl/*.whl 2>&1 | grep -v WARNING || true
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+python3 -c "import sys, torch, transformers, accelerate; print('python', sys.version.split()[0], 'torch', torch.__version__,
+'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)"
 
-run() {  # run NAME LIMIT_S COMMAND...: log to $out/NAME.log, say how it ended
+run() {  # run NAME LIMIT_S COMMAND...: log to $out/NAME.log, show the lines that matter, say how it ended
   local name=$1 limit=$2; shift 2
   echo "== $name (limit ${limit}s): $*"
   local start=$SECONDS
-  timeout "$limit" "$@" 2>&1 | tee "$out/$name.log" | grep -E '^\||speedup|tokens/s|^GPU|^decode|^gpt2|failed|Error|error' 
-  echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - start))s"
+  timeout -k 5 "$limit" "$@" > "$out/$name.log" 2>&1
+  local rc=$?
+  grep -E '^\||speedup|^round|^GPU|^device|^decode|^gpt2|engine bf16 without|bf16 engine vs|llama 60|Error|error:|FAILED|ERROR|passed|failed' \
+    "$out/$name.log" | grep -v '^  File' | cut -c1-400 | tail -60
+  echo "== $name: exit $rc after $((SECONDS - start))s"
 }
 
-if [[ $part == decode* || $part == all ]]; then
-  run decode 300 python3 bench/decode_speed.py --presets gpt2 --rounds 1 --repeats 2 --out "$out/decode_speed.json"
+if [[ $parts == *tests* ]]; then
+  # the GPU set and the equivalence tests, which run on the GPU whenever there is one; the Chinese
+  # quickstart test needs lm-eval, which the image lacks (test_gpu runs the quickstart without it)
+  run tests 170 python3 -m pytest -q -n 8 -p no:cacheprovider -rfEP --timeout 160 tests/test_gpu.py \
+    tests/test_engine.py tests/test_speed.py tests/test_pretrain.py tests/test_sft.py -k "not quickstart_chinese"
 fi
-if [[ $part == *serve || $part == all ]]; then
-  run serve 60 python3 bench/serve_load.py --duration 15 --out "$out/serve_load.json"
+if [[ $parts == *decode* ]]; then
+  run decode 130 python3 bench/decode_speed.py --presets gpt2 --rounds 1 --repeats 2 --out "$out/decode_speed.json"
 fi
-if [[ $part == pretrain || $part == all ]]; then
-  run pretrain 420 python3 bench/pretrain_throughput.py --shape gpt2 --rounds 1 --steps 20 --warmup 5 \
-    ${nanogpt:+--nanogpt "$nanogpt"} --json "$out/pretrain_gpt2.json"
+if [[ $parts == *serve* ]]; then
+  run serve 50 python3 bench/serve_load.py --duration 15 --out "$out/serve_load.json"
+fi
+if [[ $parts == *pretrain* ]]; then
+  run pretrain 260 python3 bench/pretrain_throughput.py --shape gpt2 --rounds 1 --steps 20 --warmup 5 \
+    --corpus-mb 4 ${nanogpt:+--nanogpt "$nanogpt"} --json "$out/pretrain_gpt2.json"
+fi
+if [[ $parts == *profile* ]]; then
+  run profile 90 python3 bench/gpu_profile.py
 fi

@@ -1,6 +1,6 @@
 """Load test: N concurrent streaming chat clients against a live `chatforge serve` on loopback.
 
-    python bench/serve_load.py                          # tiny preset, random init, 32 clients, 30 s
+    python bench/serve_load.py                          # tiny preset (GPU: GPT-2 124M), random init, 32 clients, 30 s
     python bench/serve_load.py --model RUN_DIR --clients 64 --duration 60
 
 Each client sends streaming /v1/chat/completions requests back to back until the time is up. Reports
@@ -83,7 +83,9 @@ def one_request(host: str, port: int, i: int, max_tokens: int) -> tuple[bool, fl
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="model directory (default: the tiny preset, random init)")
+    ap.add_argument("--model", help="model directory (default: a random-init --preset)")
+    ap.add_argument("--preset", choices=["tiny", "mini", "gpt2"], help="random-init shape (default: tiny on CPU, "
+                    "gpt2, i.e. GPT-2 124M, on GPU)")
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--duration", type=float, default=30.0, help="seconds during which clients start requests")
     ap.add_argument("--max-tokens", type=int, default=64)
@@ -92,9 +94,11 @@ def main() -> None:
 
     model = args.model
     if model is None:
+        import torch
         from decode_speed import make_random_model
 
-        model = make_random_model(os.path.join(tempfile.mkdtemp(prefix="cf-load-"), "tiny"), "tiny")
+        preset = args.preset or ("gpt2" if torch.cuda.is_available() else "tiny")
+        model = make_random_model(os.path.join(tempfile.mkdtemp(prefix="cf-load-"), preset), preset)
     proc, host, port = start_server(model, max_batch=args.clients, max_queue=2 * args.clients)
     results, lock = [], threading.Lock()
     deadline = time.perf_counter() + args.duration

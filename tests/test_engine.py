@@ -45,8 +45,8 @@ def engine(model_dir):
 
 def _hf_greedy(engine: Engine, ids: list[int], n: int) -> list[int]:
     with torch.inference_mode():
-        out = engine.model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
-                                    attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+        x = torch.tensor([ids], device=engine.model.device)  # the GPU when there is one
+        out = engine.model.generate(x, max_new_tokens=n, do_sample=False, attention_mask=torch.ones_like(x))
     new = out[0, len(ids):].tolist()
     for i, t in enumerate(new):  # generate() keeps the EOS token it stopped at; we do not emit it
         if t in engine.stop_ids:
