@@ -127,7 +127,12 @@ def bench_model(model_dir: str, args, batches: list[int]) -> dict:
         for path, dtype in (paths if rnd % 2 == 0 else paths[::-1]):
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", model_dir, "--path", path, "--dtype", dtype,
                    "--new-tokens", str(args.new_tokens), "--batches", args.batches, "--repeats", str(args.repeats)]
-            done = subprocess.run(cmd, capture_output=True, text=True)
+            try:
+                done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.worker_timeout)
+            except subprocess.TimeoutExpired:  # e.g. generate()'s static cache compiling: the other paths go on
+                row[f"{path}_{dtype}_error"] = f"timed out after {args.worker_timeout} s"
+                print(f"  round {rnd}: {os.path.basename(model_dir)} {path} {dtype}: timed out", flush=True)
+                continue
             if done.returncode != 0:
                 raise SystemExit(f"worker failed: {' '.join(cmd)}\n{done.stderr[-2000:]}")
             result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -151,6 +156,7 @@ def main() -> None:
                     help="weight dtypes to measure (default: bf16 on GPU, the target's; fp32,bf16 on CPU)")
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per worker (after one warm-up)")
     ap.add_argument("--rounds", type=int, default=2, help="workers per path, in alternating order")
+    ap.add_argument("--worker-timeout", type=float, default=600, help="seconds one path's worker may take")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "decode_speed.json"))
     ap.add_argument("--worker", metavar="MODEL_DIR", help=argparse.SUPPRESS)  # one measurement, JSON on stdout
     ap.add_argument("--path", choices=["engine", "eager", "dynamic", "static"], help=argparse.SUPPRESS)

@@ -37,19 +37,19 @@ run() {  # run NAME LIMIT_S COMMAND...: log to $out/NAME.log, show the lines tha
 if [[ $parts == *tests* ]]; then
   # the GPU set and the equivalence tests, which run on the GPU whenever there is one; the Chinese
   # quickstart test needs lm-eval, which the image lacks (test_gpu runs the quickstart without it)
-  run tests 170 python3 -m pytest -q -n 8 -p no:cacheprovider -rfEP --timeout 160 tests/test_gpu.py \
+  run tests 150 python3 -m pytest -q -n 8 -p no:cacheprovider -rfEP --timeout 160 tests/test_gpu.py \
     tests/test_engine.py tests/test_speed.py tests/test_pretrain.py tests/test_sft.py -k "not quickstart_chinese"
 fi
 if [[ $parts == *decode* ]]; then
-  run decode 130 python3 bench/decode_speed.py --presets gpt2 --rounds 1 --repeats 2 --out "$out/decode_speed.json"
+  run decode 120 python3 bench/decode_speed.py --presets gpt2 --rounds 1 --repeats 2 --worker-timeout 45 --out "$out/decode_speed.json"
 fi
 if [[ $parts == *serve* ]]; then
   run serve 50 python3 bench/serve_load.py --duration 15 --out "$out/serve_load.json"
 fi
 if [[ $parts == *pretrain* ]]; then
-  run pretrain 260 python3 bench/pretrain_throughput.py --shape gpt2 --rounds 1 --steps 20 --warmup 5 \
-    --corpus-mb 4 ${nanogpt:+--nanogpt "$nanogpt"} --json "$out/pretrain_gpt2.json"
+  run pretrain 240 python3 bench/pretrain_throughput.py --shape gpt2 --rounds 1 --steps 20 --warmup 5 \
+    --corpus-mb 6 ${nanogpt:+--nanogpt "$nanogpt"} --json "$out/pretrain_gpt2.json"
 fi
 if [[ $parts == *profile* ]]; then
-  run profile 90 python3 bench/gpu_profile.py
+  run profile 75 python3 bench/gpu_profile.py
 fi

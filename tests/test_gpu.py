@@ -108,7 +108,8 @@ def test_packed_batches_run_on_the_flash_kernel(compiled):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from chatforge.train.speedups import flash_attention_implementation, use_packed_sdpa
+    from chatforge.train.loss import use_fused_loss
+    from chatforge.train.speedups import flash_attention_implementation, fuse_gelu, use_packed_sdpa
 
     try:
         import flash_attn  # noqa: F401
@@ -119,6 +120,8 @@ def test_packed_batches_run_on_the_flash_kernel(compiled):
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=512, n_positions=256, n_embd=128, n_layer=2, n_head=2)).cuda()
     use_packed_sdpa(model)
+    use_fused_loss(model)  # pretrain's switches, as `--compile` runs them
+    fuse_gelu(model)
     run = torch.compile(model) if compiled else model
     ids = torch.randint(0, 512, (4, 256), device="cuda")
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]), torch.autocast("cuda", dtype=torch.bfloat16):

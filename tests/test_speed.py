@@ -164,7 +164,8 @@ def test_fp8_trains_close_to_bf16_and_saves_plain_checkpoints(tmp_path):
 
 def test_packed_sdpa_gets_no_mask_even_compiled():
     """`--fast-batches` batches have no padding: SDPA must get `is_causal=True`, not a T x T mask, also
-    under torch.compile (where transformers otherwise builds one); a padded batch still gets its mask."""
+    under torch.compile (where transformers otherwise builds one) and with the fused loss; a padded batch
+    still gets its mask."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -187,6 +188,12 @@ def test_packed_sdpa_gets_no_mask_even_compiled():
         assert masks[-1] is None
         model(input_ids=ids, attention_mask=padded)
         assert masks[-1] == (2, 1, 48, 48)
+        torch._dynamo.reset()
+        torch.compile(model, backend="aot_eager")(input_ids=ids, labels=ids)
+        assert masks[-1] is None
+        use_fused_loss(model)  # the fused forward too (it once ran without a cache: transformers then masked)
+        model(input_ids=ids, labels=ids)
+        assert masks[-1] is None
         torch._dynamo.reset()
         torch.compile(model, backend="aot_eager")(input_ids=ids, labels=ids)
         assert masks[-1] is None

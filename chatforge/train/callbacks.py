@@ -67,6 +67,7 @@ class Throughput(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.first_step_s is None:  # time to first step: data loader start, compile, warm-up
+            _sync()
             self.first_step_s = time.time() - self.train_start
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -133,9 +134,11 @@ class WallClockBudget(TrainerCallback):
         self.start_step = self.mark_step = state.global_step
 
     def on_step_end(self, args, state, control, **kwargs):
+        done = state.global_step - self.start_step
+        if done >= self.next_plan:
+            _sync()  # a rate from the GPU's finished steps, not the ones still queued
         now = time.time()
         elapsed = now - self.start
-        done = state.global_step - self.start_step
         if done >= self.next_plan:
             if state.global_step > self.mark_step:
                 per_step = (now - self.mark) / (state.global_step - self.mark_step)
@@ -154,3 +157,8 @@ class WallClockBudget(TrainerCallback):
             control.should_save = True
             control.should_evaluate = True
 
+
+def _sync() -> None:
+    """Wait for queued GPU work, so that a wall-clock reading covers the steps it claims to."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()

@@ -35,12 +35,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, scale, chunk_rows, compute_dtype):
+    def forward(ctx, hidden, weight, targets, scale, chunk_rows, compute_dtype, need_grad):
         n, _ = hidden.shape
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(compute_dtype)
             loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-            need_grad = any(ctx.needs_input_grad[:2])  # False under no_grad (evaluation): loss only
             grad_hidden = torch.empty_like(hidden) if need_grad else None
             grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad else None
             for start in range(0, n, chunk_rows):
@@ -68,7 +67,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         gh = grad_hidden * grad_output.to(grad_hidden.dtype) if ctx.needs_input_grad[0] else None
         gw = (grad_weight * grad_output).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
-        return gh, gw, None, None, None, None
+        return gh, gw, None, None, None, None, None
 
 
 def default_chunk_rows(device: torch.device) -> int:
@@ -94,8 +93,11 @@ def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
         denom = (targets != IGNORE_INDEX).sum()
     # the divisor is a tensor on the device when the Trainer passes it: dividing after the Function
     # keeps it out of the Python scalar path (no host sync)
+    # gradients only when backward can run: evaluation (no_grad) computes the loss alone, a third of the FLOPs
+    # (needs_input_grad inside the Function says True even there)
+    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     total = _ChunkedLinearCrossEntropy.apply(hidden.reshape(b * t, d), weight, targets, 1.0, chunk_rows,
-                                             _compute_dtype(hidden.device.type, hidden.dtype))
+                                             _compute_dtype(hidden.device.type, hidden.dtype), need_grad)
     if isinstance(denom, torch.Tensor):
         denom = denom.to(total.device, total.dtype)
     return total / denom
@@ -122,8 +124,9 @@ def use_fused_loss(model, chunk_rows: int | None = None) -> bool:
         if labels is None or kwargs.get("output_hidden_states") or kwargs.get("return_dict") is False:
             return stock_forward(self, input_ids=input_ids, attention_mask=attention_mask, labels=labels,
                                  num_items_in_batch=num_items_in_batch, **kwargs)
-        kwargs.pop("use_cache", None)
-        out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+        # use_cache as the stock forward has it: with no cache, transformers would look for packed sequences
+        # in the position ids (a host sync per step, and a full T x T mask under torch.compile)
+        out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         loss = chunked_lm_loss(out.last_hidden_state, self.get_output_embeddings().weight, labels,
                                num_items_in_batch, chunk_rows)
         return CausalLMOutputWithPast(loss=loss)

@@ -248,7 +248,9 @@ def _peak_flops() -> float | None:
     if not torch.cuda.is_available():
         return None
     name = torch.cuda.get_device_name().lower()
-    for key, peak in (("h200", 989e12), ("h100", 989e12), ("a100", 312e12), ("l40", 181e12),
+    # the PCIe / NVL boards run lower clocks than the SXM ones of the same name: matched first
+    for key, peak in (("h100 pcie", 756e12), ("nvl", 835e12), ("h200", 989e12), ("h100", 989e12),
+                      ("a100", 312e12), ("l40s", 362e12), ("l40", 181e12),
                       ("4090", 165e12), ("a10", 125e12), ("3090", 71e12), ("t4", 65e12)):
         if key in name:
             return peak

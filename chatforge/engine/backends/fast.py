@@ -134,9 +134,10 @@ class FastModel:
             kc, vc = self.k[i], self.v[i]
             kc[rows, :, pos] = k.to(kc.dtype)
             vc[rows, :, pos] = v.to(vc.dtype)
-            o = F.scaled_dot_product_attention(q[:, :, None].to(kc.dtype), kc[:bucket], vc[:bucket],
-                                               attn_mask=visible, scale=self.scale,
-                                               enable_gqa=self.n_kv != self.n_head)
+            # grouped heads as query rows of their KV head ([bucket, G, H/G, D]): the same maths as
+            # enable_gqa, which with a mask only SDPA's slow math kernel takes
+            q = q.view(bucket, self.n_kv, self.n_head // self.n_kv, self.head_dim).to(kc.dtype)
+            o = F.scaled_dot_product_attention(q, kc[:bucket], vc[:bucket], attn_mask=visible, scale=self.scale)
             return o.reshape(bucket, self.n_head * self.head_dim)
 
         return self._step(x, pos, attend)
@@ -171,7 +172,10 @@ class FastModel:
                 torch._C._cuda_endAllocateToPool(self.device.index or 0, pool)
             except (AttributeError, RuntimeError):
                 pass
-            torch.cuda.synchronize()
+            try:
+                torch.cuda.synchronize()
+            except RuntimeError:  # the failed capture's own error again: the eager step is still usable
+                pass
             warnings.warn(f"CUDA graph capture failed, decoding without graphs: {err}")
 
     def _step(self, x: torch.Tensor, pos: torch.Tensor, attend) -> torch.Tensor:
