@@ -37,11 +37,11 @@ run() {  # run NAME LIMIT_S COMMAND...: log to $out/NAME.log, show the lines tha
 if [[ $parts == *tests* ]]; then
   # the GPU set and the equivalence tests, which run on the GPU whenever there is one; the Chinese
   # quickstart test needs lm-eval, which the image lacks (test_gpu runs the quickstart without it)
-  run tests 150 python3 -m pytest -q -n 8 -p no:cacheprovider -rfEP --timeout 160 tests/test_gpu.py \
+  run tests 170 python3 -m pytest -q -n 8 -p no:cacheprovider -rfEP --timeout 100 tests/test_gpu.py \
     tests/test_engine.py tests/test_speed.py tests/test_pretrain.py tests/test_sft.py -k "not quickstart_chinese"
 fi
 if [[ $parts == *decode* ]]; then
-  run decode 120 python3 bench/decode_speed.py --presets gpt2 --rounds 1 --repeats 2 --worker-timeout 45 --out "$out/decode_speed.json"
+  run decode 110 python3 bench/decode_speed.py --presets gpt2 --rounds 1 --repeats 2 --worker-timeout 45 --out "$out/decode_speed.json"
 fi
 if [[ $parts == *serve* ]]; then
   run serve 50 python3 bench/serve_load.py --duration 15 --out "$out/serve_load.json"
