@@ -123,7 +123,8 @@ def bench_model(model_dir: str, args, batches: list[int]) -> dict:
     so that a slow spell of a shared machine hits all paths alike; the best run of each path counts."""
     row: dict = {}
     for rnd in range(args.rounds):
-        paths = [(path, dtype) for path, dtype in PATHS if dtype in args.dtypes.split(",")]
+        paths = [(path, dtype) for path, dtype in PATHS if dtype in args.dtypes.split(",")
+                 and (not args.paths or path in args.paths.split(","))]
         for path, dtype in (paths if rnd % 2 == 0 else paths[::-1]):
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", model_dir, "--path", path, "--dtype", dtype,
                    "--new-tokens", str(args.new_tokens), "--batches", args.batches, "--repeats", str(args.repeats)]
@@ -156,6 +157,7 @@ def main() -> None:
                     help="weight dtypes to measure (default: bf16 on GPU, the target's; fp32,bf16 on CPU)")
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per worker (after one warm-up)")
     ap.add_argument("--rounds", type=int, default=2, help="workers per path, in alternating order")
+    ap.add_argument("--paths", help="only these of engine, eager, dynamic, static (default: all)")
     ap.add_argument("--worker-timeout", type=float, default=600, help="seconds one path's worker may take")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "decode_speed.json"))
     ap.add_argument("--worker", metavar="MODEL_DIR", help=argparse.SUPPRESS)  # one measurement, JSON on stdout

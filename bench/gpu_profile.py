@@ -26,6 +26,11 @@ KINDS = [("matmul", ("gemm", "nvjet", "cutlass", "sm90_xmma", "cublas", "splitk"
          ("copies / casts", ("copy", "cast", "memcpy", "memset", "fill"))]
 
 
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def kind_of(name: str) -> str:
     low = name.lower()
     return next((kind for kind, keys in KINDS if any(k in low for k in keys)), "other")
@@ -36,7 +41,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--no-compile", action="store_true", help="eager (a quick check of this script on a CPU)")
     args = ap.parse_args()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from chatforge.train.common import make_optimizer
@@ -46,15 +53,15 @@ def main() -> None:
     config = GPT2Config(vocab_size=50304, n_positions=args.seq, n_embd=768, n_layer=12, n_head=12, resid_pdrop=0.0,
                         embd_pdrop=0.0, attn_pdrop=0.0, loss_type="ForCausalLM")
     torch.manual_seed(0)
-    model = GPT2LMHeadModel._from_config(config, attn_implementation="sdpa").cuda()
-    apply_speedups(model, PretrainConfig(data=["demo"], compile=True), "bf16")
-    step_model = torch.compile(model)
+    model = GPT2LMHeadModel._from_config(config, attn_implementation="sdpa").to(dev)
+    apply_speedups(model, PretrainConfig(data=["demo"], compile=not args.no_compile), "bf16")
+    step_model = model if args.no_compile else torch.compile(model)
     opt = make_optimizer(model, 6e-4, 0.1)
-    ids = torch.randint(0, 50304, (args.batch, args.seq), device="cuda")
-    n_items = torch.tensor(ids.numel() - args.batch, device="cuda")
+    ids = torch.randint(0, 50304, (args.batch, args.seq), device=dev)
+    n_items = torch.tensor(ids.numel() - args.batch, device=dev)
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(dev, dtype=torch.bfloat16):
             loss = step_model(input_ids=ids, labels=ids, num_items_in_batch=n_items).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -64,25 +71,27 @@ def main() -> None:
     t0 = time.perf_counter()
     for _ in range(3):
         step()
-    torch.cuda.synchronize()
+    sync()
     print(f"compile + 3 warm-up steps: {time.perf_counter() - t0:.1f} s")
     t0 = time.perf_counter()
     for _ in range(args.steps):
         step()
-    torch.cuda.synchronize()
+    sync()
     per_step = (time.perf_counter() - t0) / args.steps
     tokens = args.batch * args.seq
     fpt = flops_per_token(model, 12, 768, args.seq)
     peak = _peak_flops()
-    print(f"plain loop: {tokens / per_step:,.0f} tokens/s, {per_step * 1000:.1f} ms/step, "
-          f"MFU {tokens / per_step * fpt / peak:.1%} of {peak / 1e12:.0f} TFLOP/s")
+    mfu = f"MFU {tokens / per_step * fpt / peak:.1%} of {peak / 1e12:.0f} TFLOP/s" if peak else "no MFU (CPU)"
+    print(f"plain loop: {tokens / per_step:,.0f} tokens/s, {per_step * 1000:.1f} ms/step, {mfu}")
+    if dev == "cpu":
+        return
 
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(args.steps):
             step()
-        torch.cuda.synchronize()
+        sync()
     by_kind, by_name = collections.Counter(), collections.Counter()
     for evt in prof.key_averages():
         us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)

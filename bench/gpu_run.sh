@@ -16,15 +16,16 @@ nanogpt=${2:-}
 out=${OUT:-bench/results/gpu}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=true TRANSFORMERS_VERBOSITY=error
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir .whl/*.whl 2>&1 | grep -v WARNING || true
+if ls .whl/*.whl >/dev/null 2>&1 && [[ ! -e /tmp/.chatforge-wheels ]]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir .whl/*.whl 2>&1 | grep -v WARNING
+  touch /tmp/.chatforge-wheels
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 -c "import sys, torch, transformers, accelerate; print('python', sys.version.split()[0], 'torch', torch.__version__,
 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)"
 
 run() {  # run NAME LIMIT_S COMMAND...: log to $out/NAME.log, show the lines that matter, say how it ended
-  local name=$1 limit=$2; shift 2
+  local name=$1 override="LIMIT_${1^^}"; local limit=${!override:-$2}; shift 2  # LIMIT_TESTS=120 ... overrides
   echo "== $name (limit ${limit}s): $*"
   local start=$SECONDS
   timeout -k 5 "$limit" "$@" > "$out/$name.log" 2>&1
@@ -34,14 +35,16 @@ run() {  # run NAME LIMIT_S COMMAND...: log to $out/NAME.log, show the lines tha
   echo "== $name: exit $rc after $((SECONDS - start))s"
 }
 
+# a rerun can narrow the tests and decode paths: GPU_TESTS="tests/test_gpu.py" DECODE_PATHS=engine,eager
+tests=${GPU_TESTS:-tests/test_gpu.py tests/test_engine.py tests/test_speed.py tests/test_pretrain.py tests/test_sft.py}
 if [[ $parts == *tests* ]]; then
   # the GPU set and the equivalence tests, which run on the GPU whenever there is one; the Chinese
   # quickstart test needs lm-eval, which the image lacks (test_gpu runs the quickstart without it)
-  run tests 170 python3 -m pytest -q -n 8 -p no:cacheprovider -rfEP --timeout 100 tests/test_gpu.py \
-    tests/test_engine.py tests/test_speed.py tests/test_pretrain.py tests/test_sft.py -k "not quickstart_chinese"
+  run tests 170 python3 -m pytest -q -n 8 -p no:cacheprovider -rfEP --timeout 110 $tests -k "not quickstart_chinese"
 fi
 if [[ $parts == *decode* ]]; then
-  run decode 110 python3 bench/decode_speed.py --presets gpt2 --rounds 1 --repeats 2 --worker-timeout 45 --out "$out/decode_speed.json"
+  run decode 110 python3 bench/decode_speed.py --presets gpt2 --rounds 1 --repeats 2 --worker-timeout 45 \
+    ${DECODE_PATHS:+--paths "$DECODE_PATHS"} --out "$out/decode_speed.json"
 fi
 if [[ $parts == *serve* ]]; then
   run serve 50 python3 bench/serve_load.py --duration 15 --out "$out/serve_load.json"

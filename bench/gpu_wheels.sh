@@ -12,7 +12,7 @@ mkdir -p .whl
 for pkg in transformers==5.24.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 fsspec==2026.9.0 pyarrow==26.0.1 \
     fastapi==0.165.0 starlette==1.10.0 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 \
     annotated-doc==0.0.7 typing-inspection==0.4.5 opentelemetry-api==1.45.2 uvicorn==0.54.0 \
-    chatterbot-corpus==1.3.3 torchao==0.18.0; do
+    chatterbot-corpus==1.3.3 zstandard==0.25.0 torchao==0.18.0; do
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 -d .whl "$pkg"

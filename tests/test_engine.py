@@ -12,13 +12,13 @@ PROMPTS = ["Once upon a time", "The weather today is", "你好，世界", "a"]
 GREEDY = SamplingParams(max_new_tokens=40, temperature=0)
 
 
-def _random_model(path, tokenizer_dir, arch: str, **extra) -> str:
+def _random_model(path, tokenizer_dir, arch: str, ctx: int = 128, **extra) -> str:
     """A random tiny model saved with our tokenizer; a wide init makes greedy choices clear-cut."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     shape = ModelShape(arch=arch, n_layer=2, d_model=64, n_head=4, n_kv_head=2 if arch == "llama" else None,
-                       context_length=128, vocab_size=len(tok))
+                       context_length=ctx, vocab_size=len(tok))
     model = new_model(shape, tok, seed=1)
     with torch.no_grad():
         for p in model.parameters():
@@ -110,6 +110,28 @@ def test_static_step_equals_dynamic(model_dir, engine):
         assert _run_together(static, prompts, params) == _run_together(engine, prompts, params)
     finally:
         static.close()
+
+
+def test_static_step_across_span_buckets(tmp_path, tokenizer_dir, model_dir, engine):
+    """The static step attends up to a span bucket (128, 256, ..., the window): requests that cross a
+    bucket boundary, alone and batched with short ones, decode as generate() and the dynamic step do."""
+    arch = "llama" if "llama" in str(model_dir) else "gpt2"
+    path = _random_model(tmp_path / "wide", tokenizer_dir, arch, ctx=320)
+    static = Engine(path, max_batch=4, dtype="fp32", static=True)
+    dynamic = Engine(path, max_batch=4, dtype="fp32", static=False)
+    try:
+        assert static.backend.spans == [128, 256, 320]
+        long = (static.encode(" ".join(PROMPTS)) * 20)[:110]  # 110 + 60 new tokens: spans 128 then 256
+        assert _run(static, long, GREEDY_60)[0] == _hf_greedy(static, long, 60)
+        prompts = [long, static.encode(PROMPTS[0]), long[:40]]
+        params = [GREEDY_60, SamplingParams(max_new_tokens=20, temperature=0), GREEDY_60]
+        assert _run_together(static, prompts, params) == _run_together(dynamic, prompts, params)
+    finally:
+        static.close()
+        dynamic.close()
+
+
+GREEDY_60 = SamplingParams(max_new_tokens=60, temperature=0)
 
 
 def test_seeded_sampling_is_reproducible(engine):

@@ -38,14 +38,16 @@ def _together(engine: Engine, prompts: list[list[int]], params: list[SamplingPar
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_cuda_graphs_equal_eager_and_generate_fp32(tmp_path, tokenizer_dir, arch):
     """fp32 (TF32 off, torch's default): graph replay, the eager step and generate() pick the same tokens,
-    alone and with requests joining and leaving a batch (5 requests, 4 slots: buckets 1, 2 and 4 replay)."""
-    path = _random_model(tmp_path / arch, tokenizer_dir, arch)
+    alone and with requests joining and leaving a batch (5 requests, 4 slots: buckets 1, 2 and 4 replay),
+    across attention span buckets (a 110-token prompt decodes past position 128)."""
+    path = _random_model(tmp_path / arch, tokenizer_dir, arch, ctx=320)
     graphs = Engine(path, max_batch=4, dtype="fp32")
     eager = Engine(path, max_batch=4, dtype="fp32", static=False)
     try:
         assert graphs.device == "cuda" and graphs.backend.static and graphs.backend._graphs is not None
-        assert sorted(graphs.backend._graphs) == [1, 2, 4]
-        prompts = [graphs.encode(p) for p in PROMPTS] + [graphs.chat_prompt([{"role": "user", "content": "hi"}])]
+        assert sorted(graphs.backend._graphs) == [(b, s) for b in (1, 2, 4) for s in (128, 256, 320)]
+        long = (graphs.encode(" ".join(PROMPTS)) * 20)[:110]
+        prompts = [graphs.encode(p) for p in PROMPTS] + [graphs.chat_prompt([{"role": "user", "content": "hi"}]), long]
         greedy = SamplingParams(max_new_tokens=40, temperature=0)
         for ids in prompts:
             want = _generate(graphs.model, ids, 40, graphs.stop_ids)
@@ -58,29 +60,37 @@ def test_cuda_graphs_equal_eager_and_generate_fp32(tmp_path, tokenizer_dir, arch
 
 
 def test_bf16_decoding_against_generate(base_model_dir):
-    """bf16, the GPU default, on a trained model: the engine's greedy tokens against bf16 generate().
-    Different kernels round differently in bf16, so exact equality is not promised there; measured and
-    printed here: the share of equal tokens and the largest logit difference at the first step."""
+    """bf16, the GPU default: the engine's decode step and transformers' forward use different kernels
+    (fused QKV, SDPA over a masked static cache), which round differently in bf16, so greedy texts can part
+    at near-ties. Teacher-forced on generate()'s own tokens, the engine must pick generate()'s token
+    wherever generate()'s top-2 margin exceeds bf16's rounding; the sizes are printed."""
     engine = Engine(base_model_dir, dtype="bf16")
     try:
         assert next(engine.model.parameters()).dtype == torch.bfloat16 and engine.backend._graphs is not None
-        same = total = 0
+        diffs, flips, steps = [], [], 0
         for text in PROMPTS + ["The", "我们"]:
             ids = engine.encode(text)
-            req = engine.submit(ids, SamplingParams(max_new_tokens=40, temperature=0))
-            "".join(req)
-            want = _generate(engine.model, ids, 40, engine.stop_ids)
-            prefix = next((i for i, (a, b) in enumerate(zip(req.out, want)) if a != b), min(len(req.out), len(want)))
-            same, total = same + prefix, total + max(len(req.out), len(want))
-        with torch.inference_mode():
-            ids = engine.encode(PROMPTS[0])
-            ours = engine.backend.prefill(0, ids)
-            theirs = engine.model(torch.tensor([ids], device="cuda")).logits[0, -1].float()
-        diff = (ours - theirs).abs().max().item()
-        print(f"bf16 engine vs bf16 generate(): {same}/{total} tokens equal before the first difference; "
-              f"prefill logits max |diff| {diff:.4f} (logit scale {theirs.abs().max().item():.1f})")
-        assert diff <= 0.05 * theirs.abs().max().item()
-        assert same >= 0.8 * total
+            want = _generate(engine.model, ids, 40, set())  # no stop: 40 tokens to compare
+
+            def teacher_forced(model, ids=ids, want=want):
+                backend = engine.backend
+                rows = [backend.prefill(0, ids)]
+                rows += [backend.decode([t], [len(ids) + i])[0] for i, t in enumerate(want[:-1])]
+                return torch.stack(rows)
+
+            ours = engine.call(teacher_forced)
+            with torch.inference_mode():
+                full = torch.tensor([ids + want], device="cuda")
+                theirs = engine.model(full).logits[0, len(ids) - 1:-1].float()
+            diffs.append((ours - theirs).abs().max().item())
+            top2 = theirs.topk(2, dim=-1).values
+            margin = top2[:, 0] - top2[:, 1]
+            differ = ours.argmax(-1) != theirs.argmax(-1)
+            flips += margin[differ].tolist()
+            steps += len(want)
+        print(f"bf16 engine vs transformers, teacher-forced over {steps} steps: logits max |diff| {max(diffs):.4f}, "
+              f"{len(flips)} different argmax, at top-2 margins {[round(m, 4) for m in flips]}")
+        assert max(diffs) < 0.25 and all(m <= 2 * max(diffs) for m in flips)
     finally:
         engine.close()
 
@@ -134,22 +144,27 @@ def _summary(out: Path) -> dict:
     return json.loads((out / "summary.json").read_text())
 
 
-def test_pretrain_compiled_resume_and_fp8(tmp_path, base_model_dir, tokenizer_dir):
-    """`pretrain --compile` on the GPU: bf16, checkpoints, then --resume to more steps; and `--fp8` on
-    Llama (torchao) training to a loss close to the same run in bf16, saved as a plain checkpoint."""
-    inputs = ["--data", str(Path(base_model_dir) / "data"), "--tokenizer", tokenizer_dir, "--report-to", "none"]
+def test_pretrain_compiled_and_resumed(tmp_path, base_model_dir, tokenizer_dir):
+    """`pretrain --compile` on the GPU: bf16, checkpoints, peak memory; then `--resume` to more steps."""
     out = tmp_path / "run"
-    steps = [*inputs, *TINY, "--save-every", 20, "--eval-every", 1000, "--log-every", 10, "--out", out, "--compile"]
-    first = run_cli("pretrain", *steps, "--max-steps", 20)
+    args = ["--data", str(Path(base_model_dir) / "data"), "--tokenizer", tokenizer_dir, "--report-to", "none", *TINY,
+            "--save-every", 20, "--eval-every", 1000, "--log-every", 10, "--out", out]
+    first = run_cli("pretrain", *args, "--max-steps", 20, "--compile")
     assert "; bf16;" in first.stdout, first.stdout[-2000:]
-    resumed = run_cli("pretrain", *steps, "--max-steps", 40, "--resume")
+    resumed = run_cli("pretrain", *args, "--max-steps", 40, "--resume")
     assert "resuming from" in resumed.stdout and _summary(out)["steps"] == 40
     assert _summary(out)["peak_memory_gib"] > 0
+
+
+def test_fp8_pretraining_on_llama(tmp_path, base_model_dir, tokenizer_dir):
+    """`--fp8` on Llama (torchao's float8 matmuls on the GPU) trains to a loss close to the same run in bf16
+    and saves a plain checkpoint."""
     pytest.importorskip("torchao.float8")
-    llama = [*inputs, "--arch", "llama", "--n-layer", 2, "--d-model", 128, "--n-head", 4, "--context-length", 128,
-             "--max-steps", 60, "--learning-rate", 3e-3, "--eval-every", 60, "--save-every", 1000]
-    run_cli("pretrain", *llama, "--out", tmp_path / "bf16")
-    fp8 = run_cli("pretrain", *llama, "--fp8", "--out", tmp_path / "fp8")
+    args = ["--data", str(Path(base_model_dir) / "data"), "--tokenizer", tokenizer_dir, "--report-to", "none",
+            "--arch", "llama", "--n-layer", 2, "--d-model", 128, "--n-head", 4, "--context-length", 128,
+            "--max-steps", 60, "--learning-rate", 3e-3, "--eval-every", 60, "--save-every", 1000]
+    run_cli("pretrain", *args, "--out", tmp_path / "bf16")
+    fp8 = run_cli("pretrain", *args, "--fp8", "--out", tmp_path / "fp8")
     assert "FP8 in" in fp8.stdout
     a, b = _summary(tmp_path / "bf16")["eval_loss"], _summary(tmp_path / "fp8")["eval_loss"]
     print(f"llama 60 steps: eval loss bf16 {a:.4f}, fp8 {b:.4f}")

@@ -51,7 +51,10 @@ class FastModel:
             self._slots = torch.arange(max_batch, device=p.device)
             self._span = torch.arange(ctx, device=p.device)
             self.buckets = sorted({min(2 ** i, max_batch) for i in range(max_batch.bit_length() + 1)})
-            self._graphs: dict[int, tuple] | None = None
+            # attention reads the cache up to a span bucket (128, 256, ... ctx), not the whole window: at
+            # 32 requests the whole 1k window of GPT-2 is ~1.2 GB of keys and values per step
+            self.spans = sorted({min(128 * 2 ** i, ctx) for i in range(max(1, ctx // 128).bit_length() + 1)})
+            self._graphs: dict[tuple[int, int], tuple] | None = None
             if p.device.type == "cuda":
                 self._capture_graphs()
 
@@ -117,18 +120,19 @@ class FastModel:
         replays the step's hundreds of kernels with one launch."""
         B = len(tokens)
         bucket = next(b for b in self.buckets if b >= B)
+        span = next(s for s in self.spans if s > max(positions))
         pad = [0] * (bucket - B)
         self._inputs[:, :bucket].copy_(torch.tensor([tokens + pad, positions + pad]))
         if self._graphs is not None:
-            graph, logits = self._graphs[bucket]
+            graph, logits = self._graphs[bucket, span]
             graph.replay()
             return logits[:B].clone()  # the graphs share a memory pool: the next replay may reuse this buffer
-        return self._static_step(bucket)[:B]
+        return self._static_step(bucket, span)[:B]
 
-    def _static_step(self, bucket: int) -> torch.Tensor:
+    def _static_step(self, bucket: int, span: int) -> torch.Tensor:
         x, pos = self._inputs[0, :bucket], self._inputs[1, :bucket]
         rows = self._slots[:bucket]
-        visible = (self._span[None, :] <= pos[:, None])[:, None, None, :]  # [bucket, 1, 1, ctx]
+        visible = (self._span[None, :span] <= pos[:, None])[:, None, None, :]  # [bucket, 1, 1, span]
 
         def attend(i: int, q, k, v):
             kc, vc = self.k[i], self.v[i]
@@ -137,14 +141,15 @@ class FastModel:
             # grouped heads as query rows of their KV head ([bucket, G, H/G, D]): the same maths as
             # enable_gqa, which with a mask only SDPA's slow math kernel takes
             q = q.view(bucket, self.n_kv, self.n_head // self.n_kv, self.head_dim).to(kc.dtype)
-            o = F.scaled_dot_product_attention(q, kc[:bucket], vc[:bucket], attn_mask=visible, scale=self.scale)
+            o = F.scaled_dot_product_attention(q, kc[:bucket, :, :span], vc[:bucket, :, :span], attn_mask=visible,
+                                               scale=self.scale)
             return o.reshape(bucket, self.n_head * self.head_dim)
 
         return self._step(x, pos, attend)
 
     def _capture_graphs(self) -> None:
-        """Record the static step of every bucket as a CUDA graph, at load time (a failure shows before
-        any request runs), largest first so that the smaller graphs reuse its memory pool. Warm-up runs
+        """Record the static step of every (batch, span) bucket as a CUDA graph, at load time (a failure shows
+        before any request runs), largest first so that the smaller graphs reuse its memory pool. Warm-up runs
         first, on a side stream, as torch.cuda.graphs requires; with no request yet, its cache writes
         land in free slots. On any failure, decoding goes on without graphs (the same step, eagerly)."""
         import warnings
@@ -154,17 +159,18 @@ class FastModel:
         try:
             with torch.inference_mode():
                 for bucket in reversed(self.buckets):
-                    side.wait_stream(main)
-                    try:
-                        with torch.cuda.stream(side):
-                            for _ in range(2):
-                                self._static_step(bucket)
-                    finally:
-                        main.wait_stream(side)
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=pool):
-                        logits = self._static_step(bucket)
-                    graphs[bucket] = (graph, logits)
+                    for span in reversed(self.spans):
+                        side.wait_stream(main)
+                        try:
+                            with torch.cuda.stream(side):
+                                for _ in range(2):
+                                    self._static_step(bucket, span)
+                        finally:
+                            main.wait_stream(side)
+                        graph = torch.cuda.CUDAGraph()
+                        with torch.cuda.graph(graph, pool=pool):
+                            logits = self._static_step(bucket, span)
+                        graphs[bucket, span] = (graph, logits)
             self._graphs = graphs
         except Exception as err:  # a capture that raised leaves the capture stream current and the pool open
             torch.cuda.set_stream(main)
