@@ -90,7 +90,8 @@ def test_two_process_ddp(tmp_path, base_model_dir, tokenizer_dir):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
            "-m", "chatforge", *map(str, _pretrain_args(str(Path(base_model_dir) / "data"), tokenizer_dir, out, 20))]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**ENV, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}, timeout=240)  # 2 processes, 1 GPU: on the CPU
+    env = {**ENV, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # on the CPU, also where one GPU is
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 20
