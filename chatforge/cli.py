@@ -117,6 +117,12 @@ def cmd_dpo(cfg, args) -> None:
     dpo(cfg, resume=args.resume, overwrite=args.overwrite)
 
 
+def cmd_rl(cfg, args) -> None:
+    from chatforge.train.rl import rl
+
+    rl(cfg, resume=args.resume, overwrite=args.overwrite)
+
+
 def cmd_generate(cfg, args) -> None:
     from chatforge.chat import generate
 
@@ -158,6 +164,7 @@ def _configs() -> dict:
     from chatforge.text.tokenizer import TokenizerConfig
     from chatforge.train.dpo import DPOConfig
     from chatforge.train.pretrain import PretrainConfig
+    from chatforge.train.rl import RLConfig
     from chatforge.train.sft import SFTConfig
 
     train_flags = ("config", "resume", "overwrite")
@@ -182,6 +189,9 @@ def _configs() -> dict:
         "dpo": (DPOConfig, cmd_dpo, "align a chat model with preference pairs (DPO, on TRL)",
                 "Direct preference optimisation with TRL's DPOTrainer: the starting model is the reference; "
                 "pairs in TRL's or ShareGPT's preference format.", train_flags),
+        "rl": (RLConfig, cmd_rl, "reinforcement learning with verifiable rewards (GRPO, on TRL)",
+               "Group relative policy optimisation with TRL's GRPOTrainer: sampled answers to a task's prompts, "
+               "scored by rewards you can check (exact answer, format, math, code, your own function).", train_flags),
         "chat": (ChatConfig, cmd_chat, "chat with a model in the terminal",
                  "Multi-turn chat; tokens stream as they are generated. Type /reset to start over, /exit to quit.",
                  ()),

@@ -78,6 +78,10 @@ def facts(run: Run, local: bool = True) -> list[tuple[str, str]]:
         ("validation loss", number(s.get("eval_loss"))),
         ("validation bits per byte", number(s.get("eval_bpb"))),
         ("validation perplexity", number(s.get("eval_ppl"))),
+        ("held-out preference accuracy (dpo)", number(s.get("eval_rewards/accuracies"))),
+        ("held-out accuracy before rl", number(s.get("heldout_accuracy_before"))),
+        ("held-out accuracy after rl", number(s.get("eval_accuracy"))),
+        ("mean reward, last logged steps (rl)", number(s.get("reward"))),
     ]
     return rows
 

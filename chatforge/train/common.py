@@ -200,10 +200,11 @@ def run_trainer(cfg: RunSettings, out: str, model, tok, train, evals, plan: Plan
     args = training_arguments(cfg, out, max_steps=plan.max_steps, micro=plan.micro, accum=plan.accum,
                               precision=plan.precision, has_eval=bool(evals) and len(evals) > 0, compile=compile,
                               num_workers=num_workers, args_class=args_class, **(args_extra or {}))
+    if collator is not None:  # TRL's GRPOTrainer takes none: it batches its own generations
+        trainer_extra = {"data_collator": collator, **(trainer_extra or {})}
     trainer = (trainer_class or Trainer)(model=model, args=args, train_dataset=train,
                                          eval_dataset=evals if evals and len(evals) else None, processing_class=tok,
-                                         data_collator=collator, optimizers=(optimizer, scheduler),
-                                         **(trainer_extra or {}))
+                                         optimizers=(optimizer, scheduler), **(trainer_extra or {}))
     ours = [throughput, *callbacks]
     if cfg.max_time:
         if spent:

@@ -1,0 +1,108 @@
+"""Reward functions for `chatforge rl`, in TRL's signature: `fn(prompts, completions, **columns) -> [float]`.
+
+Each task record brings `answer`, `regex` (may be empty) and `test` (may be empty) as columns:
+- exact: the answer extracted from the completion (the record's regex: its first group, else the whole
+  match; without one, the first line) equals `answer`, ignoring case, surrounding spaces and full stops,
+  the rule `chatforge eval` scores generation tasks by;
+- format: the completion is one line that the record's regex matches whole (without a regex: one
+  non-empty line): the answer alone, as asked;
+- math: `math-verify` decides whether the completion's answer equals `answer` (`pip install math-verify`);
+- code: the completion followed by the record's `test` (Python asserts) runs in `chatforge eval`'s
+  sandbox (a separate, limited process) and passes;
+- PATH.py:FUNCTION: the user's own, loaded from the file they name (and from nowhere else).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+from chatforge.errors import ChatforgeError
+
+BUILTIN = ("exact", "format", "math", "code")
+
+
+def _text(completion) -> str:
+    """A completion as text: TRL hands conversational ones as [{"role": "assistant", "content": ...}]."""
+    if isinstance(completion, list):
+        return "".join(m.get("content") or "" for m in completion if isinstance(m, dict))
+    return str(completion)
+
+
+def _column(values, n: int) -> list:
+    """A dataset column TRL passed (one value per completion), or Nones where the task has no such field."""
+    return list(values) if values is not None else [None] * n
+
+
+def exact_reward(prompts, completions, answer=None, regex=None, **_) -> list[float]:
+    from chatforge.eval.tasks import extract_answer, normalize_answer
+
+    n = len(completions)
+    out = []
+    for text, want, rx in zip(map(_text, completions), _column(answer, n), _column(regex, n), strict=True):
+        got = extract_answer(text, rx) if rx else (text.strip().splitlines() or [""])[0]
+        out.append(float(want is not None and normalize_answer(got) == normalize_answer(str(want))))
+    return out
+
+
+def format_reward(prompts, completions, regex=None, **_) -> list[float]:
+    out = []
+    for text, rx in zip(map(_text, completions), _column(regex, len(completions)), strict=True):
+        line = text.strip()
+        one_line = bool(line) and "\n" not in line
+        out.append(float(one_line and (not rx or re.fullmatch(rx, line) is not None)))
+    return out
+
+
+def math_reward(prompts, completions, answer=None, **_) -> list[float]:
+    from math_verify import parse, verify
+
+    out = []
+    for text, want in zip(map(_text, completions), _column(answer, len(completions)), strict=True):
+        try:
+            out.append(float(want is not None and verify(parse(str(want)), parse(text))))
+        except Exception:  # an unparsable completion earns nothing; it must not stop the run
+            out.append(0.0)
+    return out
+
+
+def code_reward(prompts, completions, test=None, **_) -> list[float]:
+    from chatforge.eval.sandbox import run_program
+
+    out = []
+    for text, tests in zip(map(_text, completions), _column(test, len(completions)), strict=True):
+        out.append(float(run_program(f"{text}\n\n{tests}\n", timeout=5.0)[0]))
+    return out
+
+
+def load_user_reward(spec: str):
+    """`PATH.py:FUNCTION` -> the function, imported from that file only."""
+    path, _, name = spec.rpartition(":")
+    if not path or not name or not path.endswith(".py"):
+        raise ChatforgeError(f"--reward {spec}: a reward is one of {', '.join(BUILTIN)} or PATH.py:FUNCTION")
+    if not Path(path).is_file():
+        raise ChatforgeError(f"--reward {spec}: no such file {path}")
+    module_spec = importlib.util.spec_from_file_location(f"chatforge_reward_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as err:
+        raise ChatforgeError(f"--reward {spec}: {path} failed to import ({type(err).__name__}: {err})") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ChatforgeError(f"--reward {spec}: {path} has no function {name!r}")
+    return fn
+
+
+def reward_functions(specs: list[str]) -> list:
+    """The reward functions named by --reward, checked: unknown names, missing packages, user files."""
+    if not specs:
+        raise ChatforgeError("--reward: name at least one reward")
+    funcs = []
+    for spec in specs:
+        if spec == "math" and importlib.util.find_spec("math_verify") is None:
+            raise ChatforgeError("--reward math needs math-verify: pip install math-verify")
+        builtin = {"exact": exact_reward, "format": format_reward, "math": math_reward, "code": code_reward}
+        funcs.append(builtin[spec] if spec in builtin else load_user_reward(spec))
+    return funcs

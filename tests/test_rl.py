@@ -1,0 +1,106 @@
+"""`chatforge rl` for real: the procedural task, every reward function, a tiny GRPO run with resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from chatforge.train.rewards import code_reward, exact_reward, format_reward, reward_functions
+from chatforge.train.rl import arithmetic_items
+from conftest import run_cli
+
+
+def _said(completions: list[str]) -> list[list[dict]]:
+    """Completions as TRL hands conversational ones to reward functions."""
+    return [[{"role": "assistant", "content": c}] for c in completions]
+
+
+def test_arithmetic_task_export(tmp_path):
+    """Seeded, every pair once, held-out prompts never trained on; exported as sft conversations and as
+    `chatforge eval` task files."""
+    assert arithmetic_items(5, seed=1) == arithmetic_items(5, seed=1) != arithmetic_items(5, seed=2)
+    assert len({r["prompt"] for r in arithmetic_items(5, seed=1)}) == 36
+    run_cli("rl", "--export", tmp_path / "task", "--operand-max", 9)
+    read = lambda name: [json.loads(x) for x in (tmp_path / "task" / name).read_text().splitlines()]  # noqa: E731
+    train, held, sft = read("train.jsonl"), read("heldout.jsonl"), read("sft.jsonl")
+    assert len(train) + len(held) == 100 and len(held) == 20
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in held}
+    a, b = map(int, re.findall(r"\d+", train[0]["prompt"]))
+    assert sft[0]["messages"][1]["content"] == train[0]["answer"] == str(a + b)
+    from chatforge.eval.tasks import read_task_file
+
+    assert read_task_file(tmp_path / "task" / "heldout.jsonl").kind == "generate_until"
+    again = run_cli("rl", "--export", tmp_path / "task", "--operand-max", 9)  # its own output: replaced
+    assert "80 training and 20 held-out" in again.stdout
+
+
+def test_rewards(tmp_path):
+    answers, regex = ["12", "12", "12", "12"], [r"-?\d+"] * 4
+    said = _said(["12", "It is 12.", "13", "twelve"])
+    assert exact_reward(None, said, answer=answers, regex=regex) == [1.0, 1.0, 0.0, 0.0]
+    assert format_reward(None, said, regex=regex) == [1.0, 0.0, 1.0, 0.0]
+    # no regex: the first line is the answer (as chatforge eval reads a generation), one line is the format
+    assert exact_reward(None, ["Paris.\nMore text", "paris", "Lyon"], answer=["Paris"] * 3) == [1.0, 1.0, 0.0]
+    assert format_reward(None, ["Paris", "Paris\nand more", " "]) == [1.0, 0.0, 0.0]
+    tests = ["assert add(2, 3) == 5"] * 3
+    programs = ["def add(a, b):\n    return a + b", "def add(a, b):\n    return a - b", "while True: pass"]
+    assert code_reward(None, _said(programs), test=tests) == [1.0, 0.0, 0.0]
+    mine = tmp_path / "my_reward.py"
+    mine.write_text("def short(prompts, completions, **kw):\n    return [1.0 / (1 + len(c)) for c in completions]\n")
+    (fn,) = reward_functions([f"{mine}:short"])
+    assert fn(None, ["", "abc"]) == [1.0, 0.25]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--reward", "nope"], "a reward is one of exact, format, math, code or PATH.py:FUNCTION"),
+    (["--reward", "missing.py:fn"], "no such file missing.py"),
+    (["--task", "nowhere.jsonl"], "--task nowhere.jsonl: no such file"),
+    (["--num-generations", "3"], "must be a multiple of --num-generations (3)"),
+    (["--num-generations", "4", "--micro-batch-size", "6"], "(6) must be a multiple of --num-generations (4)"),
+    (["--num-generations", "1"], "--num-generations"),
+])
+def test_bad_options_are_one_line(tmp_path, base_model_dir, args, message):
+    proc = run_cli("rl", "--model", base_model_dir, "--out", tmp_path / "out", *args, check=False)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_user_reward_that_fails_to_import(tmp_path, base_model_dir):
+    bad = tmp_path / "bad.py"
+    bad.write_text("import not_a_module_anywhere\n")
+    proc = run_cli("rl", "--model", base_model_dir, "--out", tmp_path / "out", "--reward", f"{bad}:fn", check=False)
+    assert proc.returncode == 2 and "failed to import (ModuleNotFoundError" in proc.stderr
+
+
+def test_multiple_choice_task_is_refused(tmp_path, base_model_dir):
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text(json.dumps({"context": "Sky?", "choices": [" blue", " red"], "gold": 0}) + "\n")
+    proc = run_cli("rl", "--model", base_model_dir, "--out", tmp_path / "out", "--task", mc, check=False)
+    assert proc.returncode == 2 and "multiple-choice records; rl needs prompt/answer records" in proc.stderr
+
+
+def test_grpo_run_resume_and_plain_output(tmp_path, base_model_dir):
+    """A real GRPO run on the tiny model: rewards from a built-in and a user function, KL logged, held-out
+    accuracy before and after in summary.json, checkpoints that resume, a plain HF folder with its template."""
+    mine = tmp_path / "length.py"
+    mine.write_text("def brief(prompts, completions, **kw):\n"
+                    "    return [1.0 if len(c[0]['content']) < 8 else 0.0 for c in completions]\n")
+    out = tmp_path / "rl"
+    args = ["rl", "--model", base_model_dir, "--out", out, "--operand-max", 6, "--reward", "exact", "--reward",
+            f"{mine}:brief", "--max-completion-length", 6, "--save-every", 2, "--eval-every", 2,
+            "--report-to", "none", "--learning-rate", 1e-4]
+    first = run_cli(*args, "--max-steps", 2)
+    assert "held-out accuracy before:" in first.stdout
+    resumed = run_cli(*args, "--max-steps", 4, "--resume")
+    assert "resuming from" in resumed.stdout and "held-out accuracy" in resumed.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["heldout_prompts"] == 10
+    assert 0 <= summary["heldout_accuracy_before"] <= 1 and 0 <= summary["eval_accuracy"] <= 1
+    assert {"reward", "reward_std", "kl", "completions/mean_length"} <= summary.keys()
+    assert f"{mine}:brief" in (out / "run_config.yaml").read_text()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(out)
+    assert "<|im_end|>" in AutoTokenizer.from_pretrained(out).chat_template
