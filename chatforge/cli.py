@@ -99,6 +99,12 @@ def cmd_data_prepare(cfg, args) -> None:
     prepare(cfg)
 
 
+def cmd_data_merge(cfg, args) -> None:
+    from chatforge.data import merge
+
+    merge(cfg)
+
+
 def cmd_pretrain(cfg, args) -> None:
     from chatforge.train.pretrain import pretrain
 
@@ -156,7 +162,7 @@ def cmd_report(cfg, args) -> None:
 def _configs() -> dict:
     """Command -> (config class, function, help, description, run flags)."""
     from chatforge.chat import ChatConfig, GenerateConfig
-    from chatforge.data import DataConfig
+    from chatforge.data import DataConfig, MergeConfig
     from chatforge.eval.run import EvalConfig
     from chatforge.report import ReportConfig
     from chatforge.quickstart import QuickstartConfig
@@ -178,6 +184,9 @@ def _configs() -> dict:
         "data prepare": (DataConfig, cmd_data_prepare, "tokenize and pack a corpus into memory-mapped shards",
                          "Tokenize on all cores and write packed uint16/uint32 shards with a manifest; re-running "
                          "on the same inputs reuses them.", ("config",)),
+        "data merge": (MergeConfig, cmd_data_merge, "combine shard folders (e.g. parts prepared on several machines)",
+                       "Write one manifest over several shard folders of the same tokenizer, listing their files "
+                       "(no token is copied); `pretrain --data OUT` reads them all.", ()),
         "pretrain": (PretrainConfig, cmd_pretrain, "pretrain a GPT from scratch (or continue one)",
                      "Pretrain a GPT-2 or Llama-style model with the transformers Trainer and write a standard "
                      "Hugging Face checkpoint.", train_flags),
@@ -213,7 +222,7 @@ RUN_FLAG_HELP = {
     "overwrite": ("--overwrite", {"action": "store_true", "help": "replace a run chatforge wrote in --out"}),
 }
 GROUPS = {"tokenizer": "train a byte-level BPE tokenizer with chat tokens reserved",
-          "data": "tokenize a corpus into packed shards"}
+          "data": "tokenize a corpus into packed shards; merge shard folders"}
 
 
 def build_parser() -> argparse.ArgumentParser:

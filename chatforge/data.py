@@ -45,10 +45,16 @@ class DataConfig(SourceOptions):
     shard_tokens: int = option(100_000_000, "tokens per shard file", min=1, metavar="N")
     batch_docs: int = option(1024, "documents tokenized per batch", min=1, metavar="N")
     fast_tokenizer: bool = option(True, "tiktoken's BPE over the same vocabulary when it applies: same ids, faster")
+    num_shards: int = option(1, "split the work across K workers (machines or processes); merge their outputs "
+                                "with `chatforge data merge`", min=1, metavar="K")
+    shard_index: int = option(0, "the part this worker writes: every K-th document from this one (0..K-1)", min=0,
+                              metavar="I")
 
     def validate(self) -> None:
         if not self.out or not self.tokenizer:
             raise ChatforgeError("data prepare needs --tokenizer DIR and --out DIR")
+        if self.shard_index >= self.num_shards:
+            raise ChatforgeError(f"--shard-index {self.shard_index} must be below --num-shards {self.num_shards}")
 
 
 def cache_key(cfg: DataConfig, tok_fingerprint: str) -> str:
@@ -57,6 +63,8 @@ def cache_key(cfg: DataConfig, tok_fingerprint: str) -> str:
     payload = {"sources": describe_sources(cfg.data), "tokenizer": tok_fingerprint,
                "val_fraction": cfg.val_fraction, "text_field": cfg.text_field,
                "doc_per_line": cfg.doc_per_line, "version": FORMAT_VERSION}
+    if cfg.num_shards > 1:
+        payload["part"] = [cfg.shard_index, cfg.num_shards]
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -129,7 +137,8 @@ def prepare(cfg: DataConfig, tok=None, log=print) -> dict:
     writers = {s: _ShardWriter(tmp, s, dtype, cfg.shard_tokens) for s in ("train", "val")}
     stats = SourceStats()
     started = time.time()
-    doc_index = 0
+    doc_index = 0  # documents read, every part's: the train/val split and the parts follow it
+    written = 0    # documents this part tokenized
     bar = tqdm(desc="tokenizing", unit="doc", dynamic_ncols=True)
 
     # encode_batch_fast: the same ids without character offsets, which nothing here needs (tokenizers >= 0.21)
@@ -147,27 +156,30 @@ def prepare(cfg: DataConfig, tok=None, log=print) -> dict:
             log("data: tiktoken and tokenizers split a document differently: tokenizers from here on")
         return [e.ids for e in hf_encode(batch, add_special_tokens=False)]
 
-    def flush(batch: list[str]) -> None:
-        """Tokenize a batch and append it to the shards: one array and one write per split, not per document."""
-        nonlocal doc_index
+    def flush(batch: list[tuple[int, str]]) -> None:
+        """Tokenize a batch of (document index, text) and append it to the shards: one array and one write
+        per split, not per document."""
+        nonlocal written
         ids: dict[str, list[int]] = {"train": [], "val": []}
         docs, sizes = {"train": 0, "val": 0}, {"train": 0, "val": 0}
-        for text, doc_ids in zip(batch, encode(batch)):
-            split = "val" if doc_index % period == 0 else "train"
+        for (index, text), doc_ids in zip(batch, encode([text for _, text in batch])):
+            split = "val" if index % period == 0 else "train"
             ids[split] += doc_ids  # list += list runs in C; np.array of one flat list is ~3x np.fromiter
             ids[split].append(sep)
             docs[split] += 1
             sizes[split] += len(text.encode("utf-8"))
-            doc_index += 1
         for split, flat in ids.items():
             if flat:
                 writers[split].write(np.array(flat, dtype=dtype), docs[split], sizes[split])
+        written += len(batch)
         bar.update(len(batch))
 
     try:
-        batch: list[str] = []
+        batch: list[tuple[int, str]] = []
         for text in iter_texts(cfg, stats):
-            batch.append(text)
+            if doc_index % cfg.num_shards == cfg.shard_index:  # this worker's part
+                batch.append((doc_index, text))
+            doc_index += 1
             if len(batch) >= cfg.batch_docs:
                 flush(batch)
                 batch = []
@@ -185,7 +197,8 @@ def prepare(cfg: DataConfig, tok=None, log=print) -> dict:
         raise ChatforgeError(f"{', '.join(cfg.data)}: the corpus is empty after filtering ({stats.summary()})")
     if writers["train"].documents == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise ChatforgeError(f"{', '.join(cfg.data)}: only {doc_index} document(s); need at least 2 "
+        part = f" (part {cfg.shard_index} of {cfg.num_shards}: {written})" if cfg.num_shards > 1 else ""
+        raise ChatforgeError(f"{', '.join(cfg.data)}: only {doc_index} document(s){part}; need at least 2 "
                              "(one is held out for validation)")
     manifest = {
         "version": FORMAT_VERSION, "cache_key": key, "sources": cfg.data, "dtype": np.dtype(dtype).name,
@@ -194,14 +207,85 @@ def prepare(cfg: DataConfig, tok=None, log=print) -> dict:
         "skipped": dict(stats.skipped), "invalid_utf8_lines": stats.invalid_utf8_lines,
         "records": stats.records, "seconds": round(time.time() - started, 2),
     }
+    if cfg.num_shards > 1:
+        manifest["part"] = {"index": cfg.shard_index, "of": cfg.num_shards, "documents_read": doc_index}
     try:
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
         replace_with(out, tmp)  # a killed run never leaves a manifest next to partial shards
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already when it was moved into place
     mb = manifest["train"]["bytes"] + manifest["val"]["bytes"]
+    part = f" (part {cfg.shard_index} of {cfg.num_shards}: {written:,} of {doc_index:,})" if cfg.num_shards > 1 else ""
     log(f"data: {manifest['train']['tokens']:,} train / {manifest['val']['tokens']:,} val tokens from "
-        f"{doc_index:,} documents ({stats.summary()}), {mb / 1e6 / max(manifest['seconds'], 1e-9):.1f} MB/s -> {out}")
+        f"{doc_index:,} documents{part} ({stats.summary()}), {mb / 1e6 / max(manifest['seconds'], 1e-9):.1f} MB/s "
+        f"-> {out}")
+    return manifest
+
+
+@dataclass
+class MergeConfig:
+    """Settings of `chatforge data merge`."""
+
+    parts: list[str] = option([], "shard folders to combine (e.g. the K parts of `data prepare --num-shards K`)",
+                              positional=True, metavar="DIR")
+    out: str = option("", "the merged folder: a manifest that lists the parts' shard files (nothing is copied)",
+                      metavar="DIR")
+
+    def validate(self) -> None:
+        if len(self.parts) < 2 or not self.out:
+            raise ChatforgeError("data merge needs two or more shard folders and --out DIR")
+
+
+AGREE = ("version", "dtype", "vocab_size", "tokenizer_fingerprint", "separator_id", "val_fraction")
+
+
+def merge(cfg: MergeConfig, log=print) -> dict:
+    """One manifest over several shard folders made with the same tokenizer, listing their files by
+    relative path: `pretrain --data OUT` then reads all of them, and no token is copied. The parts of one
+    `--num-shards K` run must all be there, each once."""
+    import os
+
+    from chatforge.outputs import check_not_inputs, check_replaceable, replace_with, temporary_sibling
+
+    cfg.validate()
+    out = Path(cfg.out)
+    check_not_inputs(out, [("--parts", p) for p in cfg.parts])
+    manifests = [read_manifest(p) for p in cfg.parts]
+    first = manifests[0]
+    for path, m in zip(cfg.parts[1:], manifests[1:]):
+        differ = [k for k in AGREE if m.get(k) != first.get(k)]
+        if differ:
+            raise ChatforgeError(f"{path}: not made like {cfg.parts[0]} (different {', '.join(differ)}): "
+                                 "merge only shards of one tokenizer and settings")
+    split_parts = [m.get("part") for m in manifests]
+    if any(split_parts):
+        counts = {p["of"] for p in split_parts if p}
+        indices = sorted(p["index"] for p in split_parts if p)
+        if None in split_parts or len(counts) > 1 or indices != list(range(next(iter(counts)))):
+            raise ChatforgeError(f"the parts of a --num-shards run must all be merged, each once: got part indices "
+                                 f"{indices} of {sorted(counts)}")
+    check_replaceable(out, _holds_shards)
+
+    def combined(split: str) -> dict:
+        shards = [{"file": os.path.relpath(Path(part) / s["file"], out), "tokens": s["tokens"]}
+                  for part, m in zip(cfg.parts, manifests) for s in m[split]["shards"]]
+        totals = {k: sum(m[split].get(k, 0) for m in manifests) for k in ("tokens", "documents", "bytes")}
+        return {**first[split], **totals, "shards": shards}
+
+    key = hashlib.sha256(json.dumps([m.get("cache_key") for m in manifests]).encode()).hexdigest()[:16]
+    manifest = {**{k: first.get(k) for k in AGREE}, "cache_key": key,
+                "sources": sorted({s for m in manifests for s in m.get("sources", [])}),
+                "merged_from": [os.path.relpath(p, out) for p in cfg.parts],
+                "train": combined("train"), "val": combined("val"),
+                "records": sum(m.get("records", 0) for m in manifests)}
+    tmp = temporary_sibling(out)
+    try:
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
+        replace_with(out, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"data: merged {len(cfg.parts)} folders, {manifest['train']['tokens']:,} train / "
+        f"{manifest['val']['tokens']:,} val tokens (no copy) -> {out}")
     return manifest
 
 

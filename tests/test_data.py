@@ -104,3 +104,43 @@ def test_fast_tokenizer_disagreement_falls_back(tmp_path, tokenizer_dir, monkeyp
     sep = tok.convert_tokens_to_ids("<|endoftext|>")
     expected = [t for i, d in enumerate(docs) if i % 10 for t in tok.encode(d, add_special_tokens=False) + [sep]]
     assert load_split(tmp_path / "shards", "train").tolist() == expected
+
+
+def _documents(tokens: np.ndarray, sep: int) -> list[tuple]:
+    """A split's documents (each ending at the separator), sorted: the order parts were merged in aside."""
+    cuts = np.flatnonzero(tokens == sep) + 1
+    return sorted(tuple(d.tolist()) for d in np.split(tokens, cuts) if len(d))
+
+
+def test_parts_on_several_workers_merge_to_the_same_tokens(tmp_path, tokenizer_dir):
+    """`data prepare --num-shards 3 --shard-index I` on three workers, then `data merge`: the same documents,
+    tokens and train/validation split as one prepare over everything, with no token copied; and pretrain
+    trains on the merged folder."""
+    _corpus(tmp_path, n=60)
+    src = str(tmp_path / "corpus")
+    whole = prepare(DataConfig(data=[src], out=str(tmp_path / "whole"), tokenizer=tokenizer_dir, val_fraction=0.1),
+                    log=lambda *_: None)
+    parts = [str(tmp_path / f"part{i}") for i in range(3)]
+    for i, part in enumerate(parts):
+        run_cli("data", "prepare", "--data", src, "--tokenizer", tokenizer_dir, "--out", part, "--val-fraction", 0.1,
+                "--num-shards", 3, "--shard-index", i)
+    assert [read_manifest(p)["train"]["documents"] + read_manifest(p)["val"]["documents"] for p in parts] == [20] * 3
+    run_cli("data", "merge", *parts, "--out", tmp_path / "all")
+    merged = read_manifest(tmp_path / "all")
+    assert [p.name for p in (tmp_path / "all").iterdir()] == ["manifest.json"]  # the tokens stay in the parts
+    sep = whole["separator_id"]
+    for split in ("train", "val"):
+        assert merged[split]["tokens"] == whole[split]["tokens"]
+        assert merged[split]["documents"] == whole[split]["documents"]
+        got, want = load_split(tmp_path / "all", split), load_split(tmp_path / "whole", split)
+        assert _documents(got, sep) == _documents(want, sep)
+    # the parts of one split must all be there, each once; shards of another tokenizer never mix
+    proc = run_cli("data", "merge", parts[0], parts[1], "--out", tmp_path / "some", check=False)
+    assert proc.returncode == 2 and "must all be merged, each once: got part indices [0, 1] of [3]" in proc.stderr
+    proc = run_cli("data", "prepare", "--data", src, "--tokenizer", tokenizer_dir, "--out", tmp_path / "x",
+                   "--num-shards", 2, "--shard-index", 2, check=False)
+    assert proc.returncode == 2 and "--shard-index 2 must be below --num-shards 2" in proc.stderr
+    run_cli("pretrain", "--data", tmp_path / "all", "--tokenizer", tokenizer_dir, "--out", tmp_path / "run",
+            "--n-layer", 1, "--d-model", 32, "--n-head", 2, "--context-length", 32, "--max-steps", 3,
+            "--report-to", "none")
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 3
