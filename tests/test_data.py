@@ -91,7 +91,7 @@ def test_doc_per_line_and_invalid_utf8(tmp_path, tokenizer_dir):
 def test_fast_tokenizer_disagreement_falls_back(tmp_path, tokenizer_dir, monkeypatch):
     """If the tiktoken path ever splits a checked document differently, that batch and every later one
     are tokenized by `tokenizers`, and the run says so."""
-    import chatforge.data as data_module
+    import chatforge.data.prepare as data_module
 
     docs = _corpus(tmp_path)
     monkeypatch.setattr(data_module, "CHECK_EVERY", 1)
@@ -144,3 +144,39 @@ def test_parts_on_several_workers_merge_to_the_same_tokens(tmp_path, tokenizer_d
             "--n-layer", 1, "--d-model", 32, "--n-head", 2, "--context-length", 32, "--max-steps", 3,
             "--report-to", "none")
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 3
+
+
+def test_weighted_mixture_of_shard_folders(tmp_path, tokenizer_dir):
+    """`pretrain --data a/:3 --data b/:1`: each folder fills its share of an epoch (repeated or subsampled),
+    deterministically; the mixture is in run_config.yaml; bad weights and mixed specs are one line."""
+    from chatforge.data import PackedBlocks
+    from chatforge.data.mixture import MixtureBlocks
+
+    folders = {}
+    for name, text in (("en", "hello world, a plain English document"), ("zh", "你好世界，这是一个中文文档")):
+        src = tmp_path / f"{name}.jsonl"
+        src.write_text("".join(json.dumps({"text": f"{text} {i}"}, ensure_ascii=False) + "\n" for i in range(80)),
+                       encoding="utf-8")
+        folders[name] = str(tmp_path / f"shards_{name}")
+        prepare(DataConfig(data=[str(src)], out=folders[name], tokenizer=tokenizer_dir), log=lambda *_: None)
+    parts = [PackedBlocks(folders["en"], "train", 16), PackedBlocks(folders["zh"], "train", 16)]
+    mix = MixtureBlocks(parts, [3.0, 1.0], seed=0)
+    total = len(parts[0]) + len(parts[1])
+    assert len(mix) == total and mix.counts == [round(total * 0.75), round(total * 0.25)]
+    assert np.array_equal(mix.rows(range(len(mix))), MixtureBlocks(parts, [3.0, 1.0], seed=0).rows(range(len(mix))))
+    en_rows = {tuple(r) for r in parts[0].rows(range(len(parts[0])))}
+    drawn = [tuple(r) in en_rows for r in mix.rows(range(len(mix)))]
+    assert sum(drawn) == mix.counts[0]  # every block of the en share comes from en, the rest from zh
+    out = tmp_path / "run"
+    proc = run_cli("pretrain", "--data", f"{folders['en']}:3", "--data", f"{folders['zh']}:1", "--tokenizer",
+                   tokenizer_dir, "--out", out, "--n-layer", 1, "--d-model", 32, "--n-head", 2, "--context-length",
+                   16, "--max-steps", 3, "--report-to", "none")
+    assert "data mixture:" in proc.stdout and json.loads((out / "summary.json").read_text())["steps"] == 3
+    assert f"{folders['en']}:3" in (out / "run_config.yaml").read_text()
+    for data, message in ((f"{folders['en']}:0", "a mixture weight must be a positive number"),
+                          (f"{tmp_path / 'en.jsonl'}:0.5", "weights apply to shard folders")):
+        proc = run_cli("pretrain", "--data", data, "--tokenizer", tokenizer_dir, "--out", tmp_path / "bad", check=False)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    proc = run_cli("pretrain", "--data", f"{folders['en']}:1", "--data", str(tmp_path / "zh.jsonl"), "--tokenizer",
+                   tokenizer_dir, "--out", tmp_path / "bad", check=False)
+    assert proc.returncode == 2 and "mix only with each other" in proc.stderr

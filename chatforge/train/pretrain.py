@@ -98,6 +98,11 @@ def _load_or_train_tokenizer(cfg: PretrainConfig, resume: bool, log):
         return load_tokenizer(cfg.tokenizer)
     if cfg.init_from:
         return load_tokenizer(cfg.init_from)
+    from chatforge.data import MANIFEST
+    from chatforge.data.mixture import weighted_folder
+
+    if any(weighted_folder(d) or (Path(d) / MANIFEST).is_file() for d in cfg.data):
+        raise ChatforgeError("--data: shard folders need --tokenizer DIR (the tokenizer they were made with)")
     tok_dir = str(Path(cfg.out) / "tokenizer")
     record = owner_record(tok_dir)
     same = {k: record.get(k) for k in ("data", "vocab_size", "text_field", "doc_per_line")} == \
@@ -108,22 +113,49 @@ def _load_or_train_tokenizer(cfg: PretrainConfig, resume: bool, log):
     return train_tokenizer(TokenizerConfig(**asdict(cfg.sources()), out=tok_dir, vocab_size=cfg.vocab_size), log=log)
 
 
-def _prepare_data(cfg: PretrainConfig, tok, log) -> tuple[str, dict]:
-    """Shards for this run: `--data DIR` holding a manifest is used as is, otherwise prepared (cached)."""
+def _prepare_data(cfg: PretrainConfig, tok, log) -> tuple[list[tuple[str, float]], dict]:
+    """Shard folders for this run, with weights, and their totals: `--data DIR` holding a manifest, or
+    `--data DIR:W ...` (a mixture), is used as is; anything else is prepared (cached) into OUT/data."""
     from chatforge.data import MANIFEST, DataConfig, prepare, read_manifest
+    from chatforge.data.mixture import weighted_folder
     from chatforge.text.tokenizer import fingerprint
 
-    if len(cfg.data) == 1 and (Path(cfg.data[0]) / MANIFEST).exists():
-        folder = cfg.data[0]
-        manifest = read_manifest(folder)
+    weighted = [weighted_folder(d) for d in cfg.data]
+    if any(weighted) and not all(weighted):
+        raise ChatforgeError("--data: weighted shard folders (DIR:WEIGHT) mix only with each other")
+    if any(weighted):
+        folders = weighted
+    elif len(cfg.data) == 1 and (Path(cfg.data[0]) / MANIFEST).exists():
+        folders = [(cfg.data[0], 1.0)]
+    else:
+        folder = str(Path(cfg.out) / "data")
+        return [(folder, 1.0)], prepare(DataConfig(**asdict(cfg.sources()), out=folder,
+                                                   val_fraction=cfg.val_fraction), tok=tok, log=log)
+    manifests = [read_manifest(folder) for folder, _ in folders]
+    for (folder, _), manifest in zip(folders, manifests):
         if manifest["tokenizer_fingerprint"] != fingerprint(tok):
             raise ChatforgeError(f"{folder}: these shards were made with a different tokenizer; "
                                  "prepare them again with this one")
-        return folder, manifest
-    folder = str(Path(cfg.out) / "data")
-    manifest = prepare(DataConfig(**asdict(cfg.sources()), out=folder, val_fraction=cfg.val_fraction),
-                       tok=tok, log=log)
-    return folder, manifest
+    totals = {split: {k: sum(m[split][k] for m in manifests) for k in ("tokens", "bytes")} for split in ("train", "val")}
+    return folders, totals
+
+
+def _blocks(folders: list[tuple[str, float]], totals: dict, ctx: int, cfg: PretrainConfig, log):
+    """(train, val) datasets: one folder's PackedBlocks, or a weighted mixture of several (logged)."""
+    from chatforge.data import PackedBlocks
+    from chatforge.data.mixture import MixtureBlocks
+
+    val_ctx = min(ctx, totals["val"]["tokens"])
+    if len(folders) == 1:
+        return (PackedBlocks(folders[0][0], "train", ctx, whole_batches=cfg.fast_batches),
+                PackedBlocks(folders[0][0], "val", val_ctx, whole_batches=cfg.fast_batches))
+    parts = [PackedBlocks(f, "train", ctx) for f, _ in folders]
+    train = MixtureBlocks(parts, [w for _, w in folders], cfg.seed, whole_batches=cfg.fast_batches)
+    vals = [PackedBlocks(f, "val", val_ctx) for f, _ in folders]
+    val = MixtureBlocks(vals, [len(v) for v in vals], cfg.seed, whole_batches=cfg.fast_batches)
+    log("data mixture: " + ", ".join(f"{f} {n:,} blocks per epoch ({n / max(1, len(p)):.2f}x its {len(p):,})"
+                                     for (f, _), p, n in zip(folders, parts, train.counts)))
+    return train, val
 
 
 def _build_model(cfg: PretrainConfig, tok, log):
@@ -173,7 +205,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
     from accelerate import PartialState
 
     from chatforge import config as config_io
-    from chatforge.data import PackedBlocks, collate_blocks
+    from chatforge.data import collate_blocks
     from chatforge.modeling import count_parameters, resolve_precision
     from chatforge.outputs import check_not_inputs, claim
     from chatforge.train.callbacks import Throughput
@@ -189,13 +221,12 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
         claim(cfg.out, "pretrain", overwrite=overwrite, resume=resume, keep=keep)
     with state.main_process_first():  # rank 0 trains the tokenizer and writes shards; others reuse them
         tok = _load_or_train_tokenizer(cfg, resume, log)
-        data_dir, manifest = _prepare_data(cfg, tok, log)
+        folders, manifest = _prepare_data(cfg, tok, log)
     model, ctx = _build_model(cfg, tok, log)
     precision = resolve_precision(cfg.precision)
     n_params = count_parameters(model)
 
-    train = PackedBlocks(data_dir, "train", ctx, whole_batches=cfg.fast_batches)
-    val = PackedBlocks(data_dir, "val", min(ctx, manifest["val"]["tokens"]), whole_batches=cfg.fast_batches)
+    train, val = _blocks(folders, manifest, ctx, cfg, log if is_main() else lambda *_: None)
     if len(train) == 0:
         raise ChatforgeError(f"{', '.join(cfg.data)}: {manifest['train']['tokens']} training tokens is less "
                              f"than one block of --context-length {ctx}")

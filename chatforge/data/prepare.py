@@ -1,4 +1,4 @@
-"""Stage 2: turn a text corpus into packed token shards on disk, once.
+"""`chatforge data prepare`: turn a text corpus into packed token shards on disk, once.
 
 Documents are tokenized in batches over all cores, each followed by the document separator
 (<|endoftext|>), and appended to flat binary shards (uint16 when the vocabulary fits, else uint32).
@@ -26,12 +26,12 @@ from pathlib import Path
 import numpy as np
 
 from chatforge.config import option
+from chatforge.data.shards import FORMAT_VERSION, MANIFEST, holds_shards, read_manifest
 from chatforge.errors import ChatforgeError
 from chatforge.text.sources import SourceOptions
 
-MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
 CHECK_EVERY = 64  # with the tiktoken path: one document in 64 is re-encoded by `tokenizers` and compared
+
 
 
 @dataclass
@@ -118,7 +118,7 @@ def prepare(cfg: DataConfig, tok=None, log=print) -> dict:
     from chatforge.outputs import check_not_inputs, check_replaceable, replace_with, temporary_sibling
 
     check_not_inputs(cfg.out, [("--data", d) for d in cfg.data] + [("--tokenizer", cfg.tokenizer)])
-    check_replaceable(cfg.out, _holds_shards)
+    check_replaceable(cfg.out, holds_shards)
     tok = tok if tok is not None else load_tokenizer(cfg.tokenizer)
     tok_fp = fingerprint(tok)
     key = cache_key(cfg, tok_fp)
@@ -220,173 +220,3 @@ def prepare(cfg: DataConfig, tok=None, log=print) -> dict:
         f"{doc_index:,} documents{part} ({stats.summary()}), {mb / 1e6 / max(manifest['seconds'], 1e-9):.1f} MB/s "
         f"-> {out}")
     return manifest
-
-
-@dataclass
-class MergeConfig:
-    """Settings of `chatforge data merge`."""
-
-    parts: list[str] = option([], "shard folders to combine (e.g. the K parts of `data prepare --num-shards K`)",
-                              positional=True, metavar="DIR")
-    out: str = option("", "the merged folder: a manifest that lists the parts' shard files (nothing is copied)",
-                      metavar="DIR")
-
-    def validate(self) -> None:
-        if len(self.parts) < 2 or not self.out:
-            raise ChatforgeError("data merge needs two or more shard folders and --out DIR")
-
-
-AGREE = ("version", "dtype", "vocab_size", "tokenizer_fingerprint", "separator_id", "val_fraction")
-
-
-def merge(cfg: MergeConfig, log=print) -> dict:
-    """One manifest over several shard folders made with the same tokenizer, listing their files by
-    relative path: `pretrain --data OUT` then reads all of them, and no token is copied. The parts of one
-    `--num-shards K` run must all be there, each once."""
-    import os
-
-    from chatforge.outputs import check_not_inputs, check_replaceable, replace_with, temporary_sibling
-
-    cfg.validate()
-    out = Path(cfg.out)
-    check_not_inputs(out, [("--parts", p) for p in cfg.parts])
-    manifests = [read_manifest(p) for p in cfg.parts]
-    first = manifests[0]
-    for path, m in zip(cfg.parts[1:], manifests[1:]):
-        differ = [k for k in AGREE if m.get(k) != first.get(k)]
-        if differ:
-            raise ChatforgeError(f"{path}: not made like {cfg.parts[0]} (different {', '.join(differ)}): "
-                                 "merge only shards of one tokenizer and settings")
-    split_parts = [m.get("part") for m in manifests]
-    if any(split_parts):
-        counts = {p["of"] for p in split_parts if p}
-        indices = sorted(p["index"] for p in split_parts if p)
-        if None in split_parts or len(counts) > 1 or indices != list(range(next(iter(counts)))):
-            raise ChatforgeError(f"the parts of a --num-shards run must all be merged, each once: got part indices "
-                                 f"{indices} of {sorted(counts)}")
-    check_replaceable(out, _holds_shards)
-
-    def combined(split: str) -> dict:
-        shards = [{"file": os.path.relpath(Path(part) / s["file"], out), "tokens": s["tokens"]}
-                  for part, m in zip(cfg.parts, manifests) for s in m[split]["shards"]]
-        totals = {k: sum(m[split].get(k, 0) for m in manifests) for k in ("tokens", "documents", "bytes")}
-        return {**first[split], **totals, "shards": shards}
-
-    key = hashlib.sha256(json.dumps([m.get("cache_key") for m in manifests]).encode()).hexdigest()[:16]
-    manifest = {**{k: first.get(k) for k in AGREE}, "cache_key": key,
-                "sources": sorted({s for m in manifests for s in m.get("sources", [])}),
-                "merged_from": [os.path.relpath(p, out) for p in cfg.parts],
-                "train": combined("train"), "val": combined("val"),
-                "records": sum(m.get("records", 0) for m in manifests)}
-    tmp = temporary_sibling(out)
-    try:
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
-        replace_with(out, tmp)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    log(f"data: merged {len(cfg.parts)} folders, {manifest['train']['tokens']:,} train / "
-        f"{manifest['val']['tokens']:,} val tokens (no copy) -> {out}")
-    return manifest
-
-
-def _holds_shards(folder: Path) -> bool:
-    """Shards chatforge wrote: a manifest of ours next to the files it lists, and nothing else."""
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-        listed = {s["file"] for split in ("train", "val") for s in manifest[split]["shards"]} | {MANIFEST}
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    return "cache_key" in manifest and {p.name for p in folder.iterdir()} <= listed
-
-
-def read_manifest(folder: str | Path) -> dict:
-    path = Path(folder) / MANIFEST
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise ChatforgeError(f"{path}: not a readable shard manifest ({err})") from None
-
-
-def load_split(folder: str | Path, split: str) -> np.ndarray:
-    """All tokens of one split as one array, for inspection (a multi-shard split is read into memory)."""
-    manifest = read_manifest(folder)
-    arrays = [np.memmap(Path(folder) / s["file"], dtype=manifest["dtype"], mode="r")
-              for s in manifest[split]["shards"] if s["tokens"] > 0]
-    if not arrays:
-        return np.zeros(0, dtype=manifest["dtype"])
-    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
-
-
-class PackedBlocks:
-    """Map-style dataset of non-overlapping `block_size` windows over a split's memory-mapped shards.
-
-    Items are {"input_ids", "labels"} with labels == input_ids: the causal-LM head shifts them, so the
-    model predicts every next token, across document boundaries (separated by <|endoftext|>). Blocks
-    never span two shards (a shard's last partial block is left out), so nothing is ever concatenated
-    in memory: corpora larger than RAM stay on disk.
-    """
-
-    def __init__(self, folder: str | Path, split: str, block_size: int, whole_batches: bool = True):
-        manifest = read_manifest(folder)
-        self.block_size, self.whole_batches = block_size, whole_batches
-        self.shards = []
-        for shard in manifest[split]["shards"]:
-            n = shard["tokens"] // block_size
-            if n:
-                tokens = np.memmap(Path(folder) / shard["file"], dtype=manifest["dtype"], mode="r")
-                self.shards.append(tokens[: n * block_size].reshape(n, block_size))
-        self.offsets = np.cumsum([0] + [len(s) for s in self.shards])
-        self.n_blocks = int(self.offsets[-1])
-
-    def __len__(self) -> int:
-        return self.n_blocks
-
-    def rows(self, indices) -> np.ndarray:
-        """The blocks at `indices` as one int64 array, gathered shard by shard."""
-        indices = np.asarray(indices, dtype=np.int64)
-        which = np.searchsorted(self.offsets, indices, side="right") - 1
-        out = np.empty((len(indices), self.block_size), dtype=np.int64)
-        for shard in np.unique(which):
-            sel = which == shard
-            out[sel] = self.shards[shard][indices[sel] - self.offsets[shard]]
-        return out
-
-    def __getitem__(self, index: int) -> dict:
-        import torch
-
-        ids = torch.from_numpy(self.rows([index])[0])
-        return {"input_ids": ids, "labels": ids}
-
-    def __getitems__(self, indices) -> dict | list[dict]:
-        """A whole micro-batch with one numpy gather: torch's DataLoader calls this instead of indexing
-        item by item; the sampler (order, shuffling, resume position) is unchanged. With
-        `whole_batches=False`, the items one by one, for a stock collator."""
-        import torch
-
-        if not self.whole_batches:
-            return [self[i] for i in indices]
-        ids = torch.from_numpy(self.rows(indices))
-        return {"input_ids": ids, "labels": ids}
-
-
-def collate_blocks(batch):
-    """Trainer data collator: a batch from `PackedBlocks.__getitems__` passes through; a list of items
-    (another dataset) is stacked. Never adds an attention_mask: packed blocks have no padding."""
-    import torch
-
-    if isinstance(batch, dict):
-        return batch
-    ids = torch.stack([torch.as_tensor(item["input_ids"]) for item in batch])
-    labels = torch.stack([torch.as_tensor(item.get("labels", item["input_ids"])) for item in batch])
-    return {"input_ids": ids, "labels": labels}
-
-
-def unigram_entropy(folder: str | Path, split: str = "train") -> float:
-    """Entropy (nats) of the split's unigram token distribution: the loss of a model that ignores context."""
-    manifest = read_manifest(folder)
-    counts = np.zeros(manifest["vocab_size"], dtype=np.int64)
-    for shard in manifest[split]["shards"]:
-        counts += np.bincount(np.memmap(Path(folder) / shard["file"], dtype=manifest["dtype"], mode="r"),
-                              minlength=len(counts))[: len(counts)]
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum())
