@@ -91,7 +91,9 @@ def test_doc_per_line_and_invalid_utf8(tmp_path, tokenizer_dir):
 def test_fast_tokenizer_disagreement_falls_back(tmp_path, tokenizer_dir, monkeypatch):
     """If the tiktoken path ever splits a checked document differently, that batch and every later one
     are tokenized by `tokenizers`, and the run says so."""
-    import chatforge.data.prepare as data_module
+    import importlib
+
+    data_module = importlib.import_module("chatforge.data.prepare")  # the module, not the function of that name
 
     docs = _corpus(tmp_path)
     monkeypatch.setattr(data_module, "CHECK_EVERY", 1)
