@@ -139,6 +139,11 @@ def test_parts_on_several_workers_merge_to_the_same_tokens(tmp_path, tokenizer_d
     # the parts of one split must all be there, each once; shards of another tokenizer never mix
     proc = run_cli("data", "merge", parts[0], parts[1], "--out", tmp_path / "some", check=False)
     assert proc.returncode == 2 and "must all be merged, each once: got part indices [0, 1] of [3]" in proc.stderr
+    for args, message in (([parts[0], parts[0]], "a folder is named twice"),
+                          ([*parts, "--out", f"{parts[0]}/inner"], "inside the part"),
+                          ([*parts, "--out", parts[1]], "--out")):
+        proc = run_cli("data", "merge", *args, *([] if "--out" in args else ["--out", tmp_path / "m2"]), check=False)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     proc = run_cli("data", "prepare", "--data", src, "--tokenizer", tokenizer_dir, "--out", tmp_path / "x",
                    "--num-shards", 2, "--shard-index", 2, check=False)
     assert proc.returncode == 2 and "--shard-index 2 must be below --num-shards 2" in proc.stderr
@@ -182,3 +187,6 @@ def test_weighted_mixture_of_shard_folders(tmp_path, tokenizer_dir):
     proc = run_cli("pretrain", "--data", f"{folders['en']}:1", "--data", str(tmp_path / "zh.jsonl"), "--tokenizer",
                    tokenizer_dir, "--out", tmp_path / "bad", check=False)
     assert proc.returncode == 2 and "mix only with each other" in proc.stderr
+    proc = run_cli("pretrain", "--data", f"{folders['en']}:1", "--out", tmp_path / "bad", check=False)
+    assert proc.returncode == 2 and "shard folders need --tokenizer DIR" in proc.stderr
+    assert not (tmp_path / "bad").exists()  # refused before any folder is made

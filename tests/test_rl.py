@@ -40,6 +40,8 @@ def test_rewards(tmp_path):
     answers, regex = ["12", "12", "12", "12"], [r"-?\d+"] * 4
     said = _said(["12", "It is 12.", "13", "twelve"])
     assert exact_reward(None, said, answer=answers, regex=regex) == [1.0, 1.0, 0.0, 0.0]
+    # the first line only, as chatforge eval reads it; a regex group that takes no part is no answer
+    assert exact_reward(None, ["I think\n12", "x"], answer=["12", "x"], regex=[r"-?\d+", r"(\d+)|(x)"]) == [0.0, 0.0]
     assert format_reward(None, said, regex=regex) == [1.0, 0.0, 1.0, 0.0]
     # no regex: the first line is the answer (as chatforge eval reads a generation), one line is the format
     assert exact_reward(None, ["Paris.\nMore text", "paris", "Lyon"], answer=["Paris"] * 3) == [1.0, 1.0, 0.0]
@@ -60,6 +62,7 @@ def test_rewards(tmp_path):
     (["--num-generations", "3"], "must be a multiple of --num-generations (3)"),
     (["--num-generations", "4", "--micro-batch-size", "6"], "(6) must be a multiple of --num-generations (4)"),
     (["--num-generations", "1"], "--num-generations"),
+    (["--reward", "code"], "--reward code needs a task file whose records carry a 'test'"),
 ])
 def test_bad_options_are_one_line(tmp_path, base_model_dir, args, message):
     proc = run_cli("rl", "--model", base_model_dir, "--out", tmp_path / "out", *args, check=False)
@@ -67,11 +70,36 @@ def test_bad_options_are_one_line(tmp_path, base_model_dir, args, message):
     assert not (tmp_path / "out").exists()
 
 
-def test_user_reward_that_fails_to_import(tmp_path, base_model_dir):
-    bad = tmp_path / "bad.py"
+def test_bad_user_rewards_and_task_records(tmp_path, base_model_dir):
+    """Refused before any folder is made: a reward file that fails to import, a reward without **kwargs (TRL
+    passes the task's columns), a record whose 'test' is not a string, a model folder that is not there."""
+    bad, narrow = tmp_path / "bad.py", tmp_path / "narrow.py"
     bad.write_text("import not_a_module_anywhere\n")
-    proc = run_cli("rl", "--model", base_model_dir, "--out", tmp_path / "out", "--reward", f"{bad}:fn", check=False)
-    assert proc.returncode == 2 and "failed to import (ModuleNotFoundError" in proc.stderr
+    narrow.write_text("def short(prompts, completions):\n    return [0.0 for _ in completions]\n")
+    task = tmp_path / "task.jsonl"
+    task.write_text(json.dumps({"prompt": "p", "answer": "a", "test": ["x"]}) + "\n")
+    for args, message in (
+            (["--reward", f"{bad}:fn"], "failed to import (ModuleNotFoundError"),
+            (["--reward", f"{narrow}:short"], "must take (prompts, completions, **kwargs)"),
+            (["--task", task], f"{task}:1: 'test' must be a string of Python asserts"),
+            (["--model", tmp_path / "nowhere"], "model directory not found")):
+        proc = run_cli("rl", "--model", base_model_dir, "--out", tmp_path / "out", *args, check=False)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert not (tmp_path / "out").exists()
+
+
+def test_task_file_split_and_export_keep_what_is_not_theirs(tmp_path):
+    """A prompt repeated in a task file stays on one side of the split; exporting again replaces the three
+    task files and nothing else in the folder."""
+    task = tmp_path / "task.jsonl"
+    records = [{"prompt": "a", "answer": "1"}] * 3 + [{"prompt": f"q{i}", "answer": str(i)} for i in range(7)]
+    task.write_text("".join(json.dumps(r) + "\n" for r in records))
+    run_cli("rl", "--task", task, "--export", tmp_path / "ex", "--eval-fraction", 0.2)
+    read = lambda name: [json.loads(x)["prompt"] for x in (tmp_path / "ex" / name).read_text().splitlines()]  # noqa: E731
+    assert read("heldout.jsonl") == ["a", "a", "a", "q0"] and "a" not in read("train.jsonl")
+    (tmp_path / "ex" / "notes.txt").write_text("mine")
+    run_cli("rl", "--task", task, "--export", tmp_path / "ex")
+    assert (tmp_path / "ex" / "notes.txt").read_text() == "mine"
 
 
 def test_multiple_choice_task_is_refused(tmp_path, base_model_dir):

@@ -40,6 +40,12 @@ def merge(cfg: MergeConfig, log=print) -> dict:
     cfg.validate()
     out = Path(cfg.out)
     check_not_inputs(out, [("--parts", p) for p in cfg.parts])
+    real = [Path(os.path.realpath(p)) for p in cfg.parts]
+    if len(set(real)) < len(real):
+        raise ChatforgeError("data merge: a folder is named twice; each part once")
+    inside = next((p for p, r in zip(cfg.parts, real) if r in Path(os.path.realpath(out)).parents), None)
+    if inside is not None:
+        raise ChatforgeError(f"--out {cfg.out}: inside the part {inside}; put the merged folder beside the parts")
     manifests = [read_manifest(p) for p in cfg.parts]
     first = manifests[0]
     for path, m in zip(cfg.parts[1:], manifests[1:]):
@@ -54,10 +60,15 @@ def merge(cfg: MergeConfig, log=print) -> dict:
         if None in split_parts or len(counts) > 1 or indices != list(range(next(iter(counts)))):
             raise ChatforgeError(f"the parts of a --num-shards run must all be merged, each once: got part indices "
                                  f"{indices} of {sorted(counts)}")
+        if len({json.dumps(m.get("sources")) for m in manifests}) > 1 or \
+                len({p["documents_read"] for p in split_parts}) > 1:
+            raise ChatforgeError("these parts were prepared from different sources; merge the parts of one "
+                                 "--num-shards run")
     check_replaceable(out, holds_shards)
 
     def combined(split: str) -> dict:
-        shards = [{"file": os.path.relpath(Path(part) / s["file"], out), "tokens": s["tokens"]}
+        shards = [{"file": os.path.relpath(os.path.realpath(Path(part) / s["file"]), os.path.realpath(out)),
+                   "tokens": s["tokens"]}
                   for part, m in zip(cfg.parts, manifests) for s in m[split]["shards"]]
         totals = {k: sum(m[split].get(k, 0) for m in manifests) for k in ("tokens", "documents", "bytes")}
         return {**first[split], **totals, "shards": shards}
@@ -65,7 +76,7 @@ def merge(cfg: MergeConfig, log=print) -> dict:
     key = hashlib.sha256(json.dumps([m.get("cache_key") for m in manifests]).encode()).hexdigest()[:16]
     manifest = {**{k: first.get(k) for k in AGREE}, "cache_key": key,
                 "sources": sorted({s for m in manifests for s in m.get("sources", [])}),
-                "merged_from": [os.path.relpath(p, out) for p in cfg.parts],
+                "merged_from": [os.path.relpath(r, os.path.realpath(out)) for r in real],
                 "train": combined("train"), "val": combined("val"),
                 "records": sum(m.get("records", 0) for m in manifests)}
     tmp = temporary_sibling(out)

@@ -42,7 +42,12 @@ class MixtureBlocks(Blocks):
         self.parts, self.whole_batches = parts, whole_batches
         self.block_size = parts[0].block_size
         total, norm = sum(len(p) for p in parts), sum(weights)
+        if not total or norm <= 0:
+            raise ChatforgeError("a data mixture needs blocks to draw from and a positive total weight")
         self.counts = [round(total * w / norm) for w in weights]
+        empty = [i for i, (p, c) in enumerate(zip(parts, self.counts)) if not c]
+        if empty:  # a weight so small that its folder would silently contribute nothing
+            raise ChatforgeError(f"a data mixture weight gives folder {empty[0] + 1} no block of the {total:,} per epoch")
         rng = np.random.default_rng(seed)
         source, index = [], []
         for j, (part, count) in enumerate(zip(parts, self.counts)):

@@ -88,7 +88,14 @@ class PackedBlocks(Blocks):
         for shard in manifest[split]["shards"]:
             n = shard["tokens"] // block_size
             if n:
-                tokens = np.memmap(Path(folder) / shard["file"], dtype=manifest["dtype"], mode="r")
+                path = Path(folder) / shard["file"]
+                try:
+                    tokens = np.memmap(path, dtype=manifest["dtype"], mode="r")
+                except (OSError, ValueError) as err:
+                    raise ChatforgeError(f"{folder}: cannot read its shard {shard['file']} ({err})") from None
+                if len(tokens) != shard["tokens"]:  # e.g. a merged folder's part prepared again since
+                    raise ChatforgeError(f"{path}: holds {len(tokens):,} tokens where {folder}/{MANIFEST} lists "
+                                         f"{shard['tokens']:,}; prepare (or merge) it again")
                 self.shards.append(tokens[: n * block_size].reshape(n, block_size))
         self.offsets = np.cumsum([0] + [len(s) for s in self.shards])
         self.n_blocks = int(self.offsets[-1])

@@ -90,7 +90,7 @@ def extract_answer(text: str, regex: str | None) -> str:
     found = re.search(regex, text)
     if found is None:
         return ""
-    return found.group(1) if found.re.groups else found.group(0)
+    return (found.group(1) or "") if found.re.groups else found.group(0)  # group 1 may not take part
 
 
 def exact_match(doc: dict, results: list[str]) -> dict:

@@ -47,6 +47,8 @@ class DPOConfig(FineTuneSettings):
     def validate(self) -> None:
         if not self.model:
             raise ChatforgeError("dpo needs --model MODEL_DIR (a chat model)")
+        if not Path(self.model).is_dir():
+            raise ChatforgeError(f"--model {self.model}: model directory not found")
         if not self.data:
             raise ChatforgeError("dpo needs --data (preference pairs: jsonl/json/parquet or hf:NAME)")
 

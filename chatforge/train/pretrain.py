@@ -78,6 +78,21 @@ class PretrainConfig(SourceOptions, RunSettings):
             raise ChatforgeError("pretrain needs --data (a folder, files, hf:NAME or demo)")
         if self.fp8 and (not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9)):
             raise ChatforgeError("--fp8 needs an NVIDIA GPU with FP8 matmuls (compute capability 8.9+: Ada, Hopper)")
+        if any(shard_folders(self.data)) and not self.tokenizer and not self.init_from:  # before any folder
+            raise ChatforgeError("--data: shard folders need --tokenizer DIR (the tokenizer they were made with)")
+
+
+def shard_folders(data: list[str] = ()) -> list[tuple[str, float] | None]:
+    """Each --data spec as (shard folder, weight), or None for a source to prepare; weighted folders
+    (DIR:W) mix only with each other."""
+    from chatforge.data import MANIFEST
+    from chatforge.data.mixture import weighted_folder
+
+    specs = [weighted_folder(d) or ((d, 1.0) if (Path(d) / MANIFEST).is_file() else None) for d in data]
+    weighted = [weighted_folder(d) is not None for d in data]
+    if any(weighted) and not all(weighted):
+        raise ChatforgeError("--data: weighted shard folders (DIR:WEIGHT) mix only with each other")
+    return specs
 
 
 def resolved_preset(preset: str) -> str:
@@ -98,11 +113,6 @@ def _load_or_train_tokenizer(cfg: PretrainConfig, resume: bool, log):
         return load_tokenizer(cfg.tokenizer)
     if cfg.init_from:
         return load_tokenizer(cfg.init_from)
-    from chatforge.data import MANIFEST
-    from chatforge.data.mixture import weighted_folder
-
-    if any(weighted_folder(d) or (Path(d) / MANIFEST).is_file() for d in cfg.data):
-        raise ChatforgeError("--data: shard folders need --tokenizer DIR (the tokenizer they were made with)")
     tok_dir = str(Path(cfg.out) / "tokenizer")
     record = owner_record(tok_dir)
     same = {k: record.get(k) for k in ("data", "vocab_size", "text_field", "doc_per_line")} == \
@@ -116,18 +126,11 @@ def _load_or_train_tokenizer(cfg: PretrainConfig, resume: bool, log):
 def _prepare_data(cfg: PretrainConfig, tok, log) -> tuple[list[tuple[str, float]], dict]:
     """Shard folders for this run, with weights, and their totals: `--data DIR` holding a manifest, or
     `--data DIR:W ...` (a mixture), is used as is; anything else is prepared (cached) into OUT/data."""
-    from chatforge.data import MANIFEST, DataConfig, prepare, read_manifest
-    from chatforge.data.mixture import weighted_folder
+    from chatforge.data import DataConfig, prepare, read_manifest
     from chatforge.text.tokenizer import fingerprint
 
-    weighted = [weighted_folder(d) for d in cfg.data]
-    if any(weighted) and not all(weighted):
-        raise ChatforgeError("--data: weighted shard folders (DIR:WEIGHT) mix only with each other")
-    if any(weighted):
-        folders = weighted
-    elif len(cfg.data) == 1 and (Path(cfg.data[0]) / MANIFEST).exists():
-        folders = [(cfg.data[0], 1.0)]
-    else:
+    folders = shard_folders(cfg.data)
+    if not all(folders):  # sources to prepare
         folder = str(Path(cfg.out) / "data")
         return [(folder, 1.0)], prepare(DataConfig(**asdict(cfg.sources()), out=folder,
                                                    val_fraction=cfg.val_fraction), tok=tok, log=log)
@@ -142,17 +145,20 @@ def _prepare_data(cfg: PretrainConfig, tok, log) -> tuple[list[tuple[str, float]
 
 def _blocks(folders: list[tuple[str, float]], totals: dict, ctx: int, cfg: PretrainConfig, log):
     """(train, val) datasets: one folder's PackedBlocks, or a weighted mixture of several (logged)."""
-    from chatforge.data import PackedBlocks
+    from chatforge.data import PackedBlocks, read_manifest
     from chatforge.data.mixture import MixtureBlocks
 
-    val_ctx = min(ctx, totals["val"]["tokens"])
     if len(folders) == 1:
+        val_ctx = min(ctx, totals["val"]["tokens"])
         return (PackedBlocks(folders[0][0], "train", ctx, whole_batches=cfg.fast_batches),
-                PackedBlocks(folders[0][0], "val", val_ctx, whole_batches=cfg.fast_batches))
+                PackedBlocks(folders[0][0], "val", val_ctx, whole_batches=cfg.fast_batches) if val_ctx else None)
     parts = [PackedBlocks(f, "train", ctx) for f, _ in folders]
     train = MixtureBlocks(parts, [w for _, w in folders], cfg.seed, whole_batches=cfg.fast_batches)
-    vals = [PackedBlocks(f, "val", val_ctx) for f, _ in folders]
-    val = MixtureBlocks(vals, [len(v) for v in vals], cfg.seed, whole_batches=cfg.fast_batches)
+    # one block length for all: at least one block from each folder whose held-out split has tokens
+    val_tokens = [read_manifest(f)["val"]["tokens"] for f, _ in folders]
+    val_ctx = min([ctx] + [t for t in val_tokens if t])
+    vals = [PackedBlocks(f, "val", val_ctx) for (f, _), t in zip(folders, val_tokens) if t]
+    val = MixtureBlocks(vals, [len(v) for v in vals], cfg.seed, whole_batches=cfg.fast_batches) if vals else None
     log("data mixture: " + ", ".join(f"{f} {n:,} blocks per epoch ({n / max(1, len(p)):.2f}x its {len(p):,})"
                                      for (f, _), p, n in zip(folders, parts, train.counts)))
     return train, val

@@ -1,9 +1,9 @@
 """Reward functions for `chatforge rl`, in TRL's signature: `fn(prompts, completions, **columns) -> [float]`.
 
 Each task record brings `answer`, `regex` (may be empty) and `test` (may be empty) as columns:
-- exact: the answer extracted from the completion (the record's regex: its first group, else the whole
-  match; without one, the first line) equals `answer`, ignoring case, surrounding spaces and full stops,
-  the rule `chatforge eval` scores generation tasks by;
+- exact: the answer extracted from the completion's first line (the record's regex: its first group, else
+  the whole match; without one, the line) equals `answer`, ignoring case, surrounding spaces and full
+  stops, the rule `chatforge eval` scores generation tasks by;
 - format: the completion is one line that the record's regex matches whole (without a regex: one
   non-empty line): the answer alone, as asked;
 - math: `math-verify` decides whether the completion's answer equals `answer` (`pip install math-verify`);
@@ -15,6 +15,7 @@ Each task record brings `answer`, `regex` (may be empty) and `test` (may be empt
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import re
 from pathlib import Path
 
@@ -41,7 +42,8 @@ def exact_reward(prompts, completions, answer=None, regex=None, **_) -> list[flo
     n = len(completions)
     out = []
     for text, want, rx in zip(map(_text, completions), _column(answer, n), _column(regex, n), strict=True):
-        got = extract_answer(text, rx) if rx else (text.strip().splitlines() or [""])[0]
+        first = text.split("\n", 1)[0]  # what chatforge eval reads: generation stops at a newline
+        got = extract_answer(first, rx) if rx else first
         out.append(float(want is not None and normalize_answer(got) == normalize_answer(str(want))))
     return out
 
@@ -92,6 +94,12 @@ def load_user_reward(spec: str):
     fn = getattr(module, name, None)
     if not callable(fn):
         raise ChatforgeError(f"--reward {spec}: {path} has no function {name!r}")
+    try:
+        takes_columns = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        takes_columns = False
+    if not takes_columns:  # TRL passes the task's columns (answer, regex, test, ...) as keywords
+        raise ChatforgeError(f"--reward {spec}: the function must take (prompts, completions, **kwargs)")
     return fn
 
 

@@ -35,7 +35,7 @@ class RLConfig(FineTuneSettings):
                                    "format, or 'arithmetic' (built in, procedural)", metavar="TASK")
     reward: list[str] = option(["exact"], "reward functions, repeatable: exact, format, math (math-verify), code "
                                           "(records with a 'test'), or PATH.py:FUNCTION of your own", metavar="R")
-    operand_max: int = option(20, "arithmetic: operands 0..N (every pair once)", min=1, max=10_000, metavar="N")
+    operand_max: int = option(20, "arithmetic: operands 0..N (every pair once)", min=1, max=1000, metavar="N")
     num_generations: int = option(8, "completions sampled per prompt (the group)", min=2, metavar="G")
     max_completion_length: int = option(32, "tokens per completion", min=1, metavar="N")
     temperature: float = option(1.0, "sampling temperature of the completions", min=0.0, exclusive_min=True,
@@ -54,10 +54,14 @@ class RLConfig(FineTuneSettings):
     def validate(self) -> None:
         from chatforge.train.rewards import reward_functions
 
-        if not self.model and not self.export:
+        if not self.export and not self.model:
             raise ChatforgeError("rl needs --model MODEL_DIR (a chat model)")
+        if not self.export and not Path(self.model).is_dir():
+            raise ChatforgeError(f"--model {self.model}: model directory not found")
         if self.task != ARITHMETIC and not Path(self.task).is_file():
             raise ChatforgeError(f"--task {self.task}: no such file (or use --task {ARITHMETIC})")
+        if self.task == ARITHMETIC and "code" in self.reward:
+            raise ChatforgeError("--reward code needs a task file whose records carry a 'test' (Python asserts)")
         if self.micro_batch_size % self.num_generations:  # whole groups per batch (TRL's rule, held-out too)
             raise ChatforgeError(f"--micro-batch-size ({self.micro_batch_size}) must be a multiple of "
                                  f"--num-generations ({self.num_generations}): completions per forward pass")
@@ -73,7 +77,8 @@ def arithmetic_items(operand_max: int, seed: int) -> list[dict]:
 
 
 def task_items(cfg: RLConfig) -> tuple[list[dict], list[dict]]:
-    """(train, held out): disjoint, deterministic; a task file's held-out items are every k-th record."""
+    """(train, held out): deterministic, and disjoint by prompt (a prompt repeated in a task file stays on
+    one side); the held-out prompts are the first --eval-fraction of them, in file (or seeded) order."""
     from chatforge.eval.tasks import read_task_file
 
     if cfg.task == ARITHMETIC:
@@ -82,16 +87,20 @@ def task_items(cfg: RLConfig) -> tuple[list[dict], list[dict]]:
         task = read_task_file(Path(cfg.task))
         if task.kind != "generate_until":
             raise ChatforgeError(f"--task {cfg.task}: multiple-choice records; rl needs prompt/answer records")
+        for line, r in enumerate(task.records, 1):
+            if not isinstance(r.get("test") or "", str):
+                raise ChatforgeError(f"{cfg.task}:{line}: 'test' must be a string of Python asserts")
         items = [{"prompt": r["prompt"], "answer": str(r["answer"]), "regex": r.get("regex") or "",
                   "test": r.get("test") or ""} for r in task.records]
         if "code" in cfg.reward and not all(r["test"] for r in items):
             missing = sum(not r["test"] for r in items)
             raise ChatforgeError(f"--task {cfg.task}: --reward code needs a 'test' (Python asserts) in every record; "
                                  f"{missing} of {len(items)} have none")
-    if cfg.eval_fraction <= 0 or len(items) < 2:
+    prompts = list(dict.fromkeys(r["prompt"] for r in items))
+    if cfg.eval_fraction <= 0 or len(prompts) < 2:
         return items, []
-    held = max(1, round(len(items) * cfg.eval_fraction))
-    return items[held:], items[:held]
+    held = set(prompts[:max(1, round(len(prompts) * cfg.eval_fraction))])
+    return [r for r in items if r["prompt"] not in held], [r for r in items if r["prompt"] in held]
 
 
 def export_task(cfg: RLConfig, train: list[dict], heldout: list[dict], log=print) -> dict:
@@ -100,7 +109,7 @@ def export_task(cfg: RLConfig, train: list[dict], heldout: list[dict], log=print
     from chatforge.outputs import check_not_inputs, claim, write_atomic
 
     check_not_inputs(cfg.export, [("--task", cfg.task)])
-    claim(cfg.export, "rl-task", overwrite=True, resume=None)
+    claim(cfg.export, "rl-task", resume=True)  # an earlier export: only its three files are replaced
 
     def write(name: str, records) -> None:
         text = "".join(json.dumps({k: v for k, v in r.items() if v}, ensure_ascii=False) + "\n" for r in records)

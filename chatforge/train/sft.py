@@ -45,6 +45,8 @@ class SFTConfig(FineTuneSettings):
     def validate(self) -> None:
         if not self.model:
             raise ChatforgeError("sft needs --model MODEL_DIR (a pretrained causal LM)")
+        if not Path(self.model).is_dir():
+            raise ChatforgeError(f"--model {self.model}: model directory not found")
         if not self.data:
             raise ChatforgeError("sft needs --data (conversations: jsonl/json/parquet, hf:NAME or demo)")
 
