@@ -47,7 +47,8 @@ class MixtureBlocks(Blocks):
         self.counts = [round(total * w / norm) for w in weights]
         empty = [i for i, (p, c) in enumerate(zip(parts, self.counts)) if not c]
         if empty:  # a weight so small that its folder would silently contribute nothing
-            raise ChatforgeError(f"a data mixture weight gives folder {empty[0] + 1} no block of the {total:,} per epoch")
+            raise ChatforgeError(f"a data mixture weight gives folder {empty[0] + 1} no block of the {total:,} "
+                                 "per epoch")
         rng = np.random.default_rng(seed)
         source, index = [], []
         for j, (part, count) in enumerate(zip(parts, self.counts)):

@@ -139,7 +139,8 @@ def _prepare_data(cfg: PretrainConfig, tok, log) -> tuple[list[tuple[str, float]
         if manifest["tokenizer_fingerprint"] != fingerprint(tok):
             raise ChatforgeError(f"{folder}: these shards were made with a different tokenizer; "
                                  "prepare them again with this one")
-    totals = {split: {k: sum(m[split][k] for m in manifests) for k in ("tokens", "bytes")} for split in ("train", "val")}
+    totals = {split: {k: sum(m[split][k] for m in manifests) for k in ("tokens", "bytes")}
+              for split in ("train", "val")}
     return folders, totals
 
 
