@@ -10,6 +10,7 @@ from transformers import AutoTokenizer
 
 from chatforge.data import DataConfig, load_split, prepare, read_manifest
 from conftest import run_cli
+from test_rl import refused
 
 
 def _corpus(tmp_path, n=50):
@@ -114,7 +115,7 @@ def _documents(tokens: np.ndarray, sep: int) -> list[tuple]:
     return sorted(tuple(d.tolist()) for d in np.split(tokens, cuts) if len(d))
 
 
-def test_parts_on_several_workers_merge_to_the_same_tokens(tmp_path, tokenizer_dir):
+def test_parts_on_several_workers_merge_to_the_same_tokens(tmp_path, tokenizer_dir, capsys):
     """`data prepare --num-shards 3 --shard-index I` on three workers, then `data merge`: the same documents,
     tokens and train/validation split as one prepare over everything, with no token copied; and pretrain
     trains on the merged folder."""
@@ -137,23 +138,22 @@ def test_parts_on_several_workers_merge_to_the_same_tokens(tmp_path, tokenizer_d
         got, want = load_split(tmp_path / "all", split), load_split(tmp_path / "whole", split)
         assert _documents(got, sep) == _documents(want, sep)
     # the parts of one split must all be there, each once; shards of another tokenizer never mix
-    proc = run_cli("data", "merge", parts[0], parts[1], "--out", tmp_path / "some", check=False)
-    assert proc.returncode == 2 and "must all be merged, each once: got part indices [0, 1] of [3]" in proc.stderr
-    for args, message in (([parts[0], parts[0]], "a folder is named twice"),
+    for args, message in (([parts[0], parts[1], "--out", tmp_path / "some"],
+                           "must all be merged, each once: got part indices [0, 1] of [3]"),
+                          ([parts[0], parts[0], "--out", tmp_path / "m2"], "a folder is named twice"),
                           ([*parts, "--out", f"{parts[0]}/inner"], "inside the part"),
                           ([*parts, "--out", parts[1]], "--out")):
-        proc = run_cli("data", "merge", *args, *([] if "--out" in args else ["--out", tmp_path / "m2"]), check=False)
-        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
-    proc = run_cli("data", "prepare", "--data", src, "--tokenizer", tokenizer_dir, "--out", tmp_path / "x",
-                   "--num-shards", 2, "--shard-index", 2, check=False)
-    assert proc.returncode == 2 and "--shard-index 2 must be below --num-shards 2" in proc.stderr
+        assert message in refused(["data", "merge", *args], capsys)
+    err = refused(["data", "prepare", "--data", src, "--tokenizer", tokenizer_dir, "--out", tmp_path / "x",
+                   "--num-shards", 2, "--shard-index", 2], capsys)
+    assert "--shard-index 2 must be below --num-shards 2" in err
     run_cli("pretrain", "--data", tmp_path / "all", "--tokenizer", tokenizer_dir, "--out", tmp_path / "run",
             "--n-layer", 1, "--d-model", 32, "--n-head", 2, "--context-length", 32, "--max-steps", 3,
             "--report-to", "none")
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 3
 
 
-def test_weighted_mixture_of_shard_folders(tmp_path, tokenizer_dir):
+def test_weighted_mixture_of_shard_folders(tmp_path, tokenizer_dir, capsys):
     """`pretrain --data a/:3 --data b/:1`: each folder fills its share of an epoch (repeated or subsampled),
     deterministically; the mixture is in run_config.yaml; bad weights and mixed specs are one line."""
     from chatforge.data import PackedBlocks
@@ -180,13 +180,11 @@ def test_weighted_mixture_of_shard_folders(tmp_path, tokenizer_dir):
                    16, "--max-steps", 3, "--report-to", "none")
     assert "data mixture:" in proc.stdout and json.loads((out / "summary.json").read_text())["steps"] == 3
     assert f"{folders['en']}:3" in (out / "run_config.yaml").read_text()
-    for data, message in ((f"{folders['en']}:0", "a mixture weight must be a positive number"),
-                          (f"{tmp_path / 'en.jsonl'}:0.5", "weights apply to shard folders")):
-        proc = run_cli("pretrain", "--data", data, "--tokenizer", tokenizer_dir, "--out", tmp_path / "bad", check=False)
-        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
-    proc = run_cli("pretrain", "--data", f"{folders['en']}:1", "--data", str(tmp_path / "zh.jsonl"), "--tokenizer",
-                   tokenizer_dir, "--out", tmp_path / "bad", check=False)
-    assert proc.returncode == 2 and "mix only with each other" in proc.stderr
-    proc = run_cli("pretrain", "--data", f"{folders['en']}:1", "--out", tmp_path / "bad", check=False)
-    assert proc.returncode == 2 and "shard folders need --tokenizer DIR" in proc.stderr
+    tok = ["--tokenizer", tokenizer_dir]
+    for args, message in ((["--data", f"{folders['en']}:0", *tok], "a mixture weight must be a positive number"),
+                          (["--data", f"{tmp_path / 'en.jsonl'}:0.5", *tok], "weights apply to shard folders"),
+                          (["--data", f"{folders['en']}:1", "--data", tmp_path / "zh.jsonl", *tok],
+                           "mix only with each other"),
+                          (["--data", f"{folders['en']}:1"], "shard folders need --tokenizer DIR")):
+        assert message in refused(["pretrain", *args, "--out", tmp_path / "bad"], capsys)
     assert not (tmp_path / "bad").exists()  # refused before any folder is made

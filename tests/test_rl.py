@@ -12,6 +12,18 @@ from chatforge.train.rl import arithmetic_items
 from conftest import run_cli
 
 
+def refused(argv: list, capsys) -> str:
+    """Run the CLI in this process (no interpreter start per case): exit 2 and one line; that line."""
+    from chatforge import cli
+
+    capsys.readouterr()  # what ran before (progress bars) is not this command's output
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
 def _said(completions: list[str]) -> list[list[dict]]:
     """Completions as TRL hands conversational ones to reward functions."""
     return [[{"role": "assistant", "content": c}] for c in completions]
@@ -50,9 +62,18 @@ def test_rewards(tmp_path):
     programs = ["def add(a, b):\n    return a + b", "def add(a, b):\n    return a - b", "while True: pass"]
     assert code_reward(None, _said(programs), test=tests) == [1.0, 0.0, 0.0]
     mine = tmp_path / "my_reward.py"
-    mine.write_text("def short(prompts, completions, **kw):\n    return [1.0 / (1 + len(c)) for c in completions]\n")
-    (fn,) = reward_functions([f"{mine}:short"])
-    assert fn(None, ["", "abc"]) == [1.0, 0.25]
+    mine.write_text("def short(prompts, completions, **kw):\n    return [1.0 / (1 + len(c)) for c in completions]\n"
+                    "def boom(prompts, completions, **kw):\n    raise KeyError('answer')\n"
+                    "def few(prompts, completions, **kw):\n    return [1.0]\n"
+                    "def word(prompts, completions, **kw):\n    return ['good' for c in completions]\n")
+    short, boom, few, word = reward_functions([f"{mine}:{name}" for name in ("short", "boom", "few", "word")])
+    assert short(None, ["", "abc"]) == [1.0, 0.25] and short.__name__ == "short"
+    from chatforge.errors import ChatforgeError
+
+    for fn, message in ((boom, "boom: raised KeyError: 'answer'"), (few, "few: returned 1 values for 2 completions"),
+                        (word, "word: returned 'good', not a number")):
+        with pytest.raises(ChatforgeError, match=re.escape(message)):
+            fn(None, ["a", "b"])
 
 
 @pytest.mark.parametrize("args, message", [
@@ -64,13 +85,12 @@ def test_rewards(tmp_path):
     (["--num-generations", "1"], "--num-generations"),
     (["--reward", "code"], "--reward code needs a task file whose records carry a 'test'"),
 ])
-def test_bad_options_are_one_line(tmp_path, base_model_dir, args, message):
-    proc = run_cli("rl", "--model", base_model_dir, "--out", tmp_path / "out", *args, check=False)
-    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+def test_bad_options_are_one_line(tmp_path, base_model_dir, args, message, capsys):
+    assert message in refused(["rl", "--model", base_model_dir, "--out", tmp_path / "out", *args], capsys)
     assert not (tmp_path / "out").exists()
 
 
-def test_bad_user_rewards_and_task_records(tmp_path, base_model_dir):
+def test_bad_user_rewards_and_task_records(tmp_path, base_model_dir, capsys):
     """Refused before any folder is made: a reward file that fails to import, a reward without **kwargs (TRL
     passes the task's columns), a record whose 'test' is not a string, a model folder that is not there."""
     bad, narrow = tmp_path / "bad.py", tmp_path / "narrow.py"
@@ -83,8 +103,7 @@ def test_bad_user_rewards_and_task_records(tmp_path, base_model_dir):
             (["--reward", f"{narrow}:short"], "must take (prompts, completions, **kwargs)"),
             (["--task", task], f"{task}:1: 'test' must be a string of Python asserts"),
             (["--model", tmp_path / "nowhere"], "model directory not found")):
-        proc = run_cli("rl", "--model", base_model_dir, "--out", tmp_path / "out", *args, check=False)
-        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert message in refused(["rl", "--model", base_model_dir, "--out", tmp_path / "out", *args], capsys)
         assert not (tmp_path / "out").exists()
 
 
@@ -102,11 +121,11 @@ def test_task_file_split_and_export_keep_what_is_not_theirs(tmp_path):
     assert (tmp_path / "ex" / "notes.txt").read_text() == "mine"
 
 
-def test_multiple_choice_task_is_refused(tmp_path, base_model_dir):
+def test_multiple_choice_task_is_refused(tmp_path, base_model_dir, capsys):
     mc = tmp_path / "mc.jsonl"
     mc.write_text(json.dumps({"context": "Sky?", "choices": [" blue", " red"], "gold": 0}) + "\n")
-    proc = run_cli("rl", "--model", base_model_dir, "--out", tmp_path / "out", "--task", mc, check=False)
-    assert proc.returncode == 2 and "multiple-choice records; rl needs prompt/answer records" in proc.stderr
+    err = refused(["rl", "--model", base_model_dir, "--out", tmp_path / "out", "--task", mc], capsys)
+    assert "multiple-choice records; rl needs prompt/answer records" in err
 
 
 def test_grpo_run_resume_and_plain_output(tmp_path, base_model_dir):

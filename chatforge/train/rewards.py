@@ -100,7 +100,31 @@ def load_user_reward(spec: str):
         takes_columns = False
     if not takes_columns:  # TRL passes the task's columns (answer, regex, test, ...) as keywords
         raise ChatforgeError(f"--reward {spec}: the function must take (prompts, completions, **kwargs)")
-    return fn
+    return checked(fn, spec)
+
+
+def checked(fn, spec: str):
+    """`fn` whose failures are one clear line naming it: an exception, a wrong number of rewards, a value
+    that is not a number (None, TRL's "no reward for this one", passes)."""
+    import functools
+    import numbers
+
+    @functools.wraps(fn)  # TRL logs each reward under its function's name
+    def reward(prompts, completions, **kwargs):
+        try:
+            values = fn(prompts, completions, **kwargs)
+        except Exception as err:
+            raise ChatforgeError(f"--reward {spec}: raised {type(err).__name__}: {err}") from None
+        if not isinstance(values, (list, tuple)) or len(values) != len(completions):
+            got = f"{len(values)} values" if isinstance(values, (list, tuple)) else type(values).__name__
+            raise ChatforgeError(f"--reward {spec}: returned {got} for {len(completions)} completions")
+        bad = next((v for v in values if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real))),
+                   None)
+        if bad is not None:
+            raise ChatforgeError(f"--reward {spec}: returned {bad!r:.40}, not a number")
+        return [None if v is None else float(v) for v in values]
+
+    return reward
 
 
 def reward_functions(specs: list[str]) -> list:
