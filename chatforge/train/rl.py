@@ -152,7 +152,7 @@ def heldout_accuracy(model, tok, items: list[dict], max_new_tokens: int, batch: 
     return sum(scores) / len(scores)
 
 
-def rl(cfg: RLConfig, resume: bool = False, overwrite: bool = False, log=print) -> dict:
+def rl(cfg: RLConfig, resume: bool = False, overwrite: bool = False, log=print, callbacks: tuple = ()) -> dict:
     import logging
     import warnings
 
@@ -218,7 +218,8 @@ def rl(cfg: RLConfig, resume: bool = False, overwrite: bool = False, log=print) 
         cfg, cfg.out, model, tok, Dataset.from_list([record(r) for r in train]),
         Dataset.from_list([record(r) for r in heldout]) if heldout else None,
         Plan(max_steps, cfg.micro_batch_size, cfg.grad_accum, lr, warmup, precision), kind="rl",
-        throughput=throughput, resume=resume, log=log, trainer_class=RLTrainer, args_class=GRPOConfig,
+        throughput=throughput, resume=resume, log=log, callbacks=callbacks, trainer_class=RLTrainer,
+        args_class=GRPOConfig,
         args_extra={"num_generations": cfg.num_generations, "max_completion_length": cfg.max_completion_length,
                     "temperature": cfg.temperature, "beta": cfg.beta, "use_vllm": cfg.use_vllm,
                     "vllm_mode": "colocate", "prediction_loss_only": False},
