@@ -5,12 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from chatforge.config import option
-from chatforge.data.shards import MANIFEST, holds_shards, read_manifest
+from chatforge.data.shards import holds_shards, publish, read_manifest
 from chatforge.errors import ChatforgeError
 
 
@@ -35,7 +34,7 @@ def merge(cfg: MergeConfig, log=print) -> dict:
     """One manifest over several shard folders made with the same tokenizer, listing their files by
     relative path: `pretrain --data OUT` then reads all of them, and no token is copied. The parts of one
     `--num-shards K` run must all be there, each once."""
-    from chatforge.outputs import check_not_inputs, check_replaceable, replace_with, temporary_sibling
+    from chatforge.outputs import check_not_inputs, check_replaceable, temporary_sibling
 
     cfg.validate()
     out = Path(cfg.out)
@@ -79,12 +78,7 @@ def merge(cfg: MergeConfig, log=print) -> dict:
                 "merged_from": [os.path.relpath(r, os.path.realpath(out)) for r in real],
                 "train": combined("train"), "val": combined("val"),
                 "records": sum(m.get("records", 0) for m in manifests)}
-    tmp = temporary_sibling(out)
-    try:
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
-        replace_with(out, tmp)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    publish(temporary_sibling(out), out, manifest)
     log(f"data: merged {len(cfg.parts)} folders, {manifest['train']['tokens']:,} train / "
         f"{manifest['val']['tokens']:,} val tokens (no copy) -> {out}")
     return manifest

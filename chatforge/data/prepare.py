@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from chatforge.config import option
-from chatforge.data.shards import FORMAT_VERSION, MANIFEST, holds_shards, read_manifest
+from chatforge.data.shards import FORMAT_VERSION, MANIFEST, holds_shards, publish, read_manifest
 from chatforge.errors import ChatforgeError
 from chatforge.text.sources import SourceOptions
 
@@ -115,7 +115,7 @@ def prepare(cfg: DataConfig, tok=None, log=print) -> dict:
     from chatforge.text.sources import SourceStats, iter_texts
     from chatforge.text.tokenizer import document_separator_id, fast_batch_encoder, fingerprint, load_tokenizer
 
-    from chatforge.outputs import check_not_inputs, check_replaceable, replace_with, temporary_sibling
+    from chatforge.outputs import check_not_inputs, check_replaceable, temporary_sibling
 
     check_not_inputs(cfg.out, [("--data", d) for d in cfg.data] + [("--tokenizer", cfg.tokenizer)])
     check_replaceable(cfg.out, holds_shards)
@@ -209,11 +209,7 @@ def prepare(cfg: DataConfig, tok=None, log=print) -> dict:
     }
     if cfg.num_shards > 1:
         manifest["part"] = {"index": cfg.shard_index, "of": cfg.num_shards, "documents_read": doc_index}
-    try:
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
-        replace_with(out, tmp)  # a killed run never leaves a manifest next to partial shards
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone already when it was moved into place
+    publish(tmp, out, manifest)
     mb = manifest["train"]["bytes"] + manifest["val"]["bytes"]
     part = f" (part {cfg.shard_index} of {cfg.num_shards}: {written:,} of {doc_index:,})" if cfg.num_shards > 1 else ""
     log(f"data: {manifest['train']['tokens']:,} train / {manifest['val']['tokens']:,} val tokens from "

@@ -28,6 +28,20 @@ def holds_shards(folder: Path) -> bool:
     return "cache_key" in manifest and {p.name for p in folder.iterdir()} <= listed
 
 
+def publish(tmp: Path, out: str | Path, manifest: dict) -> None:
+    """Write `manifest` into `tmp` (a temporary sibling holding the shards, if any) and move it into place as
+    `out`: the manifest is written last, so a killed run never leaves one next to partial shards."""
+    import shutil
+
+    from chatforge.outputs import replace_with
+
+    try:
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
+        replace_with(out, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already when it was moved into place
+
+
 def read_manifest(folder: str | Path) -> dict:
     path = Path(folder) / MANIFEST
     try:

@@ -75,6 +75,14 @@ class FineTuneSettings(RunSettings):
     strict: bool = option(False, "fail on the first unusable record")
 
 
+def check_model_dir(model: str, stage: str, what: str) -> None:
+    """A fine-tuning stage's --model: given, and a folder (checked in validate, before any output folder)."""
+    if not model:
+        raise ChatforgeError(f"{stage} needs --model MODEL_DIR ({what})")
+    if not Path(model).is_dir():
+        raise ChatforgeError(f"--model {model}: model directory not found")
+
+
 def is_main() -> bool:
     """The one rank-0 test: torchrun (and accelerate) set RANK; a single process is rank 0."""
     return int(os.environ.get("RANK", "0")) == 0

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from chatforge.config import option
 from chatforge.errors import ChatforgeError
-from chatforge.train.common import FineTuneSettings, RunSettings, is_main, redefault
+from chatforge.train.common import FineTuneSettings, RunSettings, check_model_dir, is_main, redefault
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
               "apo_zero", "apo_down", "discopop", "sigmoid_norm")
@@ -45,10 +45,7 @@ class DPOConfig(FineTuneSettings):
     eval_every: int = redefault(RunSettings, "eval_every", 50)
 
     def validate(self) -> None:
-        if not self.model:
-            raise ChatforgeError("dpo needs --model MODEL_DIR (a chat model)")
-        if not Path(self.model).is_dir():
-            raise ChatforgeError(f"--model {self.model}: model directory not found")
+        check_model_dir(self.model, "dpo", "a chat model")
         if not self.data:
             raise ChatforgeError("dpo needs --data (preference pairs: jsonl/json/parquet or hf:NAME)")
 

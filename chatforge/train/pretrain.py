@@ -88,11 +88,10 @@ def shard_folders(data: list[str] = ()) -> list[tuple[str, float] | None]:
     from chatforge.data import MANIFEST
     from chatforge.data.mixture import weighted_folder
 
-    specs = [weighted_folder(d) or ((d, 1.0) if (Path(d) / MANIFEST).is_file() else None) for d in data]
-    weighted = [weighted_folder(d) is not None for d in data]
+    weighted = [weighted_folder(d) for d in data]
     if any(weighted) and not all(weighted):
         raise ChatforgeError("--data: weighted shard folders (DIR:WEIGHT) mix only with each other")
-    return specs
+    return [w or ((d, 1.0) if (Path(d) / MANIFEST).is_file() else None) for d, w in zip(data, weighted)]
 
 
 def resolved_preset(preset: str) -> str:
@@ -123,8 +122,8 @@ def _load_or_train_tokenizer(cfg: PretrainConfig, resume: bool, log):
     return train_tokenizer(TokenizerConfig(**asdict(cfg.sources()), out=tok_dir, vocab_size=cfg.vocab_size), log=log)
 
 
-def _prepare_data(cfg: PretrainConfig, tok, log) -> tuple[list[tuple[str, float]], dict]:
-    """Shard folders for this run, with weights, and their totals: `--data DIR` holding a manifest, or
+def _prepare_data(cfg: PretrainConfig, tok, log) -> tuple[list[tuple[str, float]], list[dict]]:
+    """Shard folders for this run, with weights, and their manifests: `--data DIR` holding a manifest, or
     `--data DIR:W ...` (a mixture), is used as is; anything else is prepared (cached) into OUT/data."""
     from chatforge.data import DataConfig, prepare, read_manifest
     from chatforge.text.tokenizer import fingerprint
@@ -132,33 +131,30 @@ def _prepare_data(cfg: PretrainConfig, tok, log) -> tuple[list[tuple[str, float]
     folders = shard_folders(cfg.data)
     if not all(folders):  # sources to prepare
         folder = str(Path(cfg.out) / "data")
-        return [(folder, 1.0)], prepare(DataConfig(**asdict(cfg.sources()), out=folder,
-                                                   val_fraction=cfg.val_fraction), tok=tok, log=log)
+        return [(folder, 1.0)], [prepare(DataConfig(**asdict(cfg.sources()), out=folder,
+                                                    val_fraction=cfg.val_fraction), tok=tok, log=log)]
     manifests = [read_manifest(folder) for folder, _ in folders]
     for (folder, _), manifest in zip(folders, manifests):
         if manifest["tokenizer_fingerprint"] != fingerprint(tok):
             raise ChatforgeError(f"{folder}: these shards were made with a different tokenizer; "
                                  "prepare them again with this one")
-    totals = {split: {k: sum(m[split][k] for m in manifests) for k in ("tokens", "bytes")}
-              for split in ("train", "val")}
-    return folders, totals
+    return folders, manifests
 
 
-def _blocks(folders: list[tuple[str, float]], totals: dict, ctx: int, cfg: PretrainConfig, log):
-    """(train, val) datasets: one folder's PackedBlocks, or a weighted mixture of several (logged)."""
-    from chatforge.data import PackedBlocks, read_manifest
+def _blocks(folders: list[tuple[str, float]], manifests: list[dict], ctx: int, cfg: PretrainConfig, log):
+    """(train, val) datasets: one folder's PackedBlocks, or a weighted mixture of several (logged). Validation
+    blocks have one length, at most the context: at least one block from each folder with held-out tokens."""
+    from chatforge.data import PackedBlocks
     from chatforge.data.mixture import MixtureBlocks
 
+    val_tokens = [m["val"]["tokens"] for m in manifests]
+    val_ctx = min([ctx] + [t for t in val_tokens if t])
+    vals = [PackedBlocks(f, "val", val_ctx, whole_batches=cfg.fast_batches)
+            for (f, _), t in zip(folders, val_tokens) if t]
     if len(folders) == 1:
-        val_ctx = min(ctx, totals["val"]["tokens"])
-        return (PackedBlocks(folders[0][0], "train", ctx, whole_batches=cfg.fast_batches),
-                PackedBlocks(folders[0][0], "val", val_ctx, whole_batches=cfg.fast_batches) if val_ctx else None)
+        return PackedBlocks(folders[0][0], "train", ctx, whole_batches=cfg.fast_batches), (vals or [None])[0]
     parts = [PackedBlocks(f, "train", ctx) for f, _ in folders]
     train = MixtureBlocks(parts, [w for _, w in folders], cfg.seed, whole_batches=cfg.fast_batches)
-    # one block length for all: at least one block from each folder whose held-out split has tokens
-    val_tokens = [read_manifest(f)["val"]["tokens"] for f, _ in folders]
-    val_ctx = min([ctx] + [t for t in val_tokens if t])
-    vals = [PackedBlocks(f, "val", val_ctx) for (f, _), t in zip(folders, val_tokens) if t]
     val = MixtureBlocks(vals, [len(v) for v in vals], cfg.seed, whole_batches=cfg.fast_batches) if vals else None
     log("data mixture: " + ", ".join(f"{f} {n:,} blocks per epoch ({n / max(1, len(p)):.2f}x its {len(p):,})"
                                      for (f, _), p, n in zip(folders, parts, train.counts)))
@@ -228,15 +224,15 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
         claim(cfg.out, "pretrain", overwrite=overwrite, resume=resume, keep=keep)
     with state.main_process_first():  # rank 0 trains the tokenizer and writes shards; others reuse them
         tok = _load_or_train_tokenizer(cfg, resume, log)
-        folders, manifest = _prepare_data(cfg, tok, log)
+        folders, manifests = _prepare_data(cfg, tok, log)
     model, ctx = _build_model(cfg, tok, log)
     precision = resolve_precision(cfg.precision)
     n_params = count_parameters(model)
 
-    train, val = _blocks(folders, manifest, ctx, cfg, log if is_main() else lambda *_: None)
+    train, val = _blocks(folders, manifests, ctx, cfg, log if is_main() else lambda *_: None)
     if len(train) == 0:
-        raise ChatforgeError(f"{', '.join(cfg.data)}: {manifest['train']['tokens']} training tokens is less "
-                             f"than one block of --context-length {ctx}")
+        raise ChatforgeError(f"{', '.join(cfg.data)}: {sum(m['train']['tokens'] for m in manifests)} training "
+                             f"tokens is less than one block of --context-length {ctx}")
     micro = min(cfg.micro_batch_size or (32 if torch.cuda.is_available() else 8), len(train))
     per_pass = micro * ctx * world_size()
     accum = max(1, round((cfg.batch_tokens or per_pass) / per_pass))
@@ -263,7 +259,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
     apply_speedups(model, cfg, precision, log=log if is_main() else lambda *_: None)
     d_model = getattr(model.config, "n_embd", None) or model.config.hidden_size
     n_layer = getattr(model.config, "n_layer", None) or model.config.num_hidden_layers
-    throughput = Throughput(tokens_per_step, manifest["val"]["tokens"] / max(1, manifest["val"]["bytes"]),
+    val_tokens, val_bytes = (sum(m["val"][k] for m in manifests) for k in ("tokens", "bytes"))
+    throughput = Throughput(tokens_per_step, val_tokens / max(1, val_bytes),
                             flops_per_token(model, n_layer, d_model, ctx), _peak_flops())
     trainer, metrics = run_trainer(
         cfg, cfg.out, model, tok, train, val, plan, kind="pretrain", throughput=throughput,

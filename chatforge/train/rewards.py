@@ -31,17 +31,18 @@ def _text(completion) -> str:
     return str(completion)
 
 
-def _column(values, n: int) -> list:
-    """A dataset column TRL passed (one value per completion), or Nones where the task has no such field."""
-    return list(values) if values is not None else [None] * n
+def _rows(completions, *columns):
+    """(text, value, ...) per completion: TRL passes each task column as one value per completion; a column
+    the task lacks is None throughout."""
+    n = len(completions)
+    return zip(map(_text, completions), *(list(c) if c is not None else [None] * n for c in columns), strict=True)
 
 
 def exact_reward(prompts, completions, answer=None, regex=None, **_) -> list[float]:
     from chatforge.eval.tasks import extract_answer, normalize_answer
 
-    n = len(completions)
     out = []
-    for text, want, rx in zip(map(_text, completions), _column(answer, n), _column(regex, n), strict=True):
+    for text, want, rx in _rows(completions, answer, regex):
         first = text.split("\n", 1)[0]  # what chatforge eval reads: generation stops at a newline
         got = extract_answer(first, rx) if rx else first
         out.append(float(want is not None and normalize_answer(got) == normalize_answer(str(want))))
@@ -50,7 +51,7 @@ def exact_reward(prompts, completions, answer=None, regex=None, **_) -> list[flo
 
 def format_reward(prompts, completions, regex=None, **_) -> list[float]:
     out = []
-    for text, rx in zip(map(_text, completions), _column(regex, len(completions)), strict=True):
+    for text, rx in _rows(completions, regex):
         line = text.strip()
         one_line = bool(line) and "\n" not in line
         out.append(float(one_line and (not rx or re.fullmatch(rx, line) is not None)))
@@ -61,7 +62,7 @@ def math_reward(prompts, completions, answer=None, **_) -> list[float]:
     from math_verify import parse, verify
 
     out = []
-    for text, want in zip(map(_text, completions), _column(answer, len(completions)), strict=True):
+    for text, want in _rows(completions, answer):
         try:
             out.append(float(want is not None and verify(parse(str(want)), parse(text))))
         except Exception:  # an unparsable completion earns nothing; it must not stop the run
@@ -72,10 +73,7 @@ def math_reward(prompts, completions, answer=None, **_) -> list[float]:
 def code_reward(prompts, completions, test=None, **_) -> list[float]:
     from chatforge.eval.sandbox import run_program
 
-    out = []
-    for text, tests in zip(map(_text, completions), _column(test, len(completions)), strict=True):
-        out.append(float(run_program(f"{text}\n\n{tests}\n", timeout=5.0)[0]))
-    return out
+    return [float(run_program(f"{text}\n\n{tests}\n", timeout=5.0)[0]) for text, tests in _rows(completions, test)]
 
 
 def load_user_reward(spec: str):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from chatforge.config import option
 from chatforge.errors import ChatforgeError
-from chatforge.train.common import FineTuneSettings, RunSettings, is_main, redefault
+from chatforge.train.common import FineTuneSettings, RunSettings, check_model_dir, is_main, redefault
 
 ARITHMETIC = "arithmetic"
 
@@ -54,10 +54,8 @@ class RLConfig(FineTuneSettings):
     def validate(self) -> None:
         from chatforge.train.rewards import reward_functions
 
-        if not self.export and not self.model:
-            raise ChatforgeError("rl needs --model MODEL_DIR (a chat model)")
-        if not self.export and not Path(self.model).is_dir():
-            raise ChatforgeError(f"--model {self.model}: model directory not found")
+        if not self.export:
+            check_model_dir(self.model, "rl", "a chat model")
         if self.task != ARITHMETIC and not Path(self.task).is_file():
             raise ChatforgeError(f"--task {self.task}: no such file (or use --task {ARITHMETIC})")
         if self.task == ARITHMETIC and "code" in self.reward:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from chatforge.config import option
 from chatforge.errors import ChatforgeError
-from chatforge.train.common import FineTuneSettings, RunSettings, is_main, redefault
+from chatforge.train.common import FineTuneSettings, RunSettings, check_model_dir, is_main, redefault
 
 
 @dataclass
@@ -43,10 +43,7 @@ class SFTConfig(FineTuneSettings):
     eval_every: int = redefault(RunSettings, "eval_every", 100)
 
     def validate(self) -> None:
-        if not self.model:
-            raise ChatforgeError("sft needs --model MODEL_DIR (a pretrained causal LM)")
-        if not Path(self.model).is_dir():
-            raise ChatforgeError(f"--model {self.model}: model directory not found")
+        check_model_dir(self.model, "sft", "a pretrained causal LM")
         if not self.data:
             raise ChatforgeError("sft needs --data (conversations: jsonl/json/parquet, hf:NAME or demo)")
 
