@@ -1,4 +1,4 @@
-"""Options are declared once, and bad ones never cost the user a file: 50 bad command lines, each one line,
+"""Options are declared once, and bad ones never cost the user a file: 74 bad command lines, each one line,
 exit 2, no traceback, and every file in the sandbox byte for byte as it was."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import gzip
 import hashlib
+import importlib.util
 import shutil
 from pathlib import Path
 
@@ -16,7 +17,8 @@ from chatforge import cli, config
 
 SANDBOX_FILES = {"mine/notes.txt": "my own notes\n", "mine/data/keep.txt": "precious\n",
                  "hfdir/config.json": "{}\n", "hfdir/README.md": "someone else's model\n",
-                 "corpus/a.txt": "hello world, a tiny corpus of text\n" * 50, "file.txt": "just a file\n"}
+                 "corpus/a.txt": "hello world, a tiny corpus of text\n" * 50, "file.txt": "just a file\n",
+                 "ds.json": '{"zero_optimization": {"stage": 2}}\n'}
 
 
 def _flags_of(parser: argparse.ArgumentParser) -> set[str]:
@@ -205,6 +207,14 @@ BAD = [
     ("pretrain without data", ["pretrain", "--out", "r"], "pretrain needs --data"),
     ("unknown demo language", ["quickstart", "--lang", "xx", "--out", "q"], "unknown demo language"),
     ("unknown flag", ["pretrain", "--data", "corpus", "--learning-rat", "1"], "unrecognized arguments"),
+    # sharding
+    ("fsdp and deepspeed", ["pretrain", "--data", "corpus", "--fsdp", "--deepspeed", "ds.json"], "two ways to shard"),
+    ("fsdp offload alone", ["sft", "--model", "model", "--data", "demo", "--fsdp-offload"], "it needs --fsdp"),
+    ("deepspeed config missing", ["pretrain", "--data", "corpus", "--deepspeed", "nope.json"], "cannot read"),
+    ("deepspeed config not JSON", ["dpo", "--model", "model", "--data", "p.jsonl", "--deepspeed", "y_bad.yaml"],
+     "not a JSON config"),
+    *([("deepspeed not installed", ["pretrain", "--data", "corpus", "--deepspeed", "ds.json"],
+        "pip install deepspeed")] if importlib.util.find_spec("deepspeed") is None else []),
 ]
 
 

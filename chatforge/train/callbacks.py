@@ -95,7 +95,7 @@ class Throughput(TrainerCallback):
         elapsed = time.time() - (self.train_start or time.time())
         steps = state.global_step - self.start_step
         mean_rate = (sum(self.rates) / len(self.rates)) if self.rates else steps * self.tokens_per_step / max(elapsed, 1e-9)
-        out = {"steps": state.global_step, "train_seconds": round(elapsed, 1),
+        out = {"steps": min(state.global_step, state.max_steps), "train_seconds": round(elapsed, 1),
                "tokens_per_s": round(mean_rate, 1), "tokens_seen": state.global_step * self.tokens_per_step}
         if self.flops_per_token and self.peak_flops:
             out["mfu"] = round(mean_rate * self.flops_per_token / self.peak_flops, 4)

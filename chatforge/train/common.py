@@ -50,6 +50,16 @@ class RunSettings:
     log_every: int = option(10, "log every N steps", min=1, metavar="STEPS")
     seed: int = option(1337, "random seed (initialisation, data order)", min=0, max=2**32 - 1)
     report_to: list[str] = option(["tensorboard"], "where to log, repeatable", choices=REPORTERS, metavar="TOOL")
+    fsdp: bool = option(False, "shard parameters, gradients and optimizer state across the processes (FSDP2; "
+                               "launch with torchrun)")
+    fsdp_offload: bool = option(False, "with --fsdp: keep parameters and optimizer state in CPU memory")
+    deepspeed: str | None = option(None, "shard with DeepSpeed: its JSON config (ZeRO-2/3 in examples/)",
+                                   metavar="FILE")
+
+    def validate(self) -> None:
+        from chatforge.train.sharding import check_sharding
+
+        check_sharding(self)
 
 
 def redefault(cls, name: str, value):
@@ -157,6 +167,8 @@ class Schedule:
         self.min_lr_ratio, self.decay_fraction = min_lr_ratio, decay_fraction
 
     def __call__(self, step: int) -> float:
+        if step >= max(self.total_steps, 1):  # resumed at its last step, the Trainer runs one more: a no-op
+            return 0.0
         if step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
         if self.kind == "constant":
@@ -199,24 +211,27 @@ def run_trainer(cfg: RunSettings, out: str, model, tok, train, evals, plan: Plan
     from transformers.trainer_callback import ProgressCallback
 
     from chatforge.train.callbacks import CompleteMarker, WallClockBudget
+    from chatforge.train.sharding import check_resume, chatforge_trainer, sharding_arguments
 
-    optimizer = make_optimizer(model, plan.learning_rate, cfg.weight_decay)
+    say = log if is_main() else lambda *_: None
     schedule = Schedule(cfg.schedule, plan.warmup, plan.max_steps, plan.min_lr_ratio)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    checkpoint = resume_checkpoint(out, log) if resume else None
+    sharding = sharding_arguments(cfg, world_size(), say)
+    checkpoint = resume_checkpoint(out, say) if resume else None
+    check_resume(checkpoint, sharding)
     spent = trained_seconds(checkpoint)
     args = training_arguments(cfg, out, max_steps=plan.max_steps, micro=plan.micro, accum=plan.accum,
                               precision=plan.precision, has_eval=bool(evals) and len(evals) > 0, compile=compile,
-                              num_workers=num_workers, args_class=args_class, **(args_extra or {}))
+                              num_workers=num_workers, args_class=args_class, **sharding, **(args_extra or {}))
     if collator is not None:  # TRL's GRPOTrainer takes none: it batches its own generations
         trainer_extra = {"data_collator": collator, **(trainer_extra or {})}
-    trainer = (trainer_class or Trainer)(model=model, args=args, train_dataset=train,
-                                         eval_dataset=evals if evals and len(evals) else None, processing_class=tok,
-                                         optimizers=(optimizer, scheduler), **(trainer_extra or {}))
+    trainer = chatforge_trainer(trainer_class or Trainer)(
+        model=model, args=args, train_dataset=train, eval_dataset=evals if evals and len(evals) else None,
+        processing_class=tok, make_optimizer=lambda m: make_optimizer(m, plan.learning_rate, cfg.weight_decay),
+        make_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule), **(trainer_extra or {}))
     ours = [throughput, *callbacks]
     if cfg.max_time:
         if spent:
-            log(f"--max-time: {spent:.0f} of {cfg.max_time:g} s already spent before this resume")
+            say(f"--max-time: {spent:.0f} of {cfg.max_time:g} s already spent before this resume")
         progress = next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, ProgressCallback)), None)
         ours.append(WallClockBudget(max(cfg.max_time - spent, 0.0), schedule, progress=progress))
     for cb in reversed(ours):  # first, so TensorBoard and the progress bar see the metrics they add to the logs

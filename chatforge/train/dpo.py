@@ -45,6 +45,7 @@ class DPOConfig(FineTuneSettings):
     eval_every: int = redefault(RunSettings, "eval_every", 50)
 
     def validate(self) -> None:
+        super().validate()
         check_model_dir(self.model, "dpo", "a chat model")
         if not self.data:
             raise ChatforgeError("dpo needs --data (preference pairs: jsonl/json/parquet or hf:NAME)")

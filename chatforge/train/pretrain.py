@@ -74,6 +74,7 @@ class PretrainConfig(SourceOptions, RunSettings):
     def validate(self) -> None:
         import torch
 
+        super().validate()
         if not self.data:
             raise ChatforgeError("pretrain needs --data (a folder, files, hf:NAME or demo)")
         if self.fp8 and (not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9)):

@@ -54,6 +54,7 @@ class RLConfig(FineTuneSettings):
     def validate(self) -> None:
         from chatforge.train.rewards import reward_functions
 
+        super().validate()
         if not self.export:
             check_model_dir(self.model, "rl", "a chat model")
         if self.task != ARITHMETIC and not Path(self.task).is_file():

@@ -43,6 +43,7 @@ class SFTConfig(FineTuneSettings):
     eval_every: int = redefault(RunSettings, "eval_every", 100)
 
     def validate(self) -> None:
+        super().validate()
         check_model_dir(self.model, "sft", "a pretrained causal LM")
         if not self.data:
             raise ChatforgeError("sft needs --data (conversations: jsonl/json/parquet, hf:NAME or demo)")
