@@ -60,9 +60,10 @@ def quickstart(cfg: QuickstartConfig, overwrite: bool = False, log=print) -> dic
     log(f"[1/5] tokenizer: byte-level BPE on the {cfg.lang} demo corpus (chatterbot-corpus)")
     train_tokenizer(TokenizerConfig(data=data, out=str(out / "tokenizer"), vocab_size=cfg.vocab_size), log=log)
 
-    log(f"[2/5] pretrain: a {'small (~30M)' if gpu else 'tiny (~2M)'} GPT-2 from scratch on the same text")
+    log("[2/5] pretrain: a GPT-2 from scratch on the same text, its size chosen for the time budget")
     base = pretrain(PretrainConfig(
-        data=data, out=str(out / "base"), tokenizer=str(out / "tokenizer"), preset="small" if gpu else "tiny",
+        data=data, out=str(out / "base"), tokenizer=str(out / "tokenizer"), preset="auto",
+        context_length=None if gpu else 256,  # room for a few chat turns, more than a budget-sized CPU run takes
         max_time=cfg.pretrain_seconds or (300 if gpu else 240), max_epochs=12, val_fraction=0.02,
         micro_batch_size=16 if gpu else 8, learning_rate=2e-3 if not gpu else 1e-3, eval_every=100,
         save_every=1000, log_every=25, report_to=["tensorboard"]), overwrite=True, log=log)

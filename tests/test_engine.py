@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -210,6 +212,24 @@ def test_bf16_weights_match_fp32(engine, model_dir):
             assert torch.nn.functional.cosine_similarity(half, full, dim=-1).min() > 0.995
     finally:
         low.close()
+
+
+def test_auto_dtype_on_a_cpu_is_measured_once_per_machine_and_shape(model_dir, tmp_path, monkeypatch):
+    """--dtype auto on a CPU with native bf16: real decode steps in both dtypes pick one, cached; the
+    engine then holds that one dtype for every request."""
+    from chatforge.engine import dtype as decode_dtype
+
+    monkeypatch.setattr(decode_dtype, "CACHE", tmp_path / "cache" / "decode_dtype.json")
+    chosen = decode_dtype.cpu_decode_dtype(model_dir, 4, fast=True)
+    entry, = json.loads(decode_dtype.CACHE.read_text()).values()
+    assert entry["batches"] == [1, 4] and set(entry["seconds_per_token"]) == {"float32", "bfloat16"}
+    assert all(t > 0 for ts in entry["seconds_per_token"].values() for t in ts)
+    assert chosen == (torch.bfloat16 if entry["bf16_over_fp32_seconds"] < 1 else torch.float32)
+    (key, entry), = json.loads(decode_dtype.CACHE.read_text()).items()
+    decode_dtype.CACHE.write_text(json.dumps({key: {**entry, "dtype": "float16"}}))
+    assert decode_dtype.cpu_decode_dtype(model_dir, 4, fast=True) == torch.float16  # read back, not measured
+    assert decode_dtype.cpu_decode_dtype(model_dir, 8, fast=True) in (torch.float32, torch.bfloat16)  # new key
+    assert len(json.loads(decode_dtype.CACHE.read_text())) == 2
 
 
 def test_concurrent_callers_each_get_their_own_results(engine):

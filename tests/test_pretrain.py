@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -117,17 +118,44 @@ def test_model_vocab_size_pads_the_embeddings(tokenizer_dir):
         raise AssertionError("a model vocabulary below the tokenizer's must be refused")
 
 
+def test_a_token_budget_picks_the_deepest_shape_it_can_train(tokenizer_dir):
+    """--preset auto --max-tokens D: the deepest depth-derived shape (width 64 per layer) with at least
+    --tokens-per-param tokens per parameter; none given: the preset."""
+    from chatforge.text.tokenizer import load_tokenizer
+    from chatforge.train.pretrain import PretrainConfig, _build_model
+    from chatforge.train.sizing import depth_shape, parameters
+
+    tok = load_tokenizer(tokenizer_dir)
+    sizes = [parameters(depth_shape(d, len(tok), 64)) for d in (1, 2, 3)]
+    lines = []
+    model, ctx = _build_model(PretrainConfig(data=["demo"], context_length=64, max_tokens=sizes[1] * 2,
+                                             tokens_per_param=1.5), tok, lines.append)
+    assert ctx == 64 and (model.config.n_layer, model.config.n_embd, model.config.n_head) == (2, 128, 2)
+    assert sum(p.numel() for p in model.parameters()) == sizes[1] < sizes[1] * 2 / 1.5 < sizes[2]
+    assert any("--tokens-per-param" in line for line in lines)
+    model, _ = _build_model(PretrainConfig(data=["demo"], max_tokens=10), tok, print)  # less than any: depth 1
+    assert model.config.n_layer == 1
+    model, _ = _build_model(PretrainConfig(data=["demo"], max_tokens=10, n_layer=3), tok, print)  # a shape given
+    assert (model.config.n_layer, model.config.n_embd) == (3, 192)
+
+
 def test_max_time_is_a_budget_across_resumes(tmp_path, base_model_dir, tokenizer_dir):
     """--max-time counts the training time of every run of one output folder: a resumed run gets what
-    is left of it (recorded in each checkpoint), not a fresh budget."""
+    is left of it (recorded in each checkpoint), not a fresh budget. With --preset auto the first run
+    measures this machine and sizes the model for the budget; --resume builds that shape again, unmeasured."""
     data, out = str(Path(base_model_dir) / "data"), tmp_path / "timed"
-    args = ["pretrain", "--data", data, "--tokenizer", tokenizer_dir, "--out", out, *TINY, "--save-every", 5,
-            "--eval-every", 10_000, "--log-every", 10_000, "--report-to", "none"]
-    run_cli(*args, "--max-time", 3)
+    args = ["pretrain", "--data", data, "--tokenizer", tokenizer_dir, "--out", out, "--context-length", 128,
+            "--save-every", 5, "--eval-every", 10_000, "--log-every", 10_000, "--report-to", "none"]
+    sized = run_cli(*args, "--max-time", 3)
+    assert "--preset auto under --max-time 3 s" in sized.stdout and "tokens in the budget" in sized.stdout
     first = max(json.loads(p.read_text())["train_seconds"] for p in out.glob("checkpoint-*/chatforge_complete.json"))
     assert first >= 2.5
+    saved = yaml.safe_load((out / "run_config.yaml").read_text())
     resumed = run_cli(*args, "--max-time", 5, "--resume")
-    assert "already spent before this resume" in resumed.stdout
+    assert "already spent before this resume" in resumed.stdout and "--preset auto" not in resumed.stdout
+    model = AutoModelForCausalLM.from_pretrained(out)  # a plain HF directory of the chosen shape
+    assert (model.config.n_layer, model.config.n_embd, model.config.n_head) == \
+        (saved["n_layer"], saved["d_model"], saved["n_head"]) and saved["d_model"] == 64 * saved["n_layer"]
     total = max(json.loads(p.read_text())["train_seconds"] for p in out.glob("checkpoint-*/chatforge_complete.json"))
     assert 0 < total - first < 3.75  # the second run trained what was left of 5 s (about 2), not a fresh 5
 

@@ -48,8 +48,8 @@ class EvalConfig:
     chat_template: str = option("auto", "format prompts with the model's chat template; auto: for chat models "
                                 "(a chatforge sft run, or another folder whose tokenizer has a template)", choices=("auto", "on", "off"))
     device: str | None = option(None, "cpu, cuda, cuda:1, ... (default: cuda when available)", metavar="DEVICE")
-    dtype: str = option("auto", "weights' dtype; auto: bf16 on GPUs and on CPUs with native bf16, else fp32",
-                        choices=("auto", "bf16", "fp16", "fp32"))
+    dtype: str = option("auto", "weights' dtype; auto: as for generate and serve (bf16 on GPUs, on a CPU the "
+                                 "faster one there)", choices=("auto", "bf16", "fp16", "fp32"))
 
     def validate(self) -> None:
         if not lm_eval_installed():

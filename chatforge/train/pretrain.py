@@ -30,7 +30,8 @@ class PretrainConfig(SourceOptions, RunSettings):
                              max=2**31 - 1, metavar="N")
     # model
     arch: str = option("gpt2", "model architecture", choices=ARCHS)
-    preset: str = option("auto", "size (auto: tiny on CPU, gpt2-small on GPU)", choices=("auto", *PRESETS),
+    preset: str = option("auto", "size (auto: under --max-time or --max-tokens, the depth the budget trains best "
+                                 "on this machine; else tiny on CPU, gpt2-small on GPU)", choices=("auto", *PRESETS),
                          metavar="NAME")
     n_layer: int | None = option(None, "layers (overrides the preset)", min=1, max=1024, metavar="N")
     d_model: int | None = option(None, "width (overrides the preset)", min=1, max=65536, metavar="N")
@@ -46,7 +47,8 @@ class PretrainConfig(SourceOptions, RunSettings):
     init_from: str | None = option(None, "continue pretraining a local Hugging Face checkpoint", metavar="DIR")
     # budget: max_steps > max_tokens > ~20 tokens per parameter; max_time caps any of them
     max_tokens: int | None = option(None, "stop after N training tokens", min=1, metavar="N")
-    tokens_per_param: float = option(20.0, "default budget: tokens per parameter (Chinchilla)", min=0.0,
+    tokens_per_param: float = option(20.0, "tokens per parameter (Chinchilla): the budget when none is given, and "
+                                           "the shape --preset auto picks under --max-tokens", min=0.0,
                                      exclusive_min=True, metavar="R")
     max_epochs: float = option(10.0, "at most this many passes over the corpus", min=0.0, exclusive_min=True,
                                metavar="N")
@@ -93,6 +95,12 @@ def shard_folders(data: list[str] = ()) -> list[tuple[str, float] | None]:
     if any(weighted) and not all(weighted):
         raise ChatforgeError("--data: weighted shard folders (DIR:WEIGHT) mix only with each other")
     return [w or ((d, 1.0) if (Path(d) / MANIFEST).is_file() else None) for d, w in zip(data, weighted)]
+
+
+def micro_batch(cfg: PretrainConfig) -> int:
+    import torch
+
+    return cfg.micro_batch_size or (32 if torch.cuda.is_available() else 8)
 
 
 def resolved_preset(preset: str) -> str:
@@ -162,7 +170,7 @@ def _blocks(folders: list[tuple[str, float]], manifests: list[dict], ctx: int, c
     return train, val
 
 
-def _build_model(cfg: PretrainConfig, tok, log):
+def _build_model(cfg: PretrainConfig, tok, log, corpus_tokens: int | None = None):
     from chatforge.modeling import context_length, load_model, new_model, resolve_shape, set_generation_defaults
 
     if cfg.init_from:
@@ -177,9 +185,57 @@ def _build_model(cfg: PretrainConfig, tok, log):
         return model, ctx
     if cfg.model_vocab_size is not None and cfg.model_vocab_size < len(tok):
         raise ChatforgeError(f"--model-vocab-size {cfg.model_vocab_size} is below the tokenizer's {len(tok)} tokens")
-    shape = resolve_shape(cfg.arch, resolved_preset(cfg.preset), max(len(tok), cfg.model_vocab_size or 0),
-                          cfg.n_layer, cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.context_length, cfg.dropout)
+    vocab = max(len(tok), cfg.model_vocab_size or 0)
+    if sized_by_budget(cfg):
+        shape = _shape_for_budget(cfg, tok, vocab, corpus_tokens, log)
+    else:
+        shape = resolve_shape(cfg.arch, resolved_preset(cfg.preset), vocab, cfg.n_layer, cfg.d_model, cfg.n_head,
+                              cfg.n_kv_head, cfg.context_length, cfg.dropout)
     return new_model(shape, tok, seed=cfg.seed), shape.context_length
+
+
+def sized_by_budget(cfg: PretrainConfig) -> bool:
+    """--preset auto with a budget (--max-time or --max-tokens) and no shape option: the budget picks the shape."""
+    shape_given = (cfg.n_layer, cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.init_from) != (None,) * 5
+    return cfg.preset == "auto" and bool(cfg.max_time or cfg.max_tokens) and not shape_given
+
+
+def _shape_for_budget(cfg: PretrainConfig, tok, vocab: int, corpus_tokens: int | None, log):
+    """train/sizing.py: each depth's tokens in the budget (measured here under --max-time; at most
+    --max-epochs passes over the corpus), the depth with the lowest predicted loss; rank 0 measures and
+    decides for every process."""
+    import dataclasses
+
+    import torch
+
+    from chatforge.modeling import resolve_precision
+    from chatforge.train.common import is_main, world_size
+    from chatforge.train.sizing import BUDGET_CONTEXT, pick_depth, step_seconds
+
+    ctx = cfg.context_length or BUDGET_CONTEXT["cuda" if torch.cuda.is_available() else "cpu"]
+    micro, precision = micro_batch(cfg), resolve_precision(cfg.precision)
+
+    def budget_tokens(shape) -> float:
+        tokens = min(cfg.max_tokens or float("inf"), cfg.max_epochs * (corpus_tokens or float("inf")))
+        if cfg.max_time:
+            tokens = min(tokens, cfg.max_time / step_seconds(shape, tok, micro, precision, cfg) * micro * ctx
+                         * world_size())
+        return tokens
+
+    shape = None
+    if is_main():
+        budget = f"--max-time {cfg.max_time:g} s" if cfg.max_time else f"--max-tokens {cfg.max_tokens:,}"
+        rule = "the lowest predicted loss (Chinchilla's fit" if cfg.max_time else \
+            f"{cfg.tokens_per_param:g} tokens per parameter (--tokens-per-param"
+        log(f"--preset auto under {budget}: the depth with {rule}, train/sizing.py)")
+        shape = pick_depth(budget_tokens, vocab, ctx, cfg.arch,
+                           tokens_per_param=None if cfg.max_time else cfg.tokens_per_param, log=log)
+        log(f"  -> {shape.n_layer} layers x {shape.d_model} wide, {shape.n_head} heads, context {ctx}")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        box = [shape]
+        torch.distributed.broadcast_object_list(box, src=0)
+        shape = box[0]
+    return dataclasses.replace(shape, dropout=cfg.dropout)
 
 
 def flops_per_token(model, n_layer: int, d_model: int, seq: int) -> float:
@@ -226,7 +282,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
     with state.main_process_first():  # rank 0 trains the tokenizer and writes shards; others reuse them
         tok = _load_or_train_tokenizer(cfg, resume, log)
         folders, manifests = _prepare_data(cfg, tok, log)
-    model, ctx = _build_model(cfg, tok, log)
+    model, ctx = _build_model(cfg, tok, log, corpus_tokens=sum(m["train"]["tokens"] for m in manifests))
     precision = resolve_precision(cfg.precision)
     n_params = count_parameters(model)
 
@@ -234,7 +290,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
     if len(train) == 0:
         raise ChatforgeError(f"{', '.join(cfg.data)}: {sum(m['train']['tokens'] for m in manifests)} training "
                              f"tokens is less than one block of --context-length {ctx}")
-    micro = min(cfg.micro_batch_size or (32 if torch.cuda.is_available() else 8), len(train))
+    micro = min(micro_batch(cfg), len(train))
     per_pass = micro * ctx * world_size()
     accum = max(1, round((cfg.batch_tokens or per_pass) / per_pass))
     tokens_per_step = per_pass * accum
@@ -243,8 +299,12 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
     lr = cfg.learning_rate or (1e-3 if n_params < 50e6 else 6e-4)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(200, max(1, max_steps // 20))
     plan = Plan(max_steps, micro, accum, lr, warmup, precision, cfg.min_lr_ratio)
+    d_model = getattr(model.config, "n_embd", None) or model.config.hidden_size
+    n_layer = getattr(model.config, "n_layer", None) or model.config.num_hidden_layers
     if is_main():
-        resolved = PretrainConfig(**{**asdict(cfg), "preset": resolved_preset(cfg.preset),
+        shape = {"n_layer": n_layer, "d_model": d_model, "n_head": model.config.num_attention_heads} \
+            if sized_by_budget(cfg) else {}  # so that --resume builds the same model without measuring again
+        resolved = PretrainConfig(**{**asdict(cfg), "preset": resolved_preset(cfg.preset), **shape,
                                      "tokenizer": cfg.tokenizer or cfg.init_from or str(Path(cfg.out) / "tokenizer"),
                                      "context_length": ctx, "micro_batch_size": micro,
                                      "batch_tokens": tokens_per_step, "learning_rate": lr, "warmup_steps": warmup,
@@ -258,8 +318,6 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     apply_speedups(model, cfg, precision, log=log if is_main() else lambda *_: None)
-    d_model = getattr(model.config, "n_embd", None) or model.config.hidden_size
-    n_layer = getattr(model.config, "n_layer", None) or model.config.num_hidden_layers
     val_tokens, val_bytes = (sum(m["val"][k] for m in manifests) for k in ("tokens", "bytes"))
     throughput = Throughput(tokens_per_step, val_tokens / max(1, val_bytes),
                             flops_per_token(model, n_layer, d_model, ctx), _peak_flops())

@@ -1,0 +1,93 @@
+"""The weights' dtype for decoding on a CPU with native bf16, measured once per machine and model shape.
+
+Neither dtype wins everywhere: bf16 halves the bytes a step reads, but on some CPUs its matmuls pay a
+per-call floor that small decode steps never amortise (bench/README.md: on an Intel Xeon with AMX the
+tiny preset decodes 2x faster in fp32 at batch 1, on AMD Zen 4 bf16 is faster). So `--dtype auto` times a
+few real decode steps in both dtypes, at batch 1 and at the engine's largest batch, and keeps the dtype
+with the lower geometric mean; the answer is cached per CPU, thread count, torch and model shape. One
+dtype per engine: bf16 and fp32 logits differ, and greedy output must not depend on how many requests
+share a step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "chatforge" / "decode_dtype.json"
+PROMPT, WARMUP, STEPS = 16, 2, 8
+
+
+def decode_seconds(model, batch: int, context_length: int, fast: bool) -> float:
+    """Seconds per generated token at `batch` requests, after a short prompt each."""
+    from chatforge.engine.backends import make_backend
+
+    backend = make_backend(model, batch, context_length, fast=fast)
+    prompt = min(PROMPT, context_length // 4)
+    steps = max(WARMUP + 1, min(WARMUP + STEPS, context_length - prompt - 1))
+    for slot in range(batch):
+        backend.prefill(slot, [0] * prompt)
+    start = 0.0
+    for i in range(steps):
+        if i == WARMUP:
+            start = time.perf_counter()
+        backend.decode([0] * batch, [min(prompt + i, context_length - 1)] * batch)
+    return (time.perf_counter() - start) / (steps - WARMUP) / batch
+
+
+def _machine_key(config, batches: list[int], fast: bool) -> str:
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = "unknown cpu"
+    shape = "-".join(str(getattr(config, k, None)) for k in ("model_type", "num_hidden_layers", "hidden_size",
+                                                             "num_attention_heads", "vocab_size"))
+    return f"{cpu}|{torch.get_num_threads()} threads|torch {torch.__version__}|{shape}|batch {batches}|fast {fast}"
+
+
+def cpu_decode_dtype(model_dir: str, max_batch: int, fast: bool, log=None) -> torch.dtype:
+    """fp32 or bf16 for decoding `model_dir` on this CPU (measured, then cached)."""
+    from transformers import AutoConfig
+
+    from chatforge.modeling import context_length, load_model
+
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except Exception:  # noqa: BLE001 - not a model directory: the engine's own load says so in one line
+        return torch.float32
+    batches = sorted({1, max_batch})
+    key = _machine_key(config, batches, fast)
+    try:
+        cache = json.loads(CACHE.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key not in cache:
+        models = {dt: load_model(model_dir, dtype=dt).eval() for dt in (torch.float32, torch.bfloat16)}
+        ctx = context_length(config)
+        with torch.inference_mode():
+            seconds = {str(dt).removeprefix("torch."): [decode_seconds(m, b, ctx, fast) for b in batches]
+                       for dt, m in models.items()}
+        ratio = math.prod(b / f for b, f in zip(seconds["bfloat16"], seconds["float32"])) ** (1 / len(batches))
+        cache[key] = {"dtype": "bfloat16" if ratio < 1 else "float32", "bf16_over_fp32_seconds": round(ratio, 3),
+                      "seconds_per_token": seconds, "batches": batches}
+        _save(cache)
+        if log:
+            log(f"decode dtype for this CPU and model: {cache[key]['dtype']} (bf16 takes {ratio:.2f}x the time of "
+                f"fp32 per token at batch {' and '.join(map(str, batches))}; cached in {CACHE})")
+    return getattr(torch, cache[key]["dtype"])
+
+
+def _save(cache: dict) -> None:
+    """Best effort, written whole: a read-only home only means measuring again next time."""
+    try:
+        CACHE.parent.mkdir(parents=True, exist_ok=True)
+        tmp = CACHE.with_name(f"{CACHE.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache, indent=1))
+        tmp.replace(CACHE)
+    except OSError:
+        pass
