@@ -10,7 +10,7 @@ generate() gets them as one batch of equal-length prompts). Every (model, path, 
 Python process (one path's OpenMP threads must not slow the next one, see chatforge.engine.Engine),
 --rounds times in alternating order, each time best of --repeats runs: a shared machine is noisy. Each
 path is measured with the weights in fp32 (the checkpoint's dtype, generate()'s default) and in bf16
-(on a GPU only bf16 by default: `--dtypes`).
+(on a GPU only bf16 by default: `--dtypes`), and the engine also with its default, `--dtype auto`.
 Prints a markdown table and writes bench/results/decode_speed.json.
 """
 
@@ -82,6 +82,7 @@ def measure(model_dir: str, path: str, dtype: str, new: int, batches: list[int],
     if path in ("engine", "eager"):  # eager: the engine without CUDA graphs (GPU; the same as engine on CPU)
         engine = Engine(model_dir, max_batch=max(batches), dtype=dtype, static=False if path == "eager" else None)
         row["params_M"] = round(sum(p.numel() for p in engine.model.parameters()) / 1e6, 1)
+        row["chosen"] = str(next(engine.model.parameters()).dtype).removeprefix("torch.")  # what auto picked
 
         def run(b):
             reqs = [engine.submit(p, greedy) for p in prompts[:b]]
@@ -114,7 +115,7 @@ def measure(model_dir: str, path: str, dtype: str, new: int, batches: list[int],
 
 
 # generate()'s static cache compiles per batch shape (slow to start): last, so a time limit cuts it first
-PATHS = [("engine", "bf16"), ("engine", "fp32")] + ([("eager", "bf16")] if torch.cuda.is_available() else []) + [
+PATHS = [("engine", "auto"), ("engine", "bf16"), ("engine", "fp32")] + ([("eager", "bf16")] if torch.cuda.is_available() else []) + [
     ("dynamic", "fp32"), ("dynamic", "bf16"), ("static", "fp32"), ("static", "bf16")]
 
 
@@ -138,6 +139,8 @@ def bench_model(model_dir: str, args, batches: list[int]) -> dict:
                 raise SystemExit(f"worker failed: {' '.join(cmd)}\n{done.stderr[-2000:]}")
             result = json.loads(done.stdout.strip().splitlines()[-1])
             row["params_M"] = result.pop("params_M", row.get("params_M"))
+            if "chosen" in result:
+                row[f"{path}_{dtype}_dtype"] = result.pop("chosen")
             for key, value in result.items():
                 name = f"{path}_{dtype}_{'b' + key if key != 'error' else key}"
                 row[name] = value if key == "error" or not row.get(name) else max(row[name], value or 0)
@@ -153,8 +156,9 @@ def main() -> None:
     ap.add_argument("--arch", default="gpt2", choices=["gpt2", "llama"], help="for the random models")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--batches", default="1,8,32")
-    ap.add_argument("--dtypes", default="bf16" if torch.cuda.is_available() else "fp32,bf16",
-                    help="weight dtypes to measure (default: bf16 on GPU, the target's; fp32,bf16 on CPU)")
+    ap.add_argument("--dtypes", default="bf16" if torch.cuda.is_available() else "auto,fp32,bf16",
+                    help="weight dtypes to measure (default: bf16 on GPU, the target's; on CPU auto (the engine's "
+                         "measured choice, engine/dtype.py), fp32 and bf16)")
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per worker (after one warm-up)")
     ap.add_argument("--rounds", type=int, default=2, help="workers per path, in alternating order")
     ap.add_argument("--paths", help="only these of engine, eager, dynamic, static (default: all)")
@@ -162,7 +166,7 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "decode_speed.json"))
     ap.add_argument("--worker", metavar="MODEL_DIR", help=argparse.SUPPRESS)  # one measurement, JSON on stdout
     ap.add_argument("--path", choices=["engine", "eager", "dynamic", "static"], help=argparse.SUPPRESS)
-    ap.add_argument("--dtype", choices=["bf16", "fp32"], help=argparse.SUPPRESS)
+    ap.add_argument("--dtype", choices=["auto", "bf16", "fp32"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     if args.worker:
@@ -177,10 +181,9 @@ def main() -> None:
     results = {name: bench_model(path, args, batches) for name, path in models.items()}
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    default = "bf16" if device == "cuda" else ("bf16" if _cpu_bf16() else "fp32")
     print(f"\nDecode tokens/s, greedy, {args.new_tokens} new tokens after a 16-token prompt; device {device}, "
           f"torch threads {torch.get_num_threads()}, best of {args.rounds} rounds x {args.repeats} runs; "
-          f"engine's default dtype here: {default}\n")
+          "engine default: --dtype auto (on a CPU with native bf16: measured per model, engine/dtype.py)\n")
     print("| model | batch | engine bf16 | engine fp32 | generate() fp32 dynamic / static | generate() bf16 dynamic / "
           "static | engine / best generate(), fp32 | same, bf16 | engine default / generate() default (fp32 dynamic) |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -194,7 +197,7 @@ def main() -> None:
                   f"{fmt(get('dynamic', 'fp32'))} / {fmt(get('static', 'fp32'))} | "
                   f"{fmt(get('dynamic', 'bf16'))} / {fmt(get('static', 'bf16'))} | "
                   f"{ratio(get('engine', 'fp32'), best['fp32'])} | {ratio(get('engine', 'bf16'), best['bf16'])} | "
-                  f"{ratio(get('engine', default), get('dynamic', 'fp32'))} |")
+                  f"{ratio(get('engine', 'auto'), get('dynamic', 'fp32'))} ({row.get('engine_auto_dtype', '?')}) |")
     if device == "cpu":
         print("\nGPU figures: pending (no GPU on this machine).")
     else:
@@ -204,15 +207,9 @@ def main() -> None:
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"device": device, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-                   "torch": torch.__version__, "new_tokens": args.new_tokens, "engine_default_dtype": default,
+                   "torch": torch.__version__, "new_tokens": args.new_tokens,
                    "results": results}, f, indent=2)
     print(f"\nwrote {args.out}")
-
-
-def _cpu_bf16() -> bool:
-    from chatforge.modeling import cpu_has_bf16
-
-    return cpu_has_bf16()
 
 
 if __name__ == "__main__":

@@ -26,6 +26,18 @@ def run_cli(*args, check: bool = True, timeout: float = 600, env: dict | None = 
     return proc
 
 
+def refused(argv: list, capsys) -> str:
+    """Run the CLI in this process (no interpreter start per case): exit 2 and one line; that line."""
+    from chatforge import cli
+
+    capsys.readouterr()  # what ran before (progress bars) is not this command's output
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> str:
     """A 1024-token BPE trained on the English and Chinese demo corpus."""

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import refused, run_cli
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from chatforge.text.conversations import InvalidRecord
@@ -69,13 +69,10 @@ def test_dpo_run_writes_a_plain_chat_model_with_rewards(base_model_dir, tmp_path
     assert (out / "run_config.yaml").exists()
 
 
-def test_dpo_bad_input_is_one_line(base_model_dir, tmp_path):
+def test_dpo_bad_input_is_one_line(base_model_dir, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "chosen": "x", "rejected": "x"}\n', encoding="utf-8")
-    proc = run_cli("dpo", "--model", base_model_dir, "--data", bad, "--out", tmp_path / "o", check=False)
-    assert proc.returncode == 2 and "no usable preference pair" in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
-    proc = run_cli("dpo", "--model", base_model_dir, "--data", bad, "--out", tmp_path / "o", "--strict", check=False)
-    assert proc.returncode == 2 and f"{bad}:1: chosen and rejected are the same" in proc.stderr
-    proc = run_cli("dpo", "--model", base_model_dir, "--data", bad, "--loss-type", "nope", check=False)
-    assert proc.returncode == 2 and "--loss-type" in proc.stderr
+    argv = ["dpo", "--model", base_model_dir, "--data", bad, "--out", tmp_path / "o"]
+    assert "no usable preference pair" in refused(argv, capsys) and not (tmp_path / "o").exists()
+    assert f"{bad}:1: chosen and rejected are the same" in refused([*argv, "--strict"], capsys)
+    assert "--loss-type" in refused([*argv, "--loss-type", "nope"], capsys)

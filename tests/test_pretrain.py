@@ -144,8 +144,8 @@ def test_max_time_is_a_budget_across_resumes(tmp_path, base_model_dir, tokenizer
     is left of it (recorded in each checkpoint), not a fresh budget. With --preset auto the first run
     measures this machine and sizes the model for the budget; --resume builds that shape again, unmeasured."""
     data, out = str(Path(base_model_dir) / "data"), tmp_path / "timed"
-    args = ["pretrain", "--data", data, "--tokenizer", tokenizer_dir, "--out", out, "--context-length", 128,
-            "--save-every", 5, "--eval-every", 10_000, "--log-every", 10_000, "--report-to", "none"]
+    args = ["pretrain", "--data", data, "--tokenizer", tokenizer_dir, "--out", out, "--context-length", 64,
+            "--save-every", 2, "--eval-every", 10_000, "--log-every", 10_000, "--report-to", "none"]
     sized = run_cli(*args, "--max-time", 3)
     assert "--preset auto under --max-time 3 s" in sized.stdout and "tokens in the budget" in sized.stdout
     first = max(json.loads(p.read_text())["train_seconds"] for p in out.glob("checkpoint-*/chatforge_complete.json"))

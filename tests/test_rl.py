@@ -9,19 +9,7 @@ import pytest
 
 from chatforge.train.rewards import code_reward, exact_reward, format_reward, reward_functions
 from chatforge.train.rl import arithmetic_items
-from conftest import run_cli
-
-
-def refused(argv: list, capsys) -> str:
-    """Run the CLI in this process (no interpreter start per case): exit 2 and one line; that line."""
-    from chatforge import cli
-
-    capsys.readouterr()  # what ran before (progress bars) is not this command's output
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    return err
+from conftest import refused, run_cli
 
 
 def _said(completions: list[str]) -> list[list[dict]]:

@@ -205,6 +205,7 @@ def _shape_for_budget(cfg: PretrainConfig, tok, vocab: int, corpus_tokens: int |
     --max-epochs passes over the corpus), the depth with the lowest predicted loss; rank 0 measures and
     decides for every process."""
     import dataclasses
+    import time
 
     import torch
 
@@ -228,9 +229,11 @@ def _shape_for_budget(cfg: PretrainConfig, tok, vocab: int, corpus_tokens: int |
         rule = "the lowest predicted loss (Chinchilla's fit" if cfg.max_time else \
             f"{cfg.tokens_per_param:g} tokens per parameter (--tokens-per-param"
         log(f"--preset auto under {budget}: the depth with {rule}, train/sizing.py)")
+        started = time.perf_counter()
         shape = pick_depth(budget_tokens, vocab, ctx, cfg.arch,
                            tokens_per_param=None if cfg.max_time else cfg.tokens_per_param, log=log)
-        log(f"  -> {shape.n_layer} layers x {shape.d_model} wide, {shape.n_head} heads, context {ctx}")
+        log(f"  -> {shape.n_layer} layers x {shape.d_model} wide, {shape.n_head} heads, context {ctx} (chosen in "
+            f"{time.perf_counter() - started:.1f} s, outside the budget)")
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         box = [shape]
         torch.distributed.broadcast_object_list(box, src=0)
