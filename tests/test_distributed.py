@@ -26,7 +26,7 @@ DIST_ENV = {**ENV, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 def _args(data: str, tok: str, out: Path, *extra) -> list[str]:
     return ["-m", "chatforge", "pretrain", "--data", data, "--tokenizer", tok, "--out", str(out), *TINY,
             "--max-steps", str(STEPS), "--save-every", "10", "--eval-every", "1000", "--log-every", "10",
-            "--report-to", "none", *map(str, extra)]
+            "--report-to", "none", "--precision", "fp32", *map(str, extra)]  # fp32: equal to reduction order
 
 
 def _torchrun(*launch, args: list[str]) -> list[str]:
