@@ -43,6 +43,8 @@ def make_split(folder: str | Path) -> tuple[Path, Path]:
     train, held = folder / "train.jsonl", folder / "heldout.jsonl"
     if train.exists() and held.exists():
         return train, held
+    if train.exists() or held.exists():  # not a split this script wrote whole: never overwritten
+        raise SystemExit(f"{folder}: holds only one of train.jsonl and heldout.jsonl; use another --work folder")
     folder.mkdir(parents=True, exist_ok=True)
     docs = documents()
     for path, part in ((train, [d for i, d in enumerate(docs) if i % 10]), (held, docs[::10])):

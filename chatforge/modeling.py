@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from chatforge.errors import ChatforgeError
 
@@ -71,10 +72,8 @@ def build_config(shape: ModelShape, bos_id: int, eos_id: int, pad_id: int | None
         )
     from transformers import LlamaConfig
 
-    hidden = int(8 * shape.d_model / 3)
-    hidden = (hidden + 63) // 64 * 64  # SwiGLU width ~8/3·d, rounded for matmul efficiency
     return LlamaConfig(
-        vocab_size=shape.vocab_size, hidden_size=shape.d_model, intermediate_size=hidden,
+        vocab_size=shape.vocab_size, hidden_size=shape.d_model, intermediate_size=swiglu_width(shape.d_model),
         num_hidden_layers=shape.n_layer, num_attention_heads=shape.n_head,
         num_key_value_heads=shape.n_kv_head or shape.n_head, max_position_embeddings=shape.context_length,
         attention_dropout=shape.dropout, bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id,
@@ -105,6 +104,24 @@ def set_generation_defaults(model, tok) -> None:
     model.generation_config.eos_token_id = stops
     model.generation_config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
     model.generation_config.bos_token_id = model.config.bos_token_id
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), for reports and per-machine caches."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.lower().startswith("model name") and ":" in line:
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def swiglu_width(d_model: int) -> int:
+    """Llama's MLP width: ~8/3·d, rounded up to 64 for matmul efficiency."""
+    return (int(8 * d_model / 3) + 63) // 64 * 64
 
 
 def cpu_has_bf16() -> bool:

@@ -41,16 +41,14 @@ def decode_seconds(model, batch: int, context_length: int, fast: bool) -> float:
 
 
 def _machine_key(config, batches: list[int], fast: bool) -> str:
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = "unknown cpu"
+    from chatforge.modeling import cpu_name
+
     shape = "-".join(str(getattr(config, k, None)) for k in ("model_type", "num_hidden_layers", "hidden_size",
                                                              "num_attention_heads", "vocab_size"))
-    return f"{cpu}|{torch.get_num_threads()} threads|torch {torch.__version__}|{shape}|batch {batches}|fast {fast}"
+    return f"{cpu_name()}|{torch.get_num_threads()} threads|torch {torch.__version__}|{shape}|batch {batches}|fast {fast}"
 
 
-def cpu_decode_dtype(model_dir: str, max_batch: int, fast: bool, log=None) -> torch.dtype:
+def cpu_decode_dtype(model_dir: str, max_batch: int, fast: bool) -> torch.dtype:
     """fp32 or bf16 for decoding `model_dir` on this CPU (measured, then cached)."""
     from transformers import AutoConfig
 
@@ -66,22 +64,21 @@ def cpu_decode_dtype(model_dir: str, max_batch: int, fast: bool, log=None) -> to
         cache = json.loads(CACHE.read_text())
     except (OSError, ValueError):
         cache = {}
-    if key not in cache:
-        models = {dt: load_model(model_dir, dtype=dt).eval() for dt in (torch.float32, torch.bfloat16)}
-        ctx = context_length(config)
-        seconds = {str(dt).removeprefix("torch."): [math.inf] * len(batches) for dt in models}
-        with torch.inference_mode():  # rounds in alternating order, best of each: a shared machine is noisy
-            for round_ in range(ROUNDS):
-                for dt, model in list(models.items())[::1 if round_ % 2 == 0 else -1]:
-                    best = seconds[str(dt).removeprefix("torch.")]
-                    best[:] = [min(t, decode_seconds(model, b, ctx, fast)) for t, b in zip(best, batches)]
-        ratio = math.prod(b / f for b, f in zip(seconds["bfloat16"], seconds["float32"])) ** (1 / len(batches))
-        cache[key] = {"dtype": "bfloat16" if ratio < 1 else "float32", "bf16_over_fp32_seconds": round(ratio, 3),
-                      "seconds_per_token": seconds, "batches": batches}
-        _save(cache)
-        if log:
-            log(f"decode dtype for this CPU and model: {cache[key]['dtype']} (bf16 takes {ratio:.2f}x the time of "
-                f"fp32 per token at batch {' and '.join(map(str, batches))}; cached in {CACHE})")
+    cache = cache if isinstance(cache, dict) else {}
+    entry = cache.get(key)
+    if isinstance(entry, dict) and isinstance(getattr(torch, str(entry.get("dtype")), None), torch.dtype):
+        return getattr(torch, entry["dtype"])
+    models = {name: load_model(model_dir, dtype=getattr(torch, name)).eval() for name in ("float32", "bfloat16")}
+    seconds = {name: [math.inf] * len(batches) for name in models}
+    with torch.inference_mode():  # rounds in alternating order, best of each: a shared machine is noisy
+        for round_ in range(ROUNDS):
+            for name, model in list(models.items())[::1 if round_ % 2 == 0 else -1]:
+                seconds[name] = [min(t, decode_seconds(model, b, context_length(config), fast))
+                                 for t, b in zip(seconds[name], batches)]
+    ratio = math.prod(b / f for b, f in zip(seconds["bfloat16"], seconds["float32"])) ** (1 / len(batches))
+    cache[key] = {"dtype": "bfloat16" if ratio < 1 else "float32", "bf16_over_fp32_seconds": round(ratio, 3),
+                  "seconds_per_token": seconds, "batches": batches}
+    _save(cache)
     return getattr(torch, cache[key]["dtype"])
 
 

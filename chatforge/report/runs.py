@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from chatforge.modeling import cpu_name
 from chatforge.outputs import owner_kind
 
 # curve name -> (trainer_state.json log_history key, TensorBoard scalar tag)
@@ -117,16 +118,6 @@ def hardware(summary: dict) -> str:
             return summary[key]
     gpu_note = "trained on a CUDA GPU (model not recorded); " if "peak_memory_gib" in summary else ""
     return f"{gpu_note}not recorded by the run; this report was made on: {cpu_name()}"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
-            if line.lower().startswith("model name") and ":" in line:
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 # ---------------------------------------------------------------- curves

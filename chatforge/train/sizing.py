@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 
-from chatforge.modeling import ModelShape, padded_vocab
+from chatforge.modeling import ModelShape, padded_vocab, swiglu_width
 
 HEAD_DIM = 64
 BUDGET_CONTEXT = {"cuda": 1024, "cpu": 128}
@@ -38,9 +38,8 @@ def parameters(shape: ModelShape) -> int:
     d, v = shape.d_model, shape.vocab_size
     if shape.arch == "gpt2":
         return v * d + shape.context_length * d + shape.n_layer * (12 * d * d + 13 * d) + 2 * d
-    hidden = (int(8 * d / 3) + 63) // 64 * 64
     kv = d * (shape.n_kv_head or shape.n_head) // shape.n_head
-    return v * d + shape.n_layer * (2 * d * d + 2 * d * kv + 3 * d * hidden + 2 * d) + d
+    return v * d + shape.n_layer * (2 * d * d + 2 * d * kv + 3 * d * swiglu_width(d) + 2 * d) + d
 
 
 def predicted_loss(n_params: float, tokens: float) -> float:
