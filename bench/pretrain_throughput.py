@@ -151,7 +151,7 @@ def training_plan(args, shape) -> dict:
             "steps": args.warmup + args.steps, "lr": args.lr, "warmup_steps": max(1, (args.warmup + args.steps) // 20)}
 
 
-def run_chatforge(args, plan, tok_dir, shards, out: Path) -> dict:
+def run_chatforge(args, plan, tok_dir, shards, out: Path, compile: bool | None = None) -> dict:
     from chatforge.train.pretrain import PretrainConfig, pretrain
 
     cfg = PretrainConfig(
@@ -159,7 +159,7 @@ def run_chatforge(args, plan, tok_dir, shards, out: Path) -> dict:
         n_head=plan["n_head"], context_length=plan["seq"], micro_batch_size=plan["batch"],
         max_steps=plan["steps"], learning_rate=plan["lr"], warmup_steps=plan["warmup_steps"],
         eval_every=10**9, save_every=10**9, log_every=10**9, report_to=["none"], seed=args.seed,
-        compile=args.compile, preset="tiny", model_vocab_size=args.model_vocab)
+        compile=args.compile if compile is None else compile, preset="tiny", model_vocab_size=args.model_vocab)
     for flag in ("fused_loss", "fused_gelu", "fast_batches", "cpu_attention", "flash_attention"):
         setattr(cfg, flag, not args.no_fast)
     t0 = time.perf_counter()
@@ -340,6 +340,8 @@ def main() -> None:
     parser.add_argument("--tokenizer", help="use this tokenizer directory instead of training one")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=torch.cuda.is_available(),
                         help="torch.compile in both paths (default: on GPU only)")
+    parser.add_argument("--chatforge-compile", action="store_true",
+                        help="add a row: chatforge with --compile (on a CPU: compiled blocks), the others as --compile says")
     parser.add_argument("--no-fast", action="store_true", help="chatforge with every speed switch off")
     parser.add_argument("--nanogpt", metavar="MODEL_PY", help="add a reference row: nanoGPT's model.py (give its path) "
                         "in the same plain loop")
@@ -365,6 +367,8 @@ def main() -> None:
     print(f"device: {device}; shape {args.shape} {plan}; {len(stock_ds)} stock blocks", flush=True)
 
     runs = {"chatforge": [], "stock Trainer": []}
+    if args.chatforge_compile:
+        runs["chatforge --compile"] = []
     if args.nanogpt:
         runs["nanoGPT model.py, plain loop (reference)"] = []
     runs["stock model, plain loop (reference)"] = []
@@ -375,8 +379,8 @@ def main() -> None:
             gc.collect()
             torch._dynamo.reset()  # every path compiles from scratch: comparable times to first step
             reset_peak_memory()
-            if name == "chatforge":
-                r = run_chatforge(args, plan, tok_dir, shards, out)
+            if name.startswith("chatforge"):
+                r = run_chatforge(args, plan, tok_dir, shards, out, compile=True if name.endswith("--compile") else None)
             elif name == "stock Trainer":
                 r = run_stock(args, plan, stock_tok, stock_ds, out)
             else:

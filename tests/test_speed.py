@@ -77,6 +77,21 @@ def test_chunked_loss_bf16_autocast_close():
     assert abs(ref.item() - fast.item()) < 2e-2 * abs(ref.item())
 
 
+def test_chunked_loss_exact_for_a_confident_model():
+    """Logits hundreds apart (probabilities that underflow to 0 in fp32): the loss and its gradient still equal
+    cross-entropy's, including for a target far below the peak."""
+    torch.manual_seed(0)
+    hidden = (torch.randn(3, 20, 16) * 40).requires_grad_()
+    weight = torch.randn(50, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (3, 20))
+    ref = torch.nn.functional.cross_entropy((hidden @ weight.t())[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1))
+    ref_grads = torch.autograd.grad(ref, (hidden, weight))
+    fast = chunked_lm_loss(hidden, weight, labels, chunk_rows=16)
+    assert ref.item() > 100 and torch.allclose(fast, ref, rtol=1e-5)
+    for a, b in zip(torch.autograd.grad(fast, (hidden, weight)), ref_grads):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_block_batches_match_packed_blocks(tmp_path, tokenizer_dir):
     from chatforge.data import DataConfig, PackedBlocks, prepare
 
@@ -90,11 +105,13 @@ def test_block_batches_match_packed_blocks(tmp_path, tokenizer_dir):
 
 
 def test_speed_options_same_loss_and_plain_checkpoints(tmp_path, tokenizer_dir):
+    """Every speed switch on, `--compile` included (on a CPU: compiled blocks), against every one off."""
     from transformers import AutoModelForCausalLM
 
     common = ["--data", "demo:en", "--tokenizer", tokenizer_dir, *TINY, "--max-steps", 30, "--eval-every", 30,
               "--save-every", 30, "--report-to", "none", "--log-every", 10]
-    run_cli("pretrain", *common, "--out", tmp_path / "fast")
+    fast_run = run_cli("pretrain", *common, "--out", tmp_path / "fast", "--compile")
+    assert "2 compiled blocks" in fast_run.stdout + fast_run.stderr
     run_cli("pretrain", *common, "--out", tmp_path / "plain", "--no-fused-loss", "--no-fused-gelu", "--no-fast-batches",
             "--no-cpu-attention")
     assert "fused_loss: false" in (tmp_path / "plain" / "run_config.yaml").read_text()

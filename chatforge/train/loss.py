@@ -45,17 +45,19 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             for start in range(0, n, chunk_rows):
                 h = hidden[start:start + chunk_rows].to(compute_dtype)
                 y = targets[start:start + chunk_rows]
-                logits = (h @ w.t()).float()                          # (chunk, V), fp32 only per chunk
+                logits = h @ w.t()                                    # (chunk, V), compute dtype
                 valid = y != IGNORE_INDEX
                 safe_y = torch.where(valid, y, 0)
-                lse = torch.logsumexp(logits, dim=-1)
-                picked = logits.gather(1, safe_y[:, None]).squeeze(1)
+                # softmax's own kernel, never torch.exp: on a CPU, exp of a logit more than ~87 below the row's
+                # peak (a confident model) takes a ~5x slower path (bench/README.md). The log-sum-exp comes
+                # from the largest probability, at the peak logit (>= 1/V, it cannot underflow).
+                probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # fp32 only per chunk
+                lse = logits.amax(dim=-1).float() - probs.amax(dim=-1).log()
+                picked = logits.gather(1, safe_y[:, None]).squeeze(1).float()
                 loss += ((lse - picked) * valid).sum()
                 if need_grad:  # d loss / d logits = softmax - onehot, on valid rows, times scale
-                    grad = logits.sub_(lse[:, None]).exp_()           # softmax, in place of the logits
-                    grad.scatter_add_(1, safe_y[:, None], -torch.ones_like(lse)[:, None])
-                    grad.mul_((valid.to(grad.dtype) * scale)[:, None])
-                    grad = grad.to(compute_dtype)
+                    probs.scatter_add_(1, safe_y[:, None], -torch.ones_like(lse)[:, None])
+                    grad = probs.mul_((valid.to(probs.dtype) * scale)[:, None]).to(compute_dtype)
                     grad_hidden[start:start + chunk_rows] = (grad @ w).to(hidden.dtype)
                     grad_weight += (grad.t() @ h).float()
         ctx.save_for_backward(grad_hidden, grad_weight)

@@ -19,6 +19,7 @@ gets them.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 from chatforge.modeling import ModelShape, padded_vocab, swiglu_width
 
@@ -58,7 +59,8 @@ def step_seconds(shape: ModelShape, tok, micro: int, precision: str, cfg, steps:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = new_model(shape, tok, seed=0).to(device).train()
-    apply_speedups(model, cfg, precision, log=lambda *_: None)
+    # never compiled: a compile per candidate depth would cost more than the whole measurement
+    apply_speedups(model, replace(cfg, compile=False), precision, log=lambda *_: None)
     optimizer = make_optimizer(model, 1e-4, 0.0)
     ids = torch.randint(0, len(tok), (micro, shape.context_length), device=device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
