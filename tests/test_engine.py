@@ -98,6 +98,35 @@ def test_batching_gives_the_same_tokens(engine):
     assert _run_together(engine, prompts, params) == [a[:40 - 5 * i] for i, a in enumerate(alone)]
 
 
+def test_prompts_prefilled_together_equal_one_by_one(engine):
+    """Prompts of different lengths in one right-padded forward: each gets the logits and the cached keys
+    and values it gets prefilled alone; the scheduler groups prompts of similar length."""
+    from chatforge.engine.scheduler import prefill_groups
+
+    prompts = [engine.encode(p) for p in PROMPTS]
+    assert len({len(p) for p in prompts}) > 1
+
+    def together_and_alone(model):
+        backend, n = engine.backend, len(prompts)
+        together = backend.prefill(list(range(n)), prompts)
+        cached = [(k[:n].clone(), v[:n].clone()) for k, v in zip(backend.k, backend.v)]
+        alone = torch.cat([backend.prefill([slot], [ids]) for slot, ids in enumerate(prompts)])
+        same = all(torch.allclose(kv[slot, :, :len(ids)], now[slot, :, :len(ids)], atol=1e-5)
+                   for (k, v), k_now, v_now in zip(cached, backend.k, backend.v)
+                   for kv, now in ((k, k_now), (v, v_now)) for slot, ids in enumerate(prompts))
+        return together, alone, same
+
+    together, alone, same_cache = engine.call(together_and_alone)
+    assert together.shape == alone.shape and torch.allclose(together, alone, atol=1e-4) and same_cache
+    assert (together.argmax(-1) == alone.argmax(-1)).all()
+
+    class Prompt:
+        def __init__(self, n):
+            self.prompt_ids = [0] * n
+    groups = prefill_groups([Prompt(n) for n in (300, 3, 5, 4, 40, 2000, 2000, 2000)])
+    assert [[len(r.prompt_ids) for r in g] for g in groups] == [[3, 4, 5], [40, 300], [2000, 2000], [2000]]
+
+
 def test_static_step_equals_dynamic(model_dir, engine):
     """The fixed-shape step a GPU replays from CUDA graphs (run eagerly here): batch padded to a bucket,
     attention over the whole cache. Same greedy tokens as generate() alone and as the dynamic step in a
@@ -201,8 +230,8 @@ def test_bf16_weights_match_fp32(engine, model_dir):
         assert next(low.model.parameters()).dtype == torch.bfloat16
         ids = engine.encode(PROMPTS[0])
         with torch.inference_mode():
-            pairs = [(engine.backend.prefill(0, ids), low.backend.prefill(0, ids)),
-                     (engine.backend.prefill(1, ids[:3]), low.backend.prefill(1, ids[:3]))]
+            pairs = [(engine.backend.prefill([0], [ids])[0], low.backend.prefill([0], [ids])[0]),
+                     (engine.backend.prefill([1], [ids[:3]])[0], low.backend.prefill([1], [ids[:3]])[0])]
             for step in range(3):
                 tokens, positions = [ids[step], ids[step + 1]], [len(ids) + step, 3 + step]
                 pairs.append((engine.backend.decode(tokens, positions), low.backend.decode(tokens, positions)))

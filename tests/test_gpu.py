@@ -74,7 +74,7 @@ def test_bf16_decoding_against_generate(base_model_dir):
 
             def teacher_forced(model, ids=ids, want=want):
                 backend = engine.backend
-                rows = [backend.prefill(0, ids)]
+                rows = [backend.prefill([0], [ids])[0]]
                 rows += [backend.decode([t], [len(ids) + i])[0] for i, t in enumerate(want[:-1])]
                 return torch.stack(rows)
 

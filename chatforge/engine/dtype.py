@@ -30,8 +30,7 @@ def decode_seconds(model, batch: int, context_length: int, fast: bool) -> float:
     backend = make_backend(model, batch, context_length, fast=fast)
     prompt = min(PROMPT, context_length // 4)
     steps = max(WARMUP + 1, min(WARMUP + STEPS, context_length - prompt - 1))
-    for slot in range(batch):
-        backend.prefill(slot, [0] * prompt)
+    backend.prefill(list(range(batch)), [[0] * prompt] * batch)
     start = 0.0
     for i in range(steps):
         if i == WARMUP:

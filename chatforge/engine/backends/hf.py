@@ -16,10 +16,13 @@ class HFModel:
         self.device = next(model.parameters()).device
         self.caches: list = [None] * max_batch
 
-    def prefill(self, slot: int, ids: list[int]) -> torch.Tensor:
-        out = self.model(input_ids=torch.tensor([ids], device=self.device), use_cache=True, logits_to_keep=1)
-        self.caches[slot] = out.cache
-        return out.logits[0, -1].float()
+    def prefill(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
+        rows = []
+        for slot, ids in zip(slots, prompts):
+            out = self.model(input_ids=torch.tensor([ids], device=self.device), use_cache=True, logits_to_keep=1)
+            self.caches[slot] = out.cache
+            rows.append(out.logits[0, -1].float())
+        return torch.stack(rows)
 
     def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
         rows = []
