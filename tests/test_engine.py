@@ -325,3 +325,22 @@ def test_tiny_temperature_samples_like_greedy(engine):
     ids = engine.encode(PROMPTS[0])
     got = _run(engine, ids, SamplingParams(max_new_tokens=10, temperature=1e-300, seed=1))
     assert got[0] == _run(engine, ids, SamplingParams(max_new_tokens=10, temperature=0))[0]
+
+
+def test_sampling_draws_each_token_at_its_probability():
+    """The inverse-CDF draw: frequencies match the probabilities, a zero-probability token never comes out,
+    the same seed gives the same draws, and non-finite probabilities are an error (that request's alone)."""
+    from chatforge.engine.sampling import draw
+    from chatforge.errors import ChatforgeError
+
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.2, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0]])
+    gen = torch.Generator().manual_seed(7)
+    picks = torch.stack([draw(probs, gen) for _ in range(20000)])
+    freq = torch.bincount(picks[:, 0], minlength=5) / 20000
+    assert freq[1] == 0 and freq[4] == 0 and (freq - probs[0]).abs().max() < 0.015, freq
+    assert (picks[:, 1] == 4).all()
+    again = torch.Generator().manual_seed(7)
+    assert torch.equal(torch.stack([draw(probs, again) for _ in range(50)]), picks[:50])
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ChatforgeError, match="non-finite"):
+            draw(torch.tensor([[bad, 0.5]]), gen)
