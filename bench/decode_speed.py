@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from chatforge.engine import Engine, SamplingParams  # noqa: E402
+from chatforge.modeling import cpu_name  # noqa: E402
 
 PRESETS = {  # shape, context, vocabulary
     "tiny": (dict(n_layer=4, d_model=192, n_head=6), 256, 8192),
@@ -206,7 +206,7 @@ def main() -> None:
                 f"batch {b} {fmt(row.get(f'eager_bf16_b{b}'))}" for b in batches))
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"device": device, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+        json.dump({"device": device, "threads": torch.get_num_threads(), "cpu": cpu_name(),
                    "torch": torch.__version__, "new_tokens": args.new_tokens,
                    "results": results}, f, indent=2)
     print(f"\nwrote {args.out}")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import subprocess
 import sys
@@ -85,6 +84,8 @@ def run_side(side: str, model: str, task_file: str, batch: str, max_gen: int) ->
 
 
 def main() -> None:
+    from chatforge.modeling import cpu_name
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="a model folder (default: a random-init mini preset model)")
     parser.add_argument("--mc", type=int, default=200, help="multiple-choice questions (4 requests each)")
@@ -147,14 +148,6 @@ def same_outputs(a: list, b: list) -> bool:
 
     fa, fb = flat(a), flat(b)
     return len(fa) == len(fb) and all(abs(x - y) < 1e-3 if isinstance(x, float) else x == y for x, y in zip(fa, fb))
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

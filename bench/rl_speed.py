@@ -113,10 +113,10 @@ def main() -> None:
             row[side] = {**result, "wall": time.perf_counter() - start}
             print(f"{preset} {side}: {result}", flush=True)
         rows.append(row)
-    import platform
+    from chatforge.modeling import cpu_name
 
     print(f"\nGRPO, {args.steps} steps, {BATCH} completions of {NEW_TOKENS} tokens per step ({GENERATIONS} per "
-          f"prompt), fp32, {platform.processor() or platform.machine()}\n")
+          f"prompt), fp32, {cpu_name()}\n")
     print("| preset | chatforge steps/min | TRL steps/min | chatforge generated tokens/s | TRL | chatforge / TRL |")
     print("|---|---|---|---|---|---|")
     for row in rows:
