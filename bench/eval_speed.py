@@ -8,7 +8,8 @@ dialogues): a HellaSwag-shaped multiple choice (context ~60-120 tokens, 4 ending
 log-likelihood requests) and a generation task (short prompts, 48 new tokens, greedy). Each (side, batch
 size) runs in a fresh process; the time is lm-eval's `evaluator.evaluate` over the loaded tasks (model
 load and dataset load excluded, both the same work on either side). The `hf` side runs at batch 1, 8, 32
-and `auto`; chatforge at its default. Scores must be equal. Prints a markdown table and writes
+and `auto`; chatforge at its default batch in fp32 (outputs must be equal) and with its default
+`--dtype auto` (on a CPU with native bf16 possibly bf16: outputs then differ by rounding). Prints a markdown table and writes
 bench/results/eval_speed.json.
 """
 
@@ -68,7 +69,9 @@ def run_side(side: str, model: str, task_file: str, batch: str, max_gen: int) ->
     if side == "chatforge":
         from chatforge.eval.lm import ChatforgeLM
 
-        lm = ChatforgeLM(model, dtype="fp32", **({} if batch == "default" else {"batch_size": int(batch)}))
+        # "dtype-auto": chatforge eval's own default dtype (on a CPU with native bf16: measured, engine/dtype.py)
+        lm = ChatforgeLM(model, dtype="auto" if batch == "dtype-auto" else "fp32",
+                         **({} if batch in ("default", "dtype-auto") else {"batch_size": int(batch)}))
     else:
         from lm_eval.models.huggingface import HFLM
 
@@ -115,7 +118,7 @@ def main() -> None:
            "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": ROOT}
     rows = []
     for task, path in tasks.items():
-        runs = [("chatforge", "default")] + [("hf", b) for b in args.hf_batches.split(",")]
+        runs = [("chatforge", "default"), ("chatforge", "dtype-auto")] + [("hf", b) for b in args.hf_batches.split(",")]
         for side, batch in runs:
             proc = subprocess.run([sys.executable, __file__, "--side", side, "--model", model, "--task-file", path,
                                    "--batch", batch, "--max-gen", str(args.max_gen)],
