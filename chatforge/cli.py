@@ -53,7 +53,8 @@ def add_options(parser: argparse.ArgumentParser, cls) -> None:
             continue
         kw: dict = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
         if kind is bool:
-            kw["action"] = argparse.BooleanOptionalAction if default else "store_true"
+            # --x / --no-x where the default is on or unset (decided at run time); --x alone where it is off
+            kw["action"] = "store_true" if default is False else argparse.BooleanOptionalAction
         else:
             kw["type"] = kind
             kw["metavar"] = meta.get("metavar") or (None if meta.get("choices") else kind.__name__.upper())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 
 import pytest
 import torch
@@ -137,6 +138,25 @@ def test_speed_options_same_loss_and_plain_checkpoints(tmp_path, tokenizer_dir):
     assert torch.equal(a, b)  # checkpoint-30 and the final directory hold the same weights
     # same init, same data order: the two runs differ only by bf16 rounding
     assert (a.softmax(-1) - c.softmax(-1)).abs().max() < 0.05
+
+
+def test_compile_is_on_by_default_for_wide_cpu_runs(monkeypatch, capsys):
+    """Without --compile / --no-compile a CPU run compiles its blocks from 384 wide, where it pays, and only
+    when inductor's C++ compiler is installed; `--no-compile` and `--compile` both parse."""
+    from chatforge.cli import main
+    from chatforge.train.speedups import compile_by_default
+
+    if torch.cuda.is_available():
+        pytest.skip("the default is for CPU runs")
+    monkeypatch.setenv("CXX", sys.executable)  # any executable stands in for the compiler
+    assert compile_by_default(384) and not compile_by_default(192)
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    assert not compile_by_default(384)
+    for flag in ("--compile", "--no-compile"):
+        with pytest.raises(SystemExit) as done:  # parsed, then refused for the missing data
+            main(["pretrain", "--data", "/nonexistent/corpus", "--out", "/nonexistent/out", flag])
+        err = capsys.readouterr().err
+        assert done.value.code == 2 and "/nonexistent/corpus" in err and "unrecognized" not in err, err
 
 
 def test_fused_forward_compiles_without_graph_breaks():

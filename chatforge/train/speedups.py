@@ -68,6 +68,21 @@ def compile_blocks(model) -> int:
     return len(blocks)
 
 
+# a CPU run compiles its blocks when --compile is not given, from this width on: 1.35-1.4x a step at 6x384,
+# nothing at 4x192 and 2x128, where the LM head and loss dominate (bench/README.md)
+AUTO_COMPILE_WIDTH = 384
+
+
+def compile_by_default(d_model: int) -> bool:
+    """Whether a run without --compile / --no-compile compiles: on a CPU from AUTO_COMPILE_WIDTH, when the
+    C++ compiler inductor calls ($CXX, else g++) is installed; never by default on a GPU."""
+    import os
+    import shutil
+
+    return (not torch.cuda.is_available() and d_model >= AUTO_COMPILE_WIDTH
+            and shutil.which(os.environ.get("CXX") or "g++") is not None)
+
+
 # ---------------------------------------------------------------- causal attention on CPU
 
 CPU_ATTENTION = "chatforge_cpu"
