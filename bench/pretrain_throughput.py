@@ -9,7 +9,7 @@ first step, and the validation loss after the same number of tokens, measured fo
 fp32 evaluation of the saved model on chatforge's held-out blocks.
 
 - chatforge: `chatforge.train.pretrain.pretrain()` itself (Trainer + the speed switches of chatforge.train.speedups, bf16 where
-  supported, `--compile` on GPU), on shards from `chatforge.data.prepare`.
+  supported, `--compile` on GPU, its own compile default on a CPU), on shards from `chatforge.data.prepare`.
 - stock: `Trainer` + `GPT2LMHeadModel` (sdpa) + `DataCollatorForLanguageModeling(mlm=False)` over
   run_clm-style grouped blocks (`datasets.map` tokenize + `group_texts`), `bf16=True` where supported,
   `torch_compile=True` on GPU, fused AdamW; the documents carry the same <|endoftext|> separator.
@@ -338,8 +338,9 @@ def main() -> None:
     parser.add_argument("--model-vocab", type=int, help="model vocabulary rows (default: 50304 on the gpt2 shape, "
                         "as GPT-2 124M; else the tokenizer's)")
     parser.add_argument("--tokenizer", help="use this tokenizer directory instead of training one")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=torch.cuda.is_available(),
-                        help="torch.compile in both paths (default: on GPU only)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile in every path (default: on GPU; on a CPU chatforge decides for itself, "
+                             "compiling its blocks from 384 wide, and the others run eager)")
     parser.add_argument("--chatforge-compile", action="store_true",
                         help="add a row: chatforge with --compile (on a CPU: compiled blocks), the others as --compile says")
     parser.add_argument("--no-fast", action="store_true", help="chatforge with every speed switch off")
@@ -348,6 +349,10 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/chatforge_bench")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    if args.compile is None:  # GPU: compiled everywhere; CPU: chatforge's own default (None), the others eager
+        args.chatforge_compile_default, args.compile = (True, True) if torch.cuda.is_available() else (None, False)
+    else:
+        args.chatforge_compile_default = args.compile
 
     from chatforge.train.pretrain import flops_per_token
 
