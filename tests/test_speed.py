@@ -149,9 +149,10 @@ def test_compile_is_on_by_default_for_wide_cpu_runs(monkeypatch, capsys):
     if torch.cuda.is_available():
         pytest.skip("the default is for CPU runs")
     monkeypatch.setenv("CXX", sys.executable)  # any executable stands in for the compiler
-    assert compile_by_default(384) and not compile_by_default(192)
+    assert compile_by_default(384, True) and not compile_by_default(192, True)
+    assert not compile_by_default(384, single_process=False)  # DDP / FSDP: only when asked
     monkeypatch.setenv("CXX", "/nonexistent/c++")
-    assert not compile_by_default(384)
+    assert not compile_by_default(384, True)
     for flag in ("--compile", "--no-compile"):
         with pytest.raises(SystemExit) as done:  # parsed, then refused for the missing data
             main(["pretrain", "--data", "/nonexistent/corpus", "--out", "/nonexistent/out", flag])

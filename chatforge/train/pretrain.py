@@ -60,7 +60,7 @@ class PretrainConfig(SourceOptions, RunSettings):
     min_lr_ratio: float = option(0.1, "final learning rate as a fraction of the peak", min=0.0, max=1.0,
                                  metavar="R")
     compile: bool | None = option(None, "torch.compile: the whole model on a GPU, each transformer block on a CPU; "
-                                         "unset: on for a CPU run from 384 wide (1.35-1.4x at 6x384, nothing at "
+                                         "unset: on for a one-process CPU run from 384 wide (1.35-1.4x at 6x384, nothing at "
                                          "4x192 and below; 5-25 s to compile) when a C++ compiler is there")
     gradient_checkpointing: bool = option(False, "recompute activations in backward: less memory, slower")
     # speed switches (train/speedups.py); none changes the weights or the saved checkpoint
@@ -306,7 +306,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
     plan = Plan(max_steps, micro, accum, lr, warmup, precision, cfg.min_lr_ratio)
     d_model = getattr(model.config, "n_embd", None) or model.config.hidden_size
     n_layer = getattr(model.config, "n_layer", None) or model.config.num_hidden_layers
-    cfg.compile = compile_by_default(d_model) if cfg.compile is None else cfg.compile
+    cfg.compile = compile_by_default(d_model, world_size() == 1) if cfg.compile is None else cfg.compile
     if is_main():
         shape = {"n_layer": n_layer, "d_model": d_model, "n_head": model.config.num_attention_heads} \
             if sized_by_budget(cfg) else {}  # so that --resume builds the same model without measuring again

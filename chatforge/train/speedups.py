@@ -73,13 +73,14 @@ def compile_blocks(model) -> int:
 AUTO_COMPILE_WIDTH = 384
 
 
-def compile_by_default(d_model: int) -> bool:
-    """Whether a run without --compile / --no-compile compiles: on a CPU from AUTO_COMPILE_WIDTH, when the
-    C++ compiler inductor calls ($CXX, else g++) is installed; never by default on a GPU."""
+def compile_by_default(d_model: int, single_process: bool) -> bool:
+    """Whether a run without --compile / --no-compile compiles: a single-process CPU run from
+    AUTO_COMPILE_WIDTH, when the C++ compiler inductor calls ($CXX, else g++) is installed. Never by default
+    on a GPU, nor under DDP/FSDP, where compiled blocks are not measured or tested here."""
     import os
     import shutil
 
-    return (not torch.cuda.is_available() and d_model >= AUTO_COMPILE_WIDTH
+    return (single_process and not torch.cuda.is_available() and d_model >= AUTO_COMPILE_WIDTH
             and shutil.which(os.environ.get("CXX") or "g++") is not None)
 
 
