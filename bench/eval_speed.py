@@ -9,8 +9,8 @@ log-likelihood requests) and a generation task (short prompts, 48 new tokens, gr
 size) runs in a fresh process; the time is lm-eval's `evaluator.evaluate` over the loaded tasks (model
 load and dataset load excluded, both the same work on either side). The `hf` side runs at batch 1, 8, 32
 and `auto`; chatforge at its default batch in fp32 (outputs must be equal) and with its default
-`--dtype auto` (on a CPU with native bf16 possibly bf16: outputs then differ by rounding). Prints a markdown table and writes
-bench/results/eval_speed.json.
+`--dtype auto` (on a CPU with native bf16 possibly bf16: outputs then differ by rounding). Prints a
+markdown table and writes bench/results/eval_speed.json.
 """
 
 from __future__ import annotations

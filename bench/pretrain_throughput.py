@@ -342,7 +342,8 @@ def main() -> None:
                         help="torch.compile in every path (default: on GPU; on a CPU chatforge decides for itself, "
                              "compiling its blocks from 384 wide, and the others run eager)")
     parser.add_argument("--chatforge-compile", action="store_true",
-                        help="add a row: chatforge with --compile (on a CPU: compiled blocks), the others as --compile says")
+                        help="add a row: chatforge with --compile (on a CPU: compiled blocks), the others as "
+                             "--compile says")
     parser.add_argument("--no-fast", action="store_true", help="chatforge with every speed switch off")
     parser.add_argument("--nanogpt", metavar="MODEL_PY", help="add a reference row: nanoGPT's model.py (give its path) "
                         "in the same plain loop")
@@ -385,7 +386,8 @@ def main() -> None:
             torch._dynamo.reset()  # every path compiles from scratch: comparable times to first step
             reset_peak_memory()
             if name.startswith("chatforge"):
-                r = run_chatforge(args, plan, tok_dir, shards, out, compile=True if name.endswith("--compile") else None)
+                forced = True if name.endswith("--compile") else None
+                r = run_chatforge(args, plan, tok_dir, shards, out, compile=forced)
             elif name == "stock Trainer":
                 r = run_stock(args, plan, stock_tok, stock_ds, out)
             else:

@@ -88,12 +88,15 @@ def prefill_groups(requests: list[Request]) -> list[list[Request]]:
     """Requests to prefill together, shortest prompts first: a prompt joins the current group while padding
     to its length at most doubles the group's tokens and stays within PREFILL_TOKENS."""
     groups: list[list[Request]] = []
+    real = 0  # prompt tokens in the current group
     for req in sorted(requests, key=lambda r: len(r.prompt_ids)):
-        n, group = len(req.prompt_ids), groups[-1] if groups else None
-        if group and (len(group) + 1) * n <= min(PREFILL_TOKENS, 2 * (sum(len(r.prompt_ids) for r in group) + n)):
-            group.append(req)
+        n = len(req.prompt_ids)
+        if groups and (len(groups[-1]) + 1) * n <= min(PREFILL_TOKENS, 2 * (real + n)):
+            groups[-1].append(req)
+            real += n
         else:
             groups.append([req])
+            real = n
     return groups
 
 

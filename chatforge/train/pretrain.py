@@ -9,7 +9,7 @@ Hugging Face directory in `out/` (checkpoints in `out/checkpoint-N/`, resumable)
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from chatforge.config import option
@@ -60,8 +60,8 @@ class PretrainConfig(SourceOptions, RunSettings):
     min_lr_ratio: float = option(0.1, "final learning rate as a fraction of the peak", min=0.0, max=1.0,
                                  metavar="R")
     compile: bool | None = option(None, "torch.compile: the whole model on a GPU, each transformer block on a CPU; "
-                                         "unset: on for a one-process CPU run from 384 wide (1.35-1.4x at 6x384, nothing at "
-                                         "4x192 and below; 5-25 s to compile) when a C++ compiler is there")
+                                         "unset: on for a one-process CPU run from 384 wide (1.35-1.4x at 6x384, "
+                                         "nothing at 4x192 and below; 5-25 s to compile) when a C++ compiler is there")
     gradient_checkpointing: bool = option(False, "recompute activations in backward: less memory, slower")
     # speed switches (train/speedups.py); none changes the weights or the saved checkpoint
     fused_loss: bool = option(True, "chunked LM-head cross-entropy: no fp32 copy of the full logits")
@@ -306,7 +306,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
     plan = Plan(max_steps, micro, accum, lr, warmup, precision, cfg.min_lr_ratio)
     d_model = getattr(model.config, "n_embd", None) or model.config.hidden_size
     n_layer = getattr(model.config, "n_layer", None) or model.config.num_hidden_layers
-    cfg.compile = compile_by_default(d_model, world_size() == 1) if cfg.compile is None else cfg.compile
+    if cfg.compile is None:  # decided here, on a copy; run_config.yaml keeps the decision for --resume
+        cfg = replace(cfg, compile=compile_by_default(d_model, world_size() == 1))
     if is_main():
         shape = {"n_layer": n_layer, "d_model": d_model, "n_head": model.config.num_attention_heads} \
             if sized_by_budget(cfg) else {}  # so that --resume builds the same model without measuring again
@@ -330,7 +331,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
     trainer, metrics = run_trainer(
         cfg, cfg.out, model, tok, train, val, plan, kind="pretrain", throughput=throughput,
         # stock: DataCollatorWithPadding, which pads in Python and adds an all-ones mask
-        collator=collate_blocks if cfg.fast_batches else None, compile=cfg.compile and torch.cuda.is_available(), num_workers=cfg.num_workers,
+        collator=collate_blocks if cfg.fast_batches else None, num_workers=cfg.num_workers,
+        compile=cfg.compile and torch.cuda.is_available(),  # on a CPU apply_speedups compiled the blocks
         resume=resume, log=log, callbacks=callbacks)
     restore_forward(model)  # the stock forward (logits) for whoever uses the model object next
     trainer.save_model(cfg.out)
