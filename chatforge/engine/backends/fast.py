@@ -3,7 +3,8 @@
 Why our own forward: at the sizes chatforge trains on a CPU, HF's forward and `generate()` spend far
 longer in Python per step (cache objects, mask building, logits processors) than in matmuls
 (bench/README.md has the figures). On CPUs with native bf16 the weights are bf16 and pre-packed for
-oneDNN (attention stays fp32). On a GPU the decode step has fixed shapes and is replayed from CUDA graphs
+oneDNN, and so is the cache. Prompts are prefilled unpadded, back to back, through the same layer code as
+the decode step. On a GPU the decode step has fixed shapes and is replayed from CUDA graphs
 recorded at load time (`static=False` / `--enforce-eager` turns it off). Greedy output equals
 `model.generate()` (tested).
 """
@@ -39,11 +40,8 @@ class FastModel:
         # The static step needs every slot from the start: its tensors' addresses must never change.
         self.max_batch, self.static = max_batch, static
         shape = (max_batch if static else 1, self.n_kv, ctx, self.head_dim)
-        # bf16 weights on a CPU still attend in fp32: oneDNN's bf16 bmm at one query row is ~7x slower
-        # than fp32 (bench/README.md), and the cache is small
-        self.cache_dtype = torch.float32 if p.device.type == "cpu" else p.dtype
-        self.k = [torch.zeros(shape, dtype=self.cache_dtype, device=p.device) for _ in self.layers]
-        self.v = [torch.zeros(shape, dtype=self.cache_dtype, device=p.device) for _ in self.layers]
+        self.k = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in self.layers]
+        self.v = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in self.layers]
         self.device = p.device
         self._bind_weights(model)
         if static:  # the static step's inputs: token ids and positions, padded to a bucket of slots
@@ -89,11 +87,10 @@ class FastModel:
         x = torch.tensor(tokens, device=dev)
         pos = torch.tensor(positions, device=dev)
         span = max(positions) + 1
-        mask = None
+        visible = None
         if B > 1:  # rows at different lengths: hide each row's unused tail
-            mask = (torch.arange(span, device=dev)[None, :] > pos[:, None])[:, None, None, :]
+            visible = (torch.arange(span, device=dev)[None, :] <= pos[:, None])[:, None, None, :]
         rows = torch.arange(B, device=dev)
-        H, G, D = self.n_head, self.n_kv, self.head_dim
 
         def attend(i: int, q, k, v):
             kc, vc = self.k[i], self.v[i]
@@ -101,13 +98,9 @@ class FastModel:
                 kc[0, :, positions[0]] = k[0]
                 vc[0, :, positions[0]] = v[0]
             else:
-                kc[rows, :, pos] = k.to(kc.dtype)
-                vc[rows, :, pos] = v.to(vc.dtype)
-            keys, values = kc[:B, :, :span], vc[:B, :, :span]      # [B, G, T, D]
-            att = (q.view(B, G, H // G, D).to(kc.dtype) * self.scale) @ keys.transpose(-1, -2)  # [B, G, H/G, T]
-            if mask is not None:
-                att = att.masked_fill(mask, float("-inf"))
-            return (att.softmax(-1) @ values).view(B, H * D)
+                kc[rows, :, pos] = k
+                vc[rows, :, pos] = v
+            return self._attend_cache(q, kc[:B, :, :span], vc[:B, :, :span], visible)
 
         return self._step(x, pos, attend)
 
@@ -136,16 +129,21 @@ class FastModel:
 
         def attend(i: int, q, k, v):
             kc, vc = self.k[i], self.v[i]
-            kc[rows, :, pos] = k.to(kc.dtype)
-            vc[rows, :, pos] = v.to(vc.dtype)
-            # grouped heads as query rows of their KV head ([bucket, G, H/G, D]): the same maths as
-            # enable_gqa, which with a mask only SDPA's slow math kernel takes
-            q = q.view(bucket, self.n_kv, self.n_head // self.n_kv, self.head_dim).to(kc.dtype)
-            o = F.scaled_dot_product_attention(q, kc[:bucket, :, :span], vc[:bucket, :, :span], attn_mask=visible,
-                                               scale=self.scale)
-            return o.reshape(bucket, self.n_head * self.head_dim)
+            kc[rows, :, pos] = k
+            vc[rows, :, pos] = v
+            return self._attend_cache(q, kc[:bucket, :, :span], vc[:bucket, :, :span], visible)
 
         return self._step(x, pos, attend)
+
+    def _attend_cache(self, q, keys, values, visible) -> torch.Tensor:
+        """One query token per row against its cached keys/values [B, G, T, D] -> [B, H*D]. Grouped heads
+        are query rows of their KV head ([B, G, H/G, D]): the same maths as enable_gqa, which with a mask
+        only SDPA's slow math kernel takes. SDPA, not two bmm: on a CPU, 1.5-2x faster in fp32 at one row
+        and 2-5x in bf16, where oneDNN's bmm at one query row is slow (bench/README.md)."""
+        B, G = keys.shape[:2]
+        q = q.view(B, G, self.n_head // G, self.head_dim)
+        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, scale=self.scale)
+        return o.reshape(B, self.n_head * self.head_dim)
 
     def _capture_graphs(self) -> None:
         """Record the static step of every (batch, span) bucket as a CUDA graph, at load time (a failure shows
@@ -184,9 +182,9 @@ class FastModel:
                 pass
             warnings.warn(f"CUDA graph capture failed, decoding without graphs: {err}")
 
-    def _step(self, x: torch.Tensor, pos: torch.Tensor, attend) -> torch.Tensor:
-        """The layer stack for one token per row; `attend(layer, q, k, v)` stores k/v in the cache and
-        returns the attention output [rows, H*D]."""
+    def _step(self, x: torch.Tensor, pos: torch.Tensor, attend, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer stack over token rows `x` at positions `pos`; `attend(layer, q, k, v)` stores k/v in the
+        cache and returns the attention output [rows, H*D]. Logits for the `keep` rows (default: all)."""
         B, H, G, D = x.shape[0], self.n_head, self.n_kv, self.head_dim
         if self.arch == "gpt2":
             h = F.embedding(x, self.wte) + F.embedding(pos, self.wpe)
@@ -204,7 +202,7 @@ class FastModel:
             if self.arch != "gpt2":
                 q = q * cos + _rotate_half(q) * sin
                 k = k * cos + _rotate_half(k) * sin
-            o = attend(i, q, k, v).to(h.dtype)
+            o = attend(i, q, k, v)
             if self.arch == "gpt2":
                 h = self.linear(o, w["proj_w"], w["proj_b"], residual=h)
                 a = F.layer_norm(h, h.shape[-1:], w["ln2_w"], w["ln2_b"], self.eps)
@@ -216,6 +214,8 @@ class FastModel:
                 gu = self.linear(a, w["gate_up_w"])
                 g, u = gu.chunk(2, dim=-1)
                 h = self.linear(self.act(g) * u, w["down_w"], residual=h)
+        if keep is not None:
+            h = h[keep]
         if self.arch == "gpt2":
             h = F.layer_norm(h, h.shape[-1:], self.lnf_w, self.lnf_b, self.eps)
         else:
@@ -285,49 +285,33 @@ class FastModel:
             v[dst, :, :length] = v[src, :, :length]
 
     def _prefill(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
-        """The prompts in one causal pass through the HF modules, right-padded to the longest (causal
-        attention keeps the padding out of every real position), each one's keys/values written to its
-        slot; returns each prompt's last-position logits [n, V]."""
-        n, S, gpt2 = len(prompts), max(map(len, prompts)), self.arch == "gpt2"
-        lengths = [len(p) for p in prompts]
-        x = torch.tensor([p + [0] * (S - len(p)) for p in prompts], device=self.device)
-        pos = torch.arange(S, device=self.device)[None]
-        if gpt2:
-            h = self.model.transformer.wte(x) + self.model.transformer.wpe(pos)
-        else:
-            h = self.model.model.embed_tokens(x)
-            cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # [1, 1, S, D]
-        for i, layer in enumerate(self.layers):
-            if gpt2:
-                a = layer.ln_1(h)
-                q, k, v = layer.attn.c_attn(a).split(self.n_head * self.head_dim, dim=2)
-            else:
-                a = layer.input_layernorm(h)
-                q, k, v = layer.self_attn.q_proj(a), layer.self_attn.k_proj(a), layer.self_attn.v_proj(a)
-            q = q.view(n, S, self.n_head, self.head_dim).transpose(1, 2)
-            k = k.view(n, S, self.n_kv, self.head_dim).transpose(1, 2)
-            v = v.view(n, S, self.n_kv, self.head_dim).transpose(1, 2)
-            if not gpt2:
-                q = q * cos + _rotate_half(q) * sin
-                k = k * cos + _rotate_half(k) * sin
-            for row, (slot, length) in enumerate(zip(slots, lengths)):
-                self.k[i][slot, :, :length] = k[row, :, :length]
-                self.v[i][slot, :, :length] = v[row, :, :length]
-            if self.n_kv != self.n_head:
-                k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)
-                v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
-            o = o.transpose(1, 2).reshape(n, S, -1)
-            if gpt2:
-                h = h + layer.attn.c_proj(o)
-                h = h + layer.mlp(layer.ln_2(h))
-            else:
-                h = h + layer.self_attn.o_proj(o)
-                h = h + layer.mlp(layer.post_attention_layernorm(h))
-        h = h[torch.arange(n, device=self.device), torch.tensor(lengths, device=self.device) - 1]
-        h = self.model.transformer.ln_f(h) if gpt2 else self.model.model.norm(h)
-        return self.model.lm_head(h).float()
+        """The prompts' tokens back to back through the decode step's layers (no padding: the matmuls, the
+        step's cost, see only real tokens), each one's keys/values written to its slot; attention per prompt,
+        causal, over its slot of the cache (the queries padded to the longest prompt). Returns each
+        prompt's last-position logits [n, V]."""
+        n, S, dev = len(prompts), max(map(len, prompts)), self.device
+        H, G, D = self.n_head, self.n_kv, self.head_dim
+        lengths = torch.tensor([len(p) for p in prompts], device=dev)
+        row = torch.repeat_interleave(torch.arange(n, device=dev), lengths)  # each token's prompt
+        pos = torch.cat([torch.arange(len(p), device=dev) for p in prompts])
+        slot = torch.tensor(slots, device=dev)
 
+        def attend(i: int, q, k, v):
+            kc, vc = self.k[i], self.v[i]
+            kc[slot[row], :, pos] = k
+            vc[slot[row], :, pos] = v
+            # a prompt's padded query rows read stale cache entries past its end; their outputs are dropped
+            queries = q.new_zeros((n, S, H, D))
+            queries[row, pos] = q
+            keys, values = kc[slot, :, :S], vc[slot, :, :S]  # [n, G, S, D]
+            if G != H:
+                keys, values = keys.repeat_interleave(H // G, dim=1), values.repeat_interleave(H // G, dim=1)
+            o = F.scaled_dot_product_attention(queries.transpose(1, 2), keys, values, is_causal=True,
+                                               scale=self.scale)  # [n, H, S, D]
+            return o.transpose(1, 2)[row, pos].reshape(-1, H * D)
+
+        x = torch.tensor([t for p in prompts for t in p], device=dev)
+        return self._step(x, pos, attend, keep=lengths.cumsum(0) - 1)
 
 def _can_pack(weight: torch.Tensor) -> bool:
     """bf16 weights on a CPU with oneDNN: decode with weights pre-packed into oneDNN's blocked layout
