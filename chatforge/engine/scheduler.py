@@ -1,7 +1,8 @@
 """Continuous batching: requests, and the step that advances every running one.
 
 Between decode steps the scheduler admits waiting requests into free slots (prefill, prompts of similar
-length in one padded forward: 2.7-4x faster than one by one for 16 short prompts), then decodes one
+length in one forward, their attention padded to the longest: 2.7-4x faster than one by one for 16 short
+prompts), then decodes one
 token for every active request in one batched forward, and retires finished or cancelled ones at once.
 Active requests always occupy slots 0..n-1: a retired request's slot takes the last one's cache.
 
@@ -79,7 +80,8 @@ class Request:
             self.cancel()  # no-op when finished; frees the slot when the caller stops early
 
 
-# padded prompt tokens per prefill forward; past a few thousand, activations leave the CPU's caches
+# padded prompt tokens per prefill forward (the attention's size); past a few thousand, activations leave the
+# CPU's caches
 # (the same trade-off as TOKENS_PER_BATCH in eval/scoring.py)
 PREFILL_TOKENS = 4096
 

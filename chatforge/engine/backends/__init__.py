@@ -1,7 +1,7 @@
 """Model backends behind one interface, chosen per model at load time.
 
 A backend keeps one KV cache per slot and answers three calls, all on the engine thread:
-- `prefill(slots, prompts) -> logits [n, V]`: run whole prompts (the fast backend: in one padded
+- `prefill(slots, prompts) -> logits [n, V]`: run whole prompts (the fast backend: in one unpadded
   forward), each one's keys/values written to its slot;
 - `decode(tokens, positions) -> logits [B, V]`: one new token for each of slots 0..B-1;
 - `move(src, dst, length)`: copy a slot's cache (the scheduler keeps active requests in slots 0..n-1).
