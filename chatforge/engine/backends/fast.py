@@ -19,15 +19,15 @@ class FastModel:
 
     def __init__(self, model, max_batch: int, ctx: int, static: bool = False):
         cfg = model.config
-        self.model, self.arch = model, cfg.model_type
+        self.arch = cfg.model_type
         p = next(model.parameters())
         if self.arch == "gpt2":
-            self.layers = model.transformer.h
+            n_layer = cfg.n_layer
             self.n_head = self.n_kv = cfg.n_head
             self.head_dim = cfg.n_embd // cfg.n_head
             self.scale = self.head_dim ** -0.5 if cfg.scale_attn_weights else 1.0
         else:
-            self.layers = model.model.layers
+            n_layer = cfg.num_hidden_layers
             self.n_head, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
             self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
             self.scale = self.head_dim ** -0.5
@@ -40,8 +40,8 @@ class FastModel:
         # The static step needs every slot from the start: its tensors' addresses must never change.
         self.max_batch, self.static = max_batch, static
         shape = (max_batch if static else 1, self.n_kv, ctx, self.head_dim)
-        self.k = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in self.layers]
-        self.v = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in self.layers]
+        self.k = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in range(n_layer)]
         self.device = p.device
         self._bind_weights(model)
         if static:  # the static step's inputs: token ids and positions, padded to a bucket of slots
