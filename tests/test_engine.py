@@ -99,7 +99,7 @@ def test_batching_gives_the_same_tokens(engine):
 
 
 def test_prompts_prefilled_together_equal_one_by_one(engine):
-    """Prompts of different lengths in one right-padded forward: each gets the logits and the cached keys
+    """Prompts of different lengths in one forward: each gets the logits and the cached keys
     and values it gets prefilled alone; the scheduler groups prompts of similar length."""
     from chatforge.engine.scheduler import prefill_groups
 

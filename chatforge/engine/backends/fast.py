@@ -11,6 +11,8 @@ recorded at load time (`static=False` / `--enforce-eager` turns it off). Greedy 
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
@@ -291,15 +293,17 @@ class FastModel:
         prompt's last-position logits [n, V]."""
         n, S, dev = len(prompts), max(map(len, prompts)), self.device
         H, G, D = self.n_head, self.n_kv, self.head_dim
-        lengths = torch.tensor([len(p) for p in prompts], device=dev)
-        row = torch.repeat_interleave(torch.arange(n, device=dev), lengths)  # each token's prompt
-        pos = torch.cat([torch.arange(len(p), device=dev) for p in prompts])
+        # per token: its prompt, position and cache slot (built as lists: one host-to-device copy each)
+        row = torch.tensor([r for r, p in enumerate(prompts) for _ in p], device=dev)
+        pos = torch.tensor([i for p in prompts for i in range(len(p))], device=dev)
         slot = torch.tensor(slots, device=dev)
+        token_slot = slot[row]
+        last = torch.tensor(list(itertools.accumulate(map(len, prompts))), device=dev) - 1
 
         def attend(i: int, q, k, v):
             kc, vc = self.k[i], self.v[i]
-            kc[slot[row], :, pos] = k
-            vc[slot[row], :, pos] = v
+            kc[token_slot, :, pos] = k
+            vc[token_slot, :, pos] = v
             # a prompt's padded query rows read stale cache entries past its end; their outputs are dropped
             queries = q.new_zeros((n, S, H, D))
             queries[row, pos] = q
@@ -311,7 +315,7 @@ class FastModel:
             return o.transpose(1, 2)[row, pos].reshape(-1, H * D)
 
         x = torch.tensor([t for p in prompts for t in p], device=dev)
-        return self._step(x, pos, attend, keep=lengths.cumsum(0) - 1)
+        return self._step(x, pos, attend, keep=last)
 
 def _can_pack(weight: torch.Tensor) -> bool:
     """bf16 weights on a CPU with oneDNN: decode with weights pre-packed into oneDNN's blocked layout
