@@ -140,8 +140,8 @@ class FastModel:
     def _attend_cache(self, q, keys, values, visible) -> torch.Tensor:
         """One query token per row against its cached keys/values [B, G, T, D] -> [B, H*D]. Grouped heads
         are query rows of their KV head ([B, G, H/G, D]): the same maths as enable_gqa, which with a mask
-        only SDPA's slow math kernel takes. SDPA, not two bmm: on a CPU, 1.5-2x faster in fp32 at one row
-        and 2-5x in bf16, where oneDNN's bmm at one query row is slow (bench/README.md)."""
+        only SDPA's slow math kernel takes. SDPA, not two bmm: on a CPU ~1.7x faster in fp32 at batch 1 and
+        level at batch 64; 3-8x in bf16, where oneDNN's bmm at one query row is slow (bench/README.md)."""
         B, G = keys.shape[:2]
         q = q.view(B, G, self.n_head // G, self.head_dim)
         o = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, scale=self.scale)
