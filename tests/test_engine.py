@@ -244,8 +244,8 @@ def test_bf16_weights_match_fp32(engine, model_dir):
 
 
 def test_auto_dtype_on_a_cpu_is_measured_once_per_machine_and_shape(model_dir, tmp_path, monkeypatch):
-    """--dtype auto on a CPU with native bf16: real decode steps in both dtypes pick one, cached; the
-    engine then holds that one dtype for every request."""
+    """--dtype auto on a CPU with native bf16: real decode steps in both dtypes pick one, cached (measured
+    again when the decode code changes); the engine then holds that one dtype for every request."""
     from chatforge.engine import dtype as decode_dtype
 
     monkeypatch.setattr(decode_dtype, "CACHE", tmp_path / "cache" / "decode_dtype.json")
@@ -259,6 +259,9 @@ def test_auto_dtype_on_a_cpu_is_measured_once_per_machine_and_shape(model_dir, t
     assert decode_dtype.cpu_decode_dtype(model_dir, 4, fast=True) == torch.float16  # read back, not measured
     assert decode_dtype.cpu_decode_dtype(model_dir, 8, fast=True) in (torch.float32, torch.bfloat16)  # new key
     assert len(json.loads(decode_dtype.CACHE.read_text())) == 2
+    monkeypatch.setattr(decode_dtype, "_decode_code", lambda: "changed")  # an upgrade changed the decode path
+    assert decode_dtype.cpu_decode_dtype(model_dir, 4, fast=True) in (torch.float32, torch.bfloat16)  # measured
+    assert len(json.loads(decode_dtype.CACHE.read_text())) == 3
 
 
 def test_concurrent_callers_each_get_their_own_results(engine):

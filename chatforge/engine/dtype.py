@@ -4,13 +4,14 @@ Neither dtype wins everywhere: bf16 halves the bytes a step reads, but on some C
 per-call floor that small decode steps never amortise (bench/README.md: on an Intel Xeon with AMX the
 tiny preset decodes 2x faster in fp32 at batch 1, on AMD Zen 4 bf16 is faster). So `--dtype auto` times a
 few real decode steps in both dtypes, at batch 1 and at the engine's largest batch, and keeps the dtype
-with the lower geometric mean; the answer is cached per CPU, thread count, torch and model shape. One
-dtype per engine: bf16 and fp32 logits differ, and greedy output must not depend on how many requests
-share a step.
+with the lower geometric mean; the answer is cached per CPU, thread count, torch, model shape and
+version of the decode code. One dtype per engine: bf16 and fp32 logits differ, and greedy output must not
+depend on how many requests share a step.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -44,7 +45,15 @@ def _machine_key(config, batches: list[int], fast: bool) -> str:
 
     shape = "-".join(str(getattr(config, k, None)) for k in ("model_type", "num_hidden_layers", "hidden_size",
                                                              "num_attention_heads", "vocab_size"))
-    return f"{cpu_name()}|{torch.get_num_threads()} threads|torch {torch.__version__}|{shape}|batch {batches}|fast {fast}"
+    return (f"{cpu_name()}|{torch.get_num_threads()} threads|torch {torch.__version__}|{shape}|batch {batches}|"
+            f"fast {fast}|decode code {_decode_code()}")
+
+
+def _decode_code() -> str:
+    """A digest of the fast backend's source: a changed decode path (an upgrade) measures again."""
+    from chatforge.engine.backends import fast as fast_backend
+
+    return hashlib.sha256(Path(fast_backend.__file__).read_bytes()).hexdigest()[:12]
 
 
 def cpu_decode_dtype(model_dir: str, max_batch: int, fast: bool) -> torch.dtype:
