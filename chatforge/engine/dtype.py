@@ -11,6 +11,7 @@ depend on how many requests share a step.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -49,6 +50,7 @@ def _machine_key(config, batches: list[int], fast: bool) -> str:
             f"fast {fast}|decode code {_decode_code()}")
 
 
+@functools.cache
 def _decode_code() -> str:
     """A digest of the fast backend's source: a changed decode path (an upgrade) measures again."""
     from chatforge.engine.backends import fast as fast_backend

@@ -80,8 +80,8 @@ class Request:
             self.cancel()  # no-op when finished; frees the slot when the caller stops early
 
 
-# padded prompt tokens per prefill forward (the attention's size); past a few thousand, activations leave the
-# CPU's caches
+# prompt tokens per prefill forward, counted padded (the attention's size, and a bound on the real tokens
+# the matmuls see); past a few thousand, activations leave the CPU's caches
 # (the same trade-off as TOKENS_PER_BATCH in eval/scoring.py)
 PREFILL_TOKENS = 4096
 
