@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import re
 
 import pytest
@@ -116,24 +117,39 @@ def test_multiple_choice_task_is_refused(tmp_path, base_model_dir, capsys):
     assert "multiple-choice records; rl needs prompt/answer records" in err
 
 
-def test_grpo_run_resume_and_plain_output(tmp_path, base_model_dir):
-    """A real GRPO run on the tiny model: rewards from a built-in and a user function, KL logged, held-out
-    accuracy before and after in summary.json, checkpoints that resume, a plain HF folder with its template."""
+def test_grpo_raises_heldout_accuracy_resumes_and_saves_plain(tmp_path, base_model_dir):
+    """RL that helps on prompts it never trained on. The chat model is taught sums from labels with a sign error
+    in 2 of 3 answers ("-7" for 7): greedy, it answers negative; sampled, it gives the right sign a third of the
+    time. The exact reward favours those, and the habit it unlearns is the same on held-out prompts: accuracy
+    0.0-0.06 -> 0.10-0.27 over seeds 0-3 (bench/README.md). Also: a user reward, KL logged, resume, a plain
+    HF folder with its template."""
+    run_cli("rl", "--export", tmp_path / "task", "--operand-max", 20)
+    rng = random.Random(0)
+    noisy = []
+    for line in (tmp_path / "task" / "sft.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if rng.random() < 2 / 3:
+            record["messages"][1]["content"] = "-" + record["messages"][1]["content"]
+        noisy.append(json.dumps(record) + "\n")
+    (tmp_path / "noisy.jsonl").write_text("".join(noisy))
+    chat = tmp_path / "chat"
+    run_cli("sft", "--model", base_model_dir, "--data", tmp_path / "noisy.jsonl", "--out", chat, "--epochs", 20,
+            "--learning-rate", 2e-3, "--report-to", "none")
     mine = tmp_path / "length.py"
     mine.write_text("def brief(prompts, completions, **kw):\n"
                     "    return [1.0 if len(c[0]['content']) < 8 else 0.0 for c in completions]\n")
     out = tmp_path / "rl"
-    args = ["rl", "--model", base_model_dir, "--out", out, "--operand-max", 6, "--reward", "exact", "--reward",
-            f"{mine}:brief", "--max-completion-length", 6, "--save-every", 2, "--eval-every", 2,
-            "--report-to", "none", "--learning-rate", 1e-4]
-    first = run_cli(*args, "--max-steps", 2)
+    args = ["rl", "--model", chat, "--out", out, "--operand-max", 20, "--reward", "exact", "--reward",
+            f"{mine}:brief", "--max-completion-length", 4, "--save-every", 20, "--eval-every", 20,
+            "--report-to", "none", "--learning-rate", 3e-4]
+    first = run_cli(*args, "--max-steps", 40)
     assert "held-out accuracy before:" in first.stdout
-    resumed = run_cli(*args, "--max-steps", 4, "--resume")
-    assert "resuming from" in resumed.stdout and "held-out accuracy" in resumed.stdout
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 4 and summary["heldout_prompts"] == 10
-    assert 0 <= summary["heldout_accuracy_before"] <= 1 and 0 <= summary["eval_accuracy"] <= 1
+    assert summary["heldout_prompts"] == 88 and summary["eval_accuracy"] > summary["heldout_accuracy_before"] + 0.05
     assert {"reward", "reward_std", "kl", "completions/mean_length"} <= summary.keys()
+    resumed = run_cli(*args, "--max-steps", 42, "--resume")
+    assert "resuming from" in resumed.stdout and "held-out accuracy" in resumed.stdout
+    assert json.loads((out / "summary.json").read_text())["steps"] == 42
     assert f"{mine}:brief" in (out / "run_config.yaml").read_text()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
