@@ -86,6 +86,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", default="tiny,mini")
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=2, help="runs of each side, alternating order; the best counts")
     ap.add_argument("--worker", nargs=3, metavar=("SIDE", "MODEL", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -101,22 +102,23 @@ def main() -> None:
     rows = []
     for preset in args.presets.split(","):
         model = make_random_model(os.path.join(tmp, preset), preset)
-        row = {"preset": preset}
-        for side in ("chatforge", "trl"):
-            start = time.perf_counter()
-            done = subprocess.run([sys.executable, os.path.abspath(__file__), "--steps", str(args.steps), "--worker",
-                                   side, model, os.path.join(tmp, f"{preset}-{side}")],
-                                  capture_output=True, text=True, env=env)
-            if done.returncode:
-                raise SystemExit(f"{side} failed:\n{done.stderr[-3000:]}")
-            result = json.loads(done.stdout.strip().splitlines()[-1])
-            row[side] = {**result, "wall": time.perf_counter() - start}
-            print(f"{preset} {side}: {result}", flush=True)
+        row: dict = {"preset": preset}
+        for rnd in range(args.rounds):
+            for side in ("chatforge", "trl") if rnd % 2 == 0 else ("trl", "chatforge"):
+                done = subprocess.run([sys.executable, os.path.abspath(__file__), "--steps", str(args.steps),
+                                       "--worker", side, model, os.path.join(tmp, f"{preset}-{side}-{rnd}")],
+                                      capture_output=True, text=True, env=env)
+                if done.returncode:
+                    raise SystemExit(f"{side} failed:\n{done.stderr[-3000:]}")
+                result = json.loads(done.stdout.strip().splitlines()[-1])
+                print(f"{preset} round {rnd} {side}: {result}", flush=True)
+                if side not in row or result["seconds"] / result["steps"] < row[side]["seconds"] / row[side]["steps"]:
+                    row[side] = result
         rows.append(row)
-    from chatforge.modeling import cpu_name
+    from chatforge.modeling import cpu_name, resolve_precision
 
     print(f"\nGRPO, {args.steps} steps, {BATCH} completions of {NEW_TOKENS} tokens per step ({GENERATIONS} per "
-          f"prompt), fp32, {cpu_name()}\n")
+          f"prompt), {resolve_precision('auto')}, best of {args.rounds} alternating rounds, {cpu_name()}\n")
     print("| preset | chatforge steps/min | TRL steps/min | chatforge generated tokens/s | TRL | chatforge / TRL |")
     print("|---|---|---|---|---|---|")
     for row in rows:

@@ -121,7 +121,7 @@ def test_grpo_raises_heldout_accuracy_resumes_and_saves_plain(tmp_path, base_mod
     """RL that helps on prompts it never trained on. The chat model is taught sums from labels with a sign error
     in 2 of 3 answers ("-7" for 7): greedy, it answers negative; sampled, it gives the right sign a third of the
     time. The exact reward favours those, and the habit it unlearns is the same on held-out prompts: accuracy
-    0.0-0.06 -> 0.10-0.27 over seeds 0-3 (bench/README.md). Also: a user reward, KL logged, resume, a plain
+    0.01-0.06 -> 0.14-0.27 over seeds (README, `chatforge rl`). Also: a user reward, KL logged, resume, a plain
     HF folder with its template."""
     run_cli("rl", "--export", tmp_path / "task", "--operand-max", 20)
     rng = random.Random(0)
