@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +56,26 @@ def base_model_dir(tmp_path_factory, tokenizer_dir) -> str:
             *TINY, "--max-steps", 300, "--learning-rate", 3e-3, "--eval-every", 100, "--save-every", 150,
             "--report-to", "none")
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def sign_habit(tmp_path_factory, base_model_dir) -> tuple[str, Path]:
+    """A chat model with a habit to unlearn, for dpo and rl: taught sums (rl's arithmetic task, operands up to
+    20) from labels with a sign error in 2 of 3 answers ("-7" for 7), it answers most sums negative when
+    greedy and gives the right sign a third of the time when sampling. (model folder, the task's export)."""
+    root = tmp_path_factory.mktemp("habit")
+    run_cli("rl", "--export", root / "task", "--operand-max", 20)
+    rng = random.Random(0)
+    noisy = []
+    for line in (root / "task" / "sft.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if rng.random() < 2 / 3:
+            record["messages"][1]["content"] = "-" + record["messages"][1]["content"]
+        noisy.append(json.dumps(record) + "\n")
+    (root / "noisy.jsonl").write_text("".join(noisy))
+    run_cli("sft", "--model", base_model_dir, "--data", root / "noisy.jsonl", "--out", root / "chat", "--epochs", 20,
+            "--learning-rate", 2e-3, "--report-to", "none")
+    return str(root / "chat"), root / "task"
 
 
 @pytest.fixture(scope="session")

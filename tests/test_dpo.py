@@ -1,4 +1,4 @@
-"""chatforge dpo: preference pairs in every supported format, a real (tiny) DPO run on TRL, bad input."""
+"""chatforge dpo: preference pairs in every supported format, a real (tiny) DPO run on TRL that changes\nheld-out answers, bad input."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import pytest
 from conftest import refused, run_cli
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from chatforge import cli
+from chatforge.engine import Engine, SamplingParams
 from chatforge.text.conversations import InvalidRecord
 from chatforge.text.preferences import to_preference
 
@@ -40,28 +42,55 @@ def test_unusable_pairs_say_why(record, reason):
         to_preference(record)
 
 
-def write_pairs(path: Path, n: int) -> Path:
+def write_pairs(path: Path, task: Path, n: int) -> Path:
+    """n pairs on the first training sums of the sign-habit task, TRL and ShareGPT records alternating: the
+    right answer chosen, the habit's negative one rejected; and one pair that is no preference."""
     rows = []
-    for i in range(n):
+    for i, line in enumerate((task / "train.jsonl").read_text().splitlines()[:n]):
+        item = json.loads(line)
+        good, bad = item["answer"], "-" + item["answer"]
         if i % 2:
-            rows.append({"prompt": f"What is {i} plus {i}?", "chosen": f"It is {2 * i}.", "rejected": "I do not know."})
+            rows.append({"prompt": item["prompt"], "chosen": good, "rejected": bad})
         else:
-            rows.append({"conversations": [{"from": "human", "value": f"Say {i}."}],
-                         "chosen": {"from": "gpt", "value": f"{i}."}, "rejected": {"from": "gpt", "value": "No."}})
+            rows.append({"conversations": [{"from": "human", "value": item["prompt"]}],
+                         "chosen": {"from": "gpt", "value": good}, "rejected": {"from": "gpt", "value": bad}})
     rows.append({"prompt": "broken", "chosen": "x", "rejected": "x"})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
 
 
-def test_dpo_run_writes_a_plain_chat_model_with_rewards(base_model_dir, tmp_path):
-    data = write_pairs(tmp_path / "prefs.jsonl", 16)
+def greedy_answers(model_dir: str, prompts: list[str]) -> list[str]:
+    engine = Engine(model_dir)
+    try:
+        return [engine.complete(engine.chat_prompt([{"role": "user", "content": p}]),
+                                SamplingParams(max_new_tokens=4, temperature=0)).text for p in prompts]
+    finally:
+        engine.close()
+
+
+def negative_share(answers: list[str]) -> float:
+    return sum(a.startswith("-") for a in answers) / len(answers)
+
+
+def test_dpo_teaches_the_preferred_style_on_heldout_prompts(sign_habit, tmp_path, capsys):
+    """Preferences against the sign habit: the held-out reward margin grows from 0 (the policy starts as its
+    reference) and the greedy answers to sums no pair contains lose the minus sign (0.88-0.98 of them negative
+    before, 0.09-0.11 after, over three seeds). The output is a plain chat model that `chatforge chat` runs."""
+    chat, task = sign_habit
+    data = write_pairs(tmp_path / "prefs.jsonl", task, 32)
     out = tmp_path / "dpo"
-    proc = run_cli("dpo", "--model", base_model_dir, "--data", data, "--out", out, "--max-steps", 4,
-                   "--micro-batch-size", 4, "--eval-fraction", 0.25, "--learning-rate", 1e-4, "--report-to", "none")
-    assert "preference pairs: 16 usable" in proc.stdout and "chosen and rejected are the same" in proc.stdout
+    proc = run_cli("dpo", "--model", chat, "--data", data, "--out", out, "--max-steps", 16, "--micro-batch-size", 4,
+                   "--eval-fraction", 0.25, "--learning-rate", 5e-4, "--report-to", "none")
+    assert "preference pairs: 32 usable" in proc.stdout and "chosen and rejected are the same" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 4 and summary["train_pairs"] == 12 and summary["eval_pairs"] == 4
-    assert 0 <= summary["eval_rewards/accuracies"] <= 1 and "eval_rewards/margins" in summary
+    assert summary["steps"] == 16 and summary["train_pairs"] == 24 and summary["eval_pairs"] == 8
+    assert summary["eval_rewards/margins"] > 0.2 and summary["eval_rewards/accuracies"] >= 0.75
+    held = [json.loads(line)["prompt"] for line in (task / "heldout.jsonl").read_text().splitlines()]
+    after = greedy_answers(str(out), held)
+    assert negative_share(greedy_answers(chat, held)) > 0.6 and negative_share(after) < 0.3
+    capsys.readouterr()
+    cli.main(["chat", str(out), "--prompt", held[0], "--temperature", "0", "--max-new-tokens", "4"])
+    assert capsys.readouterr().out.strip() == after[0].strip() != ""
     model = AutoModelForCausalLM.from_pretrained(out)  # plain transformers, no chatforge
     tok = AutoTokenizer.from_pretrained(out)
     assert tok.chat_template and model.generation_config.eos_token_id

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 import re
 
 import pytest
@@ -117,24 +116,11 @@ def test_multiple_choice_task_is_refused(tmp_path, base_model_dir, capsys):
     assert "multiple-choice records; rl needs prompt/answer records" in err
 
 
-def test_grpo_raises_heldout_accuracy_resumes_and_saves_plain(tmp_path, base_model_dir):
-    """RL that helps on prompts it never trained on. The chat model is taught sums from labels with a sign error
-    in 2 of 3 answers ("-7" for 7): greedy, it answers negative; sampled, it gives the right sign a third of the
-    time. The exact reward favours those, and the habit it unlearns is the same on held-out prompts: accuracy
-    0.01-0.06 -> 0.14-0.27 over seeds (README, `chatforge rl`). Also: a user reward, KL logged, resume, a plain
-    HF folder with its template."""
-    run_cli("rl", "--export", tmp_path / "task", "--operand-max", 20)
-    rng = random.Random(0)
-    noisy = []
-    for line in (tmp_path / "task" / "sft.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if rng.random() < 2 / 3:
-            record["messages"][1]["content"] = "-" + record["messages"][1]["content"]
-        noisy.append(json.dumps(record) + "\n")
-    (tmp_path / "noisy.jsonl").write_text("".join(noisy))
-    chat = tmp_path / "chat"
-    run_cli("sft", "--model", base_model_dir, "--data", tmp_path / "noisy.jsonl", "--out", chat, "--epochs", 20,
-            "--learning-rate", 2e-3, "--report-to", "none")
+def test_grpo_raises_heldout_accuracy_resumes_and_saves_plain(tmp_path, sign_habit):
+    """RL that helps on prompts it never trained on: the exact reward favours the sampled answers with the right
+    sign, and the habit it unlearns on the training sums is the same on the held-out ones: accuracy 0.01-0.06 ->
+    0.14-0.27 over seeds (README, `chatforge rl`). Also: a user reward, KL logged, resume, a plain HF folder."""
+    chat, _ = sign_habit
     mine = tmp_path / "length.py"
     mine.write_text("def brief(prompts, completions, **kw):\n"
                     "    return [1.0 if len(c[0]['content']) < 8 else 0.0 for c in completions]\n")
