@@ -210,6 +210,8 @@ BAD = [
     # sharding
     ("fsdp and deepspeed", ["pretrain", "--data", "corpus", "--fsdp", "--deepspeed", "ds.json"], "two ways to shard"),
     ("fsdp offload alone", ["sft", "--model", "model", "--data", "demo", "--fsdp-offload"], "it needs --fsdp"),
+    ("muon under fsdp", ["pretrain", "--data", "corpus", "--fsdp", "--optimizer", "muon"], "not with --fsdp"),
+    ("unknown optimizer", ["pretrain", "--data", "corpus", "--optimizer", "sgd"], "invalid choice"),
     ("deepspeed config missing", ["pretrain", "--data", "corpus", "--deepspeed", "nope.json"], "cannot read"),
     ("deepspeed config not JSON", ["dpo", "--model", "model", "--data", "p.jsonl", "--deepspeed", "y_bad.yaml"],
      "not a JSON config"),

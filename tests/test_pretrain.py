@@ -87,6 +87,25 @@ def test_kill_and_resume_gives_identical_weights(tmp_path, base_model_dir, token
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed run differs from the uninterrupted one"
 
 
+def test_muon_checkpoint_resumes_to_the_same_weights(tmp_path, base_model_dir, tokenizer_dir):
+    """--optimizer muon (Muon and AdamW chained): its checkpoint carries both optimizers' state, and a run
+    resumed from it ends with the uninterrupted run's weights."""
+    data = str(Path(base_model_dir) / "data")
+    args = ["pretrain", "--data", data, "--tokenizer", tokenizer_dir, *TINY, "--max-steps", 6, "--save-every", 3,
+            "--eval-every", 1000, "--report-to", "none", "--optimizer", "muon"]
+    straight = tmp_path / "straight"
+    assert "muon at lr 0.003" in run_cli(*args, "--out", straight).stdout
+    muon, adamw = torch.load(straight / "checkpoint-3" / "optimizer.pt", weights_only=True)["optimizers"]
+    assert all("momentum_buffer" in s for s in muon["state"].values()) and len(muon["state"]) == 2 * 4
+    assert all("exp_avg" in s for s in adamw["state"].values())
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight / "checkpoint-3", resumed / "checkpoint-3")
+    shutil.copy(straight / "chatforge_output.json", resumed)
+    assert "resuming from" in run_cli(*args, "--out", resumed, "--resume").stdout
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_resume_at_the_last_step_changes_nothing(tmp_path, base_model_dir, tokenizer_dir):
     """Killed after its last checkpoint, before the final save: --resume trains nothing more (the Trainer
     runs one step past max_steps when resumed there; the schedule makes it a no-op)."""
@@ -107,7 +126,7 @@ def test_model_vocab_size_pads_the_embeddings(tokenizer_dir):
     from chatforge.train.pretrain import PretrainConfig, _build_model
 
     tok = load_tokenizer(tokenizer_dir)
-    model, _ = _build_model(PretrainConfig(data=["demo"], preset="tiny", n_layer=1, d_model=32, n_head=2, context_length=32,
+    model, _, _ = _build_model(PretrainConfig(data=["demo"], preset="tiny", n_layer=1, d_model=32, n_head=2, context_length=32,
                                            model_vocab_size=len(tok) + 100), tok, print)
     assert model.config.vocab_size == model.get_input_embeddings().weight.shape[0] == -(-(len(tok) + 100) // 64) * 64
     try:
@@ -128,14 +147,15 @@ def test_a_token_budget_picks_the_deepest_shape_it_can_train(tokenizer_dir):
     tok = load_tokenizer(tokenizer_dir)
     sizes = [parameters(depth_shape(d, len(tok), 64)) for d in (1, 2, 3)]
     lines = []
-    model, ctx = _build_model(PretrainConfig(data=["demo"], context_length=64, max_tokens=sizes[1] * 2,
-                                             tokens_per_param=1.5), tok, lines.append)
+    model, ctx, passes = _build_model(PretrainConfig(data=["demo"], context_length=64, max_tokens=sizes[1] * 2,
+                                                     tokens_per_param=1.5), tok, lines.append)
+    assert passes == float("inf")  # no corpus size given: passes unknown, so never Muon's few-passes case
     assert ctx == 64 and (model.config.n_layer, model.config.n_embd, model.config.n_head) == (2, 128, 2)
     assert sum(p.numel() for p in model.parameters()) == sizes[1] < sizes[1] * 2 / 1.5 < sizes[2]
     assert any("--tokens-per-param" in line for line in lines)
-    model, _ = _build_model(PretrainConfig(data=["demo"], max_tokens=10), tok, print)  # less than any: depth 1
+    model, _, _ = _build_model(PretrainConfig(data=["demo"], max_tokens=10), tok, print)  # less than any: depth 1
     assert model.config.n_layer == 1
-    model, _ = _build_model(PretrainConfig(data=["demo"], max_tokens=10, n_layer=3), tok, print)  # a shape given
+    model, _, _ = _build_model(PretrainConfig(data=["demo"], max_tokens=10, n_layer=3), tok, print)  # a shape given
     assert (model.config.n_layer, model.config.n_embd) == (3, 192)
 
 
@@ -151,6 +171,8 @@ def test_max_time_is_a_budget_across_resumes(tmp_path, base_model_dir, tokenizer
     first = max(json.loads(p.read_text())["train_seconds"] for p in out.glob("checkpoint-*/chatforge_complete.json"))
     assert first >= 2.5
     saved = yaml.safe_load((out / "run_config.yaml").read_text())
+    # Muon when the budget sees the corpus at most twice (machine speed decides here), at 3x AdamW's rate
+    assert "optimizer: " in sized.stdout and saved["learning_rate"] == {"muon": 3e-3, "adamw": 1e-3}[saved["optimizer"]]
     resumed = run_cli(*args, "--max-time", 5, "--resume")
     assert "already spent before this resume" in resumed.stdout and "--preset auto" not in resumed.stdout
     model = AutoModelForCausalLM.from_pretrained(out)  # a plain HF directory of the chosen shape

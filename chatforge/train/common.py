@@ -144,15 +144,54 @@ def trained_seconds(checkpoint: str | None) -> float:
 # ---------------------------------------------------------------- optimizer and schedule
 
 
-def make_optimizer(model, lr: float, weight_decay: float, betas=(0.9, 0.95)):
-    """AdamW with weight decay on matrices only (not biases, norms); fused kernel where available."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+OPTIMIZERS = ("adamw", "muon")
+
+
+def make_optimizer(model, lr: float, weight_decay: float, betas=(0.9, 0.95), kind: str = "adamw"):
+    """AdamW with weight decay on matrices only (not biases, norms); fused kernel where available. `muon`:
+    torch.optim.Muon on the hidden matrices (attention and MLP), at the learning rate whose update size
+    matches AdamW's (`match_rms_adamw`), and AdamW on the embeddings, the LM head, biases and norms."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    hidden: list = []
+    if kind == "muon":
+        embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+        head = model.get_output_embeddings()
+        embeddings |= {id(head.weight)} if head is not None else set()
+        hidden = [p for p in params if p.dim() == 2 and id(p) not in embeddings]
+    rest = [p for p in params if all(p is not h for h in hidden)]
+    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
     try:
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
+        adamw = torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
     except (RuntimeError, TypeError):  # fused AdamW unsupported for this device/dtype
-        return torch.optim.AdamW(groups, lr=lr, betas=betas)
+        adamw = torch.optim.AdamW(groups, lr=lr, betas=betas)
+    if not hidden:
+        return adamw
+    return OptimizerChain(torch.optim.Muon(hidden, lr=lr, weight_decay=weight_decay,
+                                           adjust_lr_fn="match_rms_adamw"), adamw)
+
+
+class OptimizerChain(torch.optim.Optimizer):
+    """Optimizers over disjoint parameters, stepped as one: a single object for the Trainer and the LR
+    scheduler, which share the inner optimizers' parameter groups (a schedule scales all of them alike)."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer):
+        self.optimizers = optimizers
+        super().__init__([group for opt in optimizers for group in opt.param_groups], {})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for opt in self.optimizers:
+            opt.step()
+        return loss
+
+    def state_dict(self) -> dict:
+        return {"optimizers": [opt.state_dict() for opt in self.optimizers]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        for opt, state in zip(self.optimizers, state_dict["optimizers"], strict=True):
+            opt.load_state_dict(state)
 
 
 class Schedule:
@@ -198,6 +237,7 @@ class Plan:
     warmup: int
     precision: str
     min_lr_ratio: float = 0.1
+    optimizer: str = "adamw"
 
 
 def run_trainer(cfg: RunSettings, out: str, model, tok, train, evals, plan: Plan, *, kind: str, throughput,
@@ -226,7 +266,7 @@ def run_trainer(cfg: RunSettings, out: str, model, tok, train, evals, plan: Plan
         trainer_extra = {"data_collator": collator, **(trainer_extra or {})}
     trainer = chatforge_trainer(trainer_class or Trainer)(
         model=model, args=args, train_dataset=train, eval_dataset=evals if evals and len(evals) else None,
-        processing_class=tok, make_optimizer=lambda m: make_optimizer(m, plan.learning_rate, cfg.weight_decay),
+        processing_class=tok, make_optimizer=lambda m: make_optimizer(m, plan.learning_rate, cfg.weight_decay, kind=plan.optimizer),
         make_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule), **(trainer_extra or {}))
     ours = [throughput, *callbacks]
     if cfg.max_time:

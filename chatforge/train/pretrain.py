@@ -1,7 +1,7 @@
 """Stage 4: pretrain a GPT from scratch with the transformers `Trainer` (causal LM, never masked LM).
 
 Pipeline: tokenizer (trained if none given) -> packed shards (prepared once, cached) -> a stock
-GPT2LMHeadModel / LlamaForCausalLM from a size preset -> Trainer with AdamW, warm-up + cosine/WSD,
+GPT2LMHeadModel / LlamaForCausalLM from a size preset -> Trainer with AdamW (or Muon), warm-up + cosine/WSD,
 clipping, accumulation to a batch measured in tokens, bf16 where the hardware has it -> a standard
 Hugging Face directory in `out/` (checkpoints in `out/checkpoint-N/`, resumable).
 """
@@ -17,7 +17,7 @@ from chatforge.errors import ChatforgeError
 from chatforge.modeling import ARCHS, PRESETS
 from chatforge.text.sources import SourceOptions
 from chatforge.text.tokenizer import MIN_VOCAB
-from chatforge.train.common import RunSettings
+from chatforge.train.common import OPTIMIZERS, RunSettings, world_size
 
 
 @dataclass
@@ -59,6 +59,9 @@ class PretrainConfig(SourceOptions, RunSettings):
                                           metavar="N")
     min_lr_ratio: float = option(0.1, "final learning rate as a fraction of the peak", min=0.0, max=1.0,
                                  metavar="R")
+    optimizer: str | None = option(None, "adamw, or muon: torch.optim.Muon on the hidden matrices, AdamW on the "
+                                         "rest (unset: muon where --preset auto sizes a one-process run for a "
+                                         "budget that sees the corpus at most twice, else adamw)", choices=OPTIMIZERS)
     compile: bool | None = option(None, "torch.compile: the whole model on a GPU, each transformer block on a CPU; "
                                          "unset: on for a one-process CPU run from 384 wide (1.35-1.4x at 6x384, "
                                          "nothing at 4x192 and below; 5-25 s to compile) when a C++ compiler is there")
@@ -83,6 +86,9 @@ class PretrainConfig(SourceOptions, RunSettings):
             raise ChatforgeError("pretrain needs --data (a folder, files, hf:NAME or demo)")
         if self.fp8 and (not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9)):
             raise ChatforgeError("--fp8 needs an NVIDIA GPU with FP8 matmuls (compute capability 8.9+: Ada, Hopper)")
+        if self.optimizer == "muon" and (self.fsdp or self.deepspeed):  # it orthogonalises whole matrices
+            raise ChatforgeError("--optimizer muon needs whole weight matrices on every process: not with --fsdp or "
+                                 "--deepspeed")
         if any(shard_folders(self.data)) and not self.tokenizer and not self.init_from:  # before any folder
             raise ChatforgeError("--data: shard folders need --tokenizer DIR (the tokenizer they were made with)")
 
@@ -173,6 +179,7 @@ def _blocks(folders: list[tuple[str, float]], manifests: list[dict], ctx: int, c
 
 
 def _build_model(cfg: PretrainConfig, tok, log, corpus_tokens: int | None = None):
+    """(model, context length, passes over the corpus the budget affords: None unless the budget sized it)."""
     from chatforge.modeling import context_length, load_model, new_model, resolve_shape, set_generation_defaults
 
     if cfg.init_from:
@@ -184,16 +191,17 @@ def _build_model(cfg: PretrainConfig, tok, log, corpus_tokens: int | None = None
         if model.get_input_embeddings().weight.shape[0] < len(tok):
             raise ChatforgeError(f"{cfg.init_from}: the model's vocabulary is smaller than its tokenizer's")
         set_generation_defaults(model, tok)
-        return model, ctx
+        return model, ctx, None
     if cfg.model_vocab_size is not None and cfg.model_vocab_size < len(tok):
         raise ChatforgeError(f"--model-vocab-size {cfg.model_vocab_size} is below the tokenizer's {len(tok)} tokens")
     vocab = max(len(tok), cfg.model_vocab_size or 0)
+    passes = None
     if sized_by_budget(cfg):
-        shape = _shape_for_budget(cfg, tok, vocab, corpus_tokens, log)
+        shape, passes = _shape_for_budget(cfg, tok, vocab, corpus_tokens, log)
     else:
         shape = resolve_shape(cfg.arch, resolved_preset(cfg.preset), vocab, cfg.n_layer, cfg.d_model, cfg.n_head,
                               cfg.n_kv_head, cfg.context_length, cfg.dropout)
-    return new_model(shape, tok, seed=cfg.seed), shape.context_length
+    return new_model(shape, tok, seed=cfg.seed), shape.context_length, passes
 
 
 def sized_by_budget(cfg: PretrainConfig) -> bool:
@@ -212,20 +220,24 @@ def _shape_for_budget(cfg: PretrainConfig, tok, vocab: int, corpus_tokens: int |
     import torch
 
     from chatforge.modeling import resolve_precision
-    from chatforge.train.common import is_main, world_size
+    from chatforge.train.common import is_main
     from chatforge.train.sizing import BUDGET_CONTEXT, pick_depth, step_seconds
 
     ctx = cfg.context_length or BUDGET_CONTEXT["cuda" if torch.cuda.is_available() else "cpu"]
     micro, precision = micro_batch(cfg), resolve_precision(cfg.precision)
 
+    measured: dict = {}
+
     def budget_tokens(shape) -> float:
         tokens = min(cfg.max_tokens or float("inf"), cfg.max_epochs * (corpus_tokens or float("inf")))
         if cfg.max_time:
-            tokens = min(tokens, cfg.max_time / step_seconds(shape, tok, micro, precision, cfg) * micro * ctx
-                         * world_size())
+            key = repr(shape)  # each depth measured once: the chosen one's passes reuse its step time
+            if key not in measured:
+                measured[key] = step_seconds(shape, tok, micro, precision, cfg)
+            tokens = min(tokens, cfg.max_time / measured[key] * micro * ctx * world_size())
         return tokens
 
-    shape = None
+    shape, passes = None, None
     if is_main():
         budget = f"--max-time {cfg.max_time:g} s" if cfg.max_time else f"--max-tokens {cfg.max_tokens:,}"
         rule = "the lowest predicted loss (Chinchilla's fit" if cfg.max_time else \
@@ -236,11 +248,27 @@ def _shape_for_budget(cfg: PretrainConfig, tok, vocab: int, corpus_tokens: int |
                            tokens_per_param=None if cfg.max_time else cfg.tokens_per_param, log=log)
         log(f"  -> {shape.n_layer} layers x {shape.d_model} wide, {shape.n_head} heads, context {ctx} (chosen in "
             f"{time.perf_counter() - started:.1f} s, outside the budget)")
+        passes = budget_tokens(shape) / corpus_tokens if corpus_tokens else float("inf")
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         box = [shape]
         torch.distributed.broadcast_object_list(box, src=0)
         shape = box[0]
-    return dataclasses.replace(shape, dropout=cfg.dropout)
+    return dataclasses.replace(shape, dropout=cfg.dropout), passes
+
+
+# Muon beat AdamW by 7-8% in held-out bits per byte at 1.75 passes over a corpus and overfitted far worse at 12
+# (the quickstart's: val loss 3.95 against 2.93); bench/README.md
+MUON_MAX_PASSES = 2.0
+
+
+def budget_optimizer(passes: float | None, log) -> str:
+    """--optimizer unset: muon for a budget-sized one-process run that sees its corpus at most MUON_MAX_PASSES
+    times, else adamw."""
+    if passes is None or world_size() > 1:
+        return "adamw"
+    choice = "muon" if passes <= MUON_MAX_PASSES else "adamw"
+    log(f"optimizer: {choice} (the budget passes over the corpus {passes:.1f} times; Muon up to {MUON_MAX_PASSES:g})")
+    return choice
 
 
 def flops_per_token(model, n_layer: int, d_model: int, seq: int) -> float:
@@ -274,7 +302,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
     from chatforge.modeling import count_parameters, resolve_precision
     from chatforge.outputs import check_not_inputs, claim
     from chatforge.train.callbacks import Throughput
-    from chatforge.train.common import RUN_CONFIG, Plan, finish_run, is_main, run_trainer, world_size
+    from chatforge.train.common import RUN_CONFIG, Plan, finish_run, is_main, run_trainer
     from chatforge.train.speedups import apply_speedups, compile_by_default, restore_forward
 
     cfg.validate()
@@ -287,7 +315,9 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
     with state.main_process_first():  # rank 0 trains the tokenizer and writes shards; others reuse them
         tok = _load_or_train_tokenizer(cfg, resume, log)
         folders, manifests = _prepare_data(cfg, tok, log)
-    model, ctx = _build_model(cfg, tok, log, corpus_tokens=sum(m["train"]["tokens"] for m in manifests))
+    model, ctx, passes = _build_model(cfg, tok, log, corpus_tokens=sum(m["train"]["tokens"] for m in manifests))
+    if cfg.optimizer is None:  # decided here, on a copy; run_config.yaml keeps the decision for --resume
+        cfg = replace(cfg, optimizer=budget_optimizer(passes, log if is_main() else lambda *_: None))
     precision = resolve_precision(cfg.precision)
     n_params = count_parameters(model)
 
@@ -301,9 +331,10 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
     tokens_per_step = per_pass * accum
     corpus_tokens = len(train) * ctx
     max_steps = plan_steps(cfg, n_params, corpus_tokens, tokens_per_step)
-    lr = cfg.learning_rate or (1e-3 if n_params < 50e6 else 6e-4)
+    # Muon: 3x AdamW's rate (the best of 1e-3, 3e-3, 1e-2 at 1.5M parameters, bench/README.md)
+    lr = cfg.learning_rate or (1e-3 if n_params < 50e6 else 6e-4) * (3 if cfg.optimizer == "muon" else 1)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(200, max(1, max_steps // 20))
-    plan = Plan(max_steps, micro, accum, lr, warmup, precision, cfg.min_lr_ratio)
+    plan = Plan(max_steps, micro, accum, lr, warmup, precision, cfg.min_lr_ratio, cfg.optimizer)
     d_model = getattr(model.config, "n_embd", None) or model.config.hidden_size
     n_layer = getattr(model.config, "n_layer", None) or model.config.num_hidden_layers
     if cfg.compile is None:  # decided here, on a copy; run_config.yaml keeps the decision for --resume
@@ -318,7 +349,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
                                      "max_steps": max_steps})
         config_io.save(resolved, Path(cfg.out) / RUN_CONFIG)
         log(f"model: {cfg.arch if not cfg.init_from else cfg.init_from} {n_params / 1e6:.2f}M parameters, "
-            f"context {ctx}; {precision}; {max_steps} steps x {tokens_per_step:,} tokens "
+            f"context {ctx}; {precision}, {cfg.optimizer} at lr {lr:g}; {max_steps} steps x {tokens_per_step:,} tokens "
             f"(micro-batch {micro} x accumulation {accum} x {world_size()} process(es)); "
             f"corpus {corpus_tokens:,} tokens = {max_steps * tokens_per_step / corpus_tokens:.2f} epochs")
 

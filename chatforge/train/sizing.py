@@ -49,7 +49,7 @@ def predicted_loss(n_params: float, tokens: float) -> float:
 
 
 def step_seconds(shape: ModelShape, tok, micro: int, precision: str, cfg, steps: int = 2) -> float:
-    """Seconds per training micro-step (forward, backward, AdamW) of a fresh model of `shape`, measured
+    """Seconds per training micro-step (forward, backward, the run's optimizer) of a fresh model of `shape`, measured
     after one warm-up step on random tokens."""
     import torch
 
@@ -61,7 +61,7 @@ def step_seconds(shape: ModelShape, tok, micro: int, precision: str, cfg, steps:
     model = new_model(shape, tok, seed=0).to(device).train()
     # never compiled: a compile per candidate depth would cost more than the whole measurement
     apply_speedups(model, replace(cfg, compile=False), precision, log=lambda *_: None)
-    optimizer = make_optimizer(model, 1e-4, 0.0)
+    optimizer = make_optimizer(model, 1e-4, 0.0, kind=cfg.optimizer or "adamw")
     ids = torch.randint(0, len(tok), (micro, shape.context_length), device=device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
