@@ -1,4 +1,5 @@
-"""chatforge dpo: preference pairs in every supported format, a real (tiny) DPO run on TRL that changes\nheld-out answers, bad input."""
+"""chatforge dpo: preference pairs in every supported format, a real (tiny) DPO run on TRL that changes
+held-out answers, bad input."""
 
 from __future__ import annotations
 

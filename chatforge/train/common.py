@@ -158,7 +158,8 @@ def make_optimizer(model, lr: float, weight_decay: float, betas=(0.9, 0.95), kin
         head = model.get_output_embeddings()
         embeddings |= {id(head.weight)} if head is not None else set()
         hidden = [p for p in params if p.dim() == 2 and id(p) not in embeddings]
-    rest = [p for p in params if all(p is not h for h in hidden)]
+    chosen = {id(p) for p in hidden}
+    rest = [p for p in params if id(p) not in chosen]
     groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
     try:
@@ -266,7 +267,8 @@ def run_trainer(cfg: RunSettings, out: str, model, tok, train, evals, plan: Plan
         trainer_extra = {"data_collator": collator, **(trainer_extra or {})}
     trainer = chatforge_trainer(trainer_class or Trainer)(
         model=model, args=args, train_dataset=train, eval_dataset=evals if evals and len(evals) else None,
-        processing_class=tok, make_optimizer=lambda m: make_optimizer(m, plan.learning_rate, cfg.weight_decay, kind=plan.optimizer),
+        processing_class=tok,
+        make_optimizer=lambda m: make_optimizer(m, plan.learning_rate, cfg.weight_decay, kind=plan.optimizer),
         make_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule), **(trainer_extra or {}))
     ours = [throughput, *callbacks]
     if cfg.max_time:
