@@ -171,7 +171,7 @@ def test_max_time_is_a_budget_across_resumes(tmp_path, base_model_dir, tokenizer
     first = max(json.loads(p.read_text())["train_seconds"] for p in out.glob("checkpoint-*/chatforge_complete.json"))
     assert first >= 2.5
     saved = yaml.safe_load((out / "run_config.yaml").read_text())
-    # Muon when the budget sees the corpus at most twice (machine speed decides here), at 3x AdamW's rate
+    # Muon when the budget sees the corpus at most 6 times (machine speed decides here), at 3x AdamW's rate
     assert "optimizer: " in sized.stdout and saved["learning_rate"] == {"muon": 3e-3, "adamw": 1e-3}[saved["optimizer"]]
     resumed = run_cli(*args, "--max-time", 5, "--resume")
     assert "already spent before this resume" in resumed.stdout and "--preset auto" not in resumed.stdout
