@@ -180,9 +180,8 @@ class OptimizerChain(torch.optim.Optimizer):
         self.optimizers = optimizers
         super().__init__([group for opt in optimizers for group in opt.param_groups], {})
 
-    @torch.no_grad()
     def step(self, closure=None):
-        loss = closure() if closure is not None else None
+        loss = closure() if closure is not None else None  # each optimizer steps without autograd itself
         for opt in self.optimizers:
             opt.step()
         return loss

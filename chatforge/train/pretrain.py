@@ -256,21 +256,6 @@ def _shape_for_budget(cfg: PretrainConfig, tok, vocab: int, corpus_tokens: int |
     return dataclasses.replace(shape, dropout=cfg.dropout), passes
 
 
-# Muon beat AdamW in held-out bits per byte by 7-8% at 1.75 passes over a corpus and by 3.5% at 6, and overfitted
-# far worse at 12 (the quickstart's: val loss 3.95 against 2.93); bench/README.md
-MUON_MAX_PASSES = 6.0
-
-
-def budget_optimizer(passes: float | None, log) -> str:
-    """--optimizer unset: muon for a budget-sized one-process run that sees its corpus at most MUON_MAX_PASSES
-    times, else adamw."""
-    if passes is None or world_size() > 1:
-        return "adamw"
-    choice = "muon" if passes <= MUON_MAX_PASSES else "adamw"
-    log(f"optimizer: {choice} (the budget passes over the corpus {passes:.1f} times; Muon up to {MUON_MAX_PASSES:g})")
-    return choice
-
-
 def flops_per_token(model, n_layer: int, d_model: int, seq: int) -> float:
     """Training FLOPs per token: 6·N_matmul + 12·L·d·T (attention scores and values)."""
     n_matmul = sum(p.numel() for n, p in model.named_parameters() if p.dim() >= 2 and "wpe" not in n)
@@ -303,6 +288,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
     from chatforge.outputs import check_not_inputs, claim
     from chatforge.train.callbacks import Throughput
     from chatforge.train.common import RUN_CONFIG, Plan, finish_run, is_main, run_trainer
+    from chatforge.train.sizing import budget_optimizer
     from chatforge.train.speedups import apply_speedups, compile_by_default, restore_forward
 
     cfg.validate()
@@ -317,7 +303,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
         folders, manifests = _prepare_data(cfg, tok, log)
     model, ctx, passes = _build_model(cfg, tok, log, corpus_tokens=sum(m["train"]["tokens"] for m in manifests))
     if cfg.optimizer is None:  # decided here, on a copy; run_config.yaml keeps the decision for --resume
-        cfg = replace(cfg, optimizer=budget_optimizer(passes, log if is_main() else lambda *_: None))
+        cfg = replace(cfg, optimizer=budget_optimizer(passes, world_size(), log if is_main() else lambda *_: None))
     precision = resolve_precision(cfg.precision)
     n_params = count_parameters(model)
 
