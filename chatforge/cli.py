@@ -16,6 +16,7 @@ import typing
 
 from chatforge import config
 from chatforge.errors import ChatforgeError
+from chatforge.malloc import keep_freed_memory
 
 RUN_FLAGS = ("config", "resume", "overwrite")  # how to run a stage, not what it is: never saved
 
@@ -249,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     for flag in ("resume", "overwrite"):
         setattr(args, flag, getattr(args, flag, False))
     try:
