@@ -80,6 +80,9 @@ def measure(model_dir: str, path: str, dtype: str, new: int, batches: list[int],
     greedy = SamplingParams(max_new_tokens=new, temperature=0)
     row = {}
     if path in ("engine", "eager"):  # eager: the engine without CUDA graphs (GPU; the same as engine on CPU)
+        from chatforge.malloc import keep_freed_memory
+
+        keep_freed_memory()  # as every chatforge command does (chatforge/malloc.py)
         engine = Engine(model_dir, max_batch=max(batches), dtype=dtype, static=False if path == "eager" else None)
         row["params_M"] = round(sum(p.numel() for p in engine.model.parameters()) / 1e6, 1)
         row["chosen"] = str(next(engine.model.parameters()).dtype).removeprefix("torch.")  # what auto picked

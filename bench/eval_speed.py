@@ -68,6 +68,9 @@ def run_side(side: str, model: str, task_file: str, batch: str, max_gen: int) ->
     tasks = load_lm_eval_tasks([config], None)
     if side == "chatforge":
         from chatforge.eval.lm import ChatforgeLM
+        from chatforge.malloc import keep_freed_memory
+
+        keep_freed_memory()  # as every chatforge command does (chatforge/malloc.py)
 
         # "dtype-auto": chatforge eval's own default dtype (on a CPU with native bf16: measured, engine/dtype.py)
         lm = ChatforgeLM(model, dtype="auto" if batch == "dtype-auto" else "fp32",
