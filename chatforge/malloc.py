@@ -2,8 +2,8 @@
 
 Why: by default glibc hands a freed block of a few megabytes (an activation, a chunk of logits) back to
 the kernel, and the next step's block of the same size page-faults in again, page by page. On a 2-core
-Xeon a 2x128 model's training step spent about half its time so: 0.59M page faults against 0.07M
-for the loss benchmark, 1.3x tokens/s in `pretrain` (bench/README.md). The settings are glibc's own
+Xeon that was a quarter to a third of a 2x128 model's training step: 1.3-1.5x tokens/s without it, and
+~1.5x for `chatforge eval`'s batched generation (bench/README.md). The settings are glibc's own
 (`mallopt`), the effect is what preloading jemalloc or tcmalloc gives in Intel's CPU recipes: blocks up
 to 32 MB come from the heap, and its free top is kept. The process keeps the memory it once used (its
 RSS stays near its peak), as with those allocators. Left alone when the environment already chooses (a

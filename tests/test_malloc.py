@@ -32,7 +32,8 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 
 def _probe(**env) -> tuple[str, int]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")} | env
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("MALLOC_") and k not in ("LD_PRELOAD", "GLIBC_TUNABLES")} | env
     out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, check=True)
     applied, faults = out.stdout.split()
     return applied, int(faults)
