@@ -13,7 +13,6 @@ RSS stays near its peak), as with those allocators. Left alone when the environm
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import sys
 
@@ -33,8 +32,7 @@ def keep_freed_memory() -> bool:
     if not sys.platform.startswith("linux") or environment_chooses():
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl and other libcs: nothing to set
+        mallopt = ctypes.CDLL(None).mallopt  # the process's own libc: no library search at start-up
+    except (OSError, AttributeError):  # a libc without mallopt: nothing to set (musl has one that does nothing)
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
