@@ -86,6 +86,40 @@ def test_scores_equal_lm_eval_hf_model(base_model_dir, instances):
     assert any(text.strip() for text in mine[2])
 
 
+def test_scoring_holds_one_batch_of_logprobs_at_a_time(base_model_dir):
+    """A perplexity task over a large corpus: every scored position's log-probs span the vocabulary, so
+    keeping them until the end held ~V x 4 bytes per token (24 GB for 2.6 MB of text). Each forward's
+    log-probs must be released once its requests are answered: at every forward, nothing of the forwards
+    before the previous one is still alive; and the answers equal scoring each request alone."""
+    import gc
+    import weakref
+
+    import torch
+
+    from chatforge.eval.scoring import loglikelihoods, score_batch
+    from chatforge.modeling import load_model
+
+    model = load_model(base_model_dir, dtype=torch.float32).eval()
+    rng = random.Random(0)
+    requests = [([rng.randrange(1, 500) for _ in range(rng.choice([1, 30, 90]))],
+                 [rng.randrange(1, 500) for _ in range(rng.choice([1, 40, 100]))]) for _ in range(24)]
+    alive: list[list[weakref.ref]] = []
+
+    def call(fn, *args):
+        gc.collect()
+        assert not any(ref() is not None for refs in alive[:-1] for ref in refs), "an earlier forward is still held"
+        results = fn(model, *args)
+        alive.append([weakref.ref(logprobs) for group in results for logprobs, _ in group])
+        return results
+
+    with torch.inference_mode():
+        batched = loglikelihoods(call, requests, max_length=128, batch_size=2)
+        alone = [loglikelihoods(lambda fn, *a: fn(model, *a), [r], 128, 1)[0] for r in requests]
+    assert len(alive) > 3
+    for (a, greedy_a), (b, greedy_b) in zip(batched, alone):
+        assert abs(a - b) < 1e-3 and greedy_a == greedy_b
+
+
 def test_engine_call_failure_is_the_callers_alone(base_model_dir):
     from chatforge.engine import Engine, SamplingParams
 

@@ -26,8 +26,8 @@ def loglikelihoods(call, requests: list[tuple[list[int], list[int]]], max_length
     """(context ids, continuation ids) -> (log P(continuation | context), whether greedy decoding gives it).
     `call(fn, *args)` runs `fn(model, *args)` where the model lives (`Engine.call`)."""
     groups: dict[tuple, dict[tuple, int]] = {}  # prefix -> suffix -> its index in the group
-    keys = []
-    for ctx, cont in requests:
+    waiting: dict[tuple, list[int]] = {}  # (prefix, suffix) -> the requests it answers
+    for i, (ctx, cont) in enumerate(requests):
         if not ctx or len(cont) > max_length:  # lm-eval's `hf` model asserts both away
             raise ChatforgeError(f"a request with a {len(ctx)}-token context and a {len(cont)}-token continuation: "
                                  f"the continuation must fit the model's window ({max_length}) after a context")
@@ -36,23 +36,22 @@ def loglikelihoods(call, requests: list[tuple[list[int], list[int]]], max_length
         prefix, suffix = tuple(inp[:cut]), tuple(inp[cut:])
         suffixes = groups.setdefault(prefix, {})
         suffixes.setdefault(suffix, len(suffixes))
-        keys.append((prefix, suffix))
+        waiting.setdefault((prefix, suffix), []).append(i)
     width = {prefix: len(prefix) + sum(map(len, suffixes)) for prefix, suffixes in groups.items()}
     order = sorted(groups, key=width.get, reverse=True)
-    scored: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+    answers: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
     start = 0
     while start < len(order):  # widest rows first: a batch is padded to its first row
         size = max(1, min(batch_size, TOKENS_PER_BATCH // width[order[start]]))
         batch = order[start:start + size]
+        # answered batch by batch: a batch's log-probs span the vocabulary at every scored position, so
+        # keeping them all would hold ~V x 4 bytes per scored token (a perplexity task: tens of GB)
         for prefix, results in zip(batch, call(score_batch, batch, [list(groups[p]) for p in batch])):
-            for suffix, result in zip(groups[prefix], results):
-                scored[prefix, suffix] = result
+            for suffix, (logprobs, greedy) in zip(groups[prefix], results):
+                for i in waiting.pop((prefix, suffix)):
+                    target = torch.tensor(requests[i][1])[-len(logprobs):]
+                    answers[i] = (float(logprobs.gather(1, target[:, None]).sum()), bool((greedy == target).all()))
         start += size
-    answers = []
-    for (_, cont), key in zip(requests, keys):
-        logprobs, greedy = scored[key]
-        target = torch.tensor(cont)[-len(logprobs):]
-        answers.append((float(logprobs.gather(1, target[:, None]).sum()), bool((greedy == target).all())))
     return answers
 
 
