@@ -86,11 +86,13 @@ def test_scores_equal_lm_eval_hf_model(base_model_dir, instances):
     assert any(text.strip() for text in mine[2])
 
 
-def test_scoring_holds_one_batch_of_logprobs_at_a_time(base_model_dir):
-    """A perplexity task over a large corpus: every scored position's log-probs span the vocabulary, so
-    keeping them until the end held ~V x 4 bytes per token (24 GB for 2.6 MB of text). Each forward's
-    log-probs must be released once its requests are answered: at every forward, nothing of the forwards
-    before the previous one is still alive; and the answers equal scoring each request alone."""
+def test_scoring_memory_stays_bounded(base_model_dir):
+    """A perplexity task over a large corpus (2.6 MB of text failed both ways): every scored position's
+    log-probs span the vocabulary, so keeping them until the end held ~V x 4 bytes per token; and rolling
+    windows that follow the same token share a one-token prefix, so packing all of them in one row made
+    its attention quadratic in their number (a 62 GB allocation). So: at every forward, nothing of the
+    forwards before the previous one is still alive, no row is wider than twice the window, and the
+    answers equal scoring each request alone."""
     import gc
     import weakref
 
@@ -103,11 +105,13 @@ def test_scoring_holds_one_batch_of_logprobs_at_a_time(base_model_dir):
     rng = random.Random(0)
     requests = [([rng.randrange(1, 500) for _ in range(rng.choice([1, 30, 90]))],
                  [rng.randrange(1, 500) for _ in range(rng.choice([1, 40, 100]))]) for _ in range(24)]
+    requests += [([7], [rng.randrange(1, 500) for _ in range(100)]) for _ in range(12)]  # rolling windows after token 7
     alive: list[list[weakref.ref]] = []
 
     def call(fn, *args):
         gc.collect()
         assert not any(ref() is not None for refs in alive[:-1] for ref in refs), "an earlier forward is still held"
+        assert all(len(p) + sum(map(len, group)) <= 2 * 128 for p, group in zip(*args)), "a row past twice the window"
         results = fn(model, *args)
         alive.append([weakref.ref(logprobs) for group in results for logprobs, _ in group])
         return results

@@ -4,8 +4,9 @@ A multiple-choice question asks for log P(choice | context) for every choice: lm
 the whole context once per choice and takes a vocabulary-wide log-softmax at every position. Here a
 request's model input splits into a prefix (the context, up to the position that predicts the first
 continuation token) and a suffix (the rest of the continuation). Requests are grouped by prefix, and each
-group is one row: the prefix, then every suffix, with an attention mask that lets each suffix see the
-prefix and its own earlier tokens only, and positions that restart after the prefix for each suffix.
+group is one row (more where it would pass twice the model's window): the prefix, then every suffix, with
+an attention mask that lets each suffix see the prefix and its own earlier tokens only, and positions that
+restart after the prefix for each suffix.
 The LM head runs only at scored positions; identical requests are scored once (lm-eval's one-token
 cache). bench/README.md has the measurements behind the choices (packing beat a shared KV cache).
 """
@@ -25,7 +26,9 @@ def loglikelihoods(call, requests: list[tuple[list[int], list[int]]], max_length
                    batch_size: int) -> list[tuple[float, bool]]:
     """(context ids, continuation ids) -> (log P(continuation | context), whether greedy decoding gives it).
     `call(fn, *args)` runs `fn(model, *args)` where the model lives (`Engine.call`)."""
-    groups: dict[tuple, dict[tuple, int]] = {}  # prefix -> suffix -> its index in the group
+    rows: dict[tuple, list[tuple]] = {}  # (prefix, n) -> the suffixes packed in that prefix's n-th row
+    width: dict[tuple, int] = {}
+    newest: dict[tuple, int] = {}  # prefix -> its newest row's n
     waiting: dict[tuple, list[int]] = {}  # (prefix, suffix) -> the requests it answers
     for i, (ctx, cont) in enumerate(requests):
         if not ctx or len(cont) > max_length:  # lm-eval's `hf` model asserts both away
@@ -34,11 +37,17 @@ def loglikelihoods(call, requests: list[tuple[list[int], list[int]]], max_length
         inp = (ctx + cont)[-(max_length + 1):][:-1]  # as lm-eval: truncated from the left
         cut = len(inp) - len(cont) + 1
         prefix, suffix = tuple(inp[:cut]), tuple(inp[cut:])
-        suffixes = groups.setdefault(prefix, {})
-        suffixes.setdefault(suffix, len(suffixes))
+        if (prefix, suffix) not in waiting:  # identical requests are scored once
+            row = (prefix, newest.setdefault(prefix, 0))
+            # a row's attention costs its width squared: rolling windows that follow the same token share a
+            # one-token prefix, and packing hundreds of them would cost far more than the prefix saves
+            if row in rows and width[row] + len(suffix) > 2 * max_length:
+                newest[prefix] += 1
+                row = (prefix, newest[prefix])
+            rows.setdefault(row, []).append(suffix)
+            width[row] = width.get(row, len(prefix)) + len(suffix)
         waiting.setdefault((prefix, suffix), []).append(i)
-    width = {prefix: len(prefix) + sum(map(len, suffixes)) for prefix, suffixes in groups.items()}
-    order = sorted(groups, key=width.get, reverse=True)
+    order = sorted(rows, key=width.get, reverse=True)
     answers: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
     start = 0
     while start < len(order):  # widest rows first: a batch is padded to its first row
@@ -46,9 +55,9 @@ def loglikelihoods(call, requests: list[tuple[list[int], list[int]]], max_length
         batch = order[start:start + size]
         # answered batch by batch: a batch's log-probs span the vocabulary at every scored position, so
         # keeping them all would hold ~V x 4 bytes per scored token (a perplexity task: tens of GB)
-        for prefix, results in zip(batch, call(score_batch, batch, [list(groups[p]) for p in batch])):
-            for suffix, (logprobs, greedy) in zip(groups[prefix], results):
-                for i in waiting.pop((prefix, suffix)):
+        for row, results in zip(batch, call(score_batch, [p for p, _ in batch], [rows[r] for r in batch])):
+            for suffix, (logprobs, greedy) in zip(rows[row], results):
+                for i in waiting.pop((row[0], suffix)):
                     target = torch.tensor(requests[i][1])[-len(logprobs):]
                     answers[i] = (float(logprobs.gather(1, target[:, None]).sum()), bool((greedy == target).all()))
         start += size
