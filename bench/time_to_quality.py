@@ -1,7 +1,8 @@
 """Time to quality: held-out bits per byte after `chatforge pretrain --max-time S`, for several recipes.
 
-Corpus: real text any Python install carries (bench/realtext.py: stdlib docstrings and pydoc topics,
-~2.2 MB), one document in ten held out by name and never trained on. One tokenizer (8,192 tokens,
+Corpus: real text every chatforge install carries (bench/realtext.py: the docstrings of the standard library
+and of the packages chatforge installs, and pydoc's topics, each paragraph once, ~26 MB), one document in
+ten held out by name and never trained on. One tokenizer (8,192 tokens,
 trained on the training documents) and one shard folder serve every recipe, so every run sees the
 same tokens; each run is a fresh `chatforge pretrain` process with `--max-time S`. Each saved model
 is then scored on the held-out documents: lm-eval's disjoint rolling windows at the model's own
@@ -70,7 +71,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, nargs="+", default=[90, 300])
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
-    parser.add_argument("--work", default="bench/results/ttq", help="corpus, tokenizer, shards and runs")
+    parser.add_argument("--work", default="bench/results/ttq-docs", help="corpus, tokenizer, shards and runs")
     parser.add_argument("--json", default="bench/results/time_to_quality.json")
     args = parser.parse_args()
 
