@@ -159,6 +159,24 @@ def test_a_token_budget_picks_the_deepest_shape_it_can_train(tokenizer_dir):
     assert (model.config.n_layer, model.config.n_embd) == (3, 192)
 
 
+
+def test_a_small_corpus_caps_the_budgets_model():
+    """The shallow depths reach the epoch cap (a corpus seen 12 times in the budget), so Chinchilla's fit,
+    made for fresh data, prefers the deepest that still does (its time falls as parameters grow); a corpus
+    of 60k tokens stops it at the deepest shape with at most MAX_PARAMS_PER_UNIQUE_TOKEN parameters per
+    token, and says why."""
+    from chatforge.train.sizing import MAX_PARAMS_PER_UNIQUE_TOKEN, depth_shape, parameters, pick_depth
+
+    corpus, lines = 60_000, []
+    budget = lambda shape: min(12 * corpus, 1e13 / parameters(shape))  # noqa: E731 - time per token ~ parameters
+    uncapped = pick_depth(budget, 2048, 256, log=lambda *_: None)
+    capped = pick_depth(budget, 2048, 256, unique_tokens=corpus, log=lines.append)
+    cap = MAX_PARAMS_PER_UNIQUE_TOKEN * corpus
+    assert parameters(capped) <= cap < parameters(depth_shape(capped.n_layer + 1, 2048, 256))
+    assert uncapped.n_layer > capped.n_layer and "per token of this 0.06M-token corpus" in lines[-1]
+    big = pick_depth(budget, 2048, 256, unique_tokens=100 * corpus, log=lambda *_: None)  # not binding
+    assert big.n_layer == uncapped.n_layer
+
 def test_max_time_is_a_budget_across_resumes(tmp_path, base_model_dir, tokenizer_dir):
     """--max-time counts the training time of every run of one output folder: a resumed run gets what
     is left of it (recorded in each checkpoint), not a fresh budget. With --preset auto the first run

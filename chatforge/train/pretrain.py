@@ -245,7 +245,8 @@ def _shape_for_budget(cfg: PretrainConfig, tok, vocab: int, corpus_tokens: int |
         log(f"--preset auto under {budget}: the depth with {rule}, train/sizing.py)")
         started = time.perf_counter()
         shape = pick_depth(budget_tokens, vocab, ctx, cfg.arch,
-                           tokens_per_param=None if cfg.max_time else cfg.tokens_per_param, log=log)
+                           tokens_per_param=None if cfg.max_time else cfg.tokens_per_param,
+                           unique_tokens=corpus_tokens, log=log)
         log(f"  -> {shape.n_layer} layers x {shape.d_model} wide, {shape.n_head} heads, context {ctx} (chosen in "
             f"{time.perf_counter() - started:.1f} s, outside the budget)")
         passes = budget_tokens(shape) / corpus_tokens if corpus_tokens else float("inf")

@@ -13,8 +13,11 @@ whose compute-optimal ratio at large scale is the familiar ~20 tokens per parame
 asks for far fewer, which is what runs measure (bench/README.md, "Time to quality"). Under
 `--max-tokens` alone the budget costs no time to measure and the fit, with D fixed, would always grow
 the model: there the rule is `--tokens-per-param` (20) tokens per parameter, the deepest shape that
-gets them. The optimizer follows the budget too: Muon where it sees the corpus at most MUON_MAX_PASSES
-times, AdamW where it repeats it more (Muon learns faster and overfits faster).
+gets them. A small corpus caps the model: past MAX_PARAMS_PER_UNIQUE_TOKEN parameters per token of the
+corpus, repeated data stops paying for more parameters, whatever the fit (made for fresh data) predicts
+(Muennighoff et al. 2023 fit this effect; their constants, anchored at Chinchilla's optimum, overcorrect
+at this scale: bench/README.md). The optimizer follows the budget too: Muon where it sees the corpus at
+most MUON_MAX_PASSES times, AdamW where it repeats it more (Muon learns faster and overfits faster).
 """
 
 from __future__ import annotations
@@ -49,9 +52,10 @@ def predicted_loss(n_params: float, tokens: float) -> float:
     return c["E"] + c["A"] / n_params ** c["alpha"] + c["B"] / max(tokens, 1.0) ** c["beta"]
 
 
-def step_seconds(shape: ModelShape, tok, micro: int, precision: str, cfg, steps: int = 2) -> float:
-    """Seconds per training micro-step (forward, backward, the run's optimizer) of a fresh model of `shape`, measured
-    after one warm-up step on random tokens."""
+def step_seconds(shape: ModelShape, tok, micro: int, precision: str, cfg, steps: int = 3) -> float:
+    """Seconds per training micro-step (forward, backward, the run's optimizer) of a fresh model of `shape`: the
+    fastest of `steps` after one warm-up step on random tokens (a shared machine's noise only ever slows a step,
+    and a slowed depth would be picked against unfairly)."""
     import torch
 
     from chatforge.modeling import new_model
@@ -76,21 +80,34 @@ def step_seconds(shape: ModelShape, tok, micro: int, precision: str, cfg, steps:
             torch.cuda.synchronize()
 
     one_step()
-    start = time.perf_counter()
+    fastest = float("inf")
     for _ in range(steps):
+        start = time.perf_counter()
         one_step()
-    return (time.perf_counter() - start) / steps
+        fastest = min(fastest, time.perf_counter() - start)
+    return fastest
+
+
+# On the quickstart's corpus (60k tokens seen 12 times) depths 3-4 (30-63 parameters per token) scored best
+# and depths 6-7 (190-300) no better in twice the time; bench/README.md, "Quickstart's model"
+MAX_PARAMS_PER_UNIQUE_TOKEN = 64
 
 
 def pick_depth(budget_tokens, vocab_size: int, context_length: int, arch: str = "gpt2",
-               tokens_per_param: float | None = None, log=print) -> ModelShape:
+               tokens_per_param: float | None = None, unique_tokens: float | None = None, log=print) -> ModelShape:
     """The depth whose shape has the lowest predicted loss for `budget_tokens(shape)` tokens, or with
-    `tokens_per_param`, the deepest one the budget gives that many tokens per parameter (at least depth 1).
+    `tokens_per_param`, the deepest one the budget gives that many tokens per parameter (at least depth 1);
+    never past MAX_PARAMS_PER_UNIQUE_TOKEN parameters per token of a corpus of `unique_tokens`.
     Depths are tried upwards (budget_tokens may measure each); the first that does worse ends the search."""
     best, best_loss = depth_shape(1, vocab_size, context_length, arch), float("inf")
     for depth in range(1, MAX_DEPTH + 1):
         shape = depth_shape(depth, vocab_size, context_length, arch)
-        tokens, n_params = budget_tokens(shape), parameters(shape)
+        n_params = parameters(shape)
+        if unique_tokens and depth > 1 and n_params > MAX_PARAMS_PER_UNIQUE_TOKEN * unique_tokens:
+            log(f"  depth {depth} ({depth}x{shape.d_model}): {n_params / 1e6:.2f}M parameters, past "
+                f"{MAX_PARAMS_PER_UNIQUE_TOKEN} per token of this {unique_tokens / 1e6:.2f}M-token corpus: not tried")
+            break
+        tokens = budget_tokens(shape)
         loss = predicted_loss(n_params, tokens)
         log(f"  depth {depth} ({depth}x{shape.d_model}): {n_params / 1e6:.2f}M parameters, {tokens / 1e6:.2f}M "
             f"tokens in the budget ({tokens / n_params:.1f} per parameter), predicted loss {loss:.3f}")
