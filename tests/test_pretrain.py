@@ -159,7 +159,6 @@ def test_a_token_budget_picks_the_deepest_shape_it_can_train(tokenizer_dir):
     assert (model.config.n_layer, model.config.n_embd) == (3, 192)
 
 
-
 def test_a_small_corpus_caps_the_budgets_model():
     """The shallow depths reach the epoch cap (a corpus seen 12 times in the budget), so Chinchilla's fit,
     made for fresh data, prefers the deepest that still does (its time falls as parameters grow); a corpus
@@ -176,6 +175,7 @@ def test_a_small_corpus_caps_the_budgets_model():
     assert uncapped.n_layer > capped.n_layer and "per token of this 0.06M-token corpus" in lines[-1]
     big = pick_depth(budget, 2048, 256, unique_tokens=100 * corpus, log=lambda *_: None)  # not binding
     assert big.n_layer == uncapped.n_layer
+
 
 def test_max_time_is_a_budget_across_resumes(tmp_path, base_model_dir, tokenizer_dir):
     """--max-time counts the training time of every run of one output folder: a resumed run gets what

@@ -4,7 +4,7 @@ A multiple-choice question asks for log P(choice | context) for every choice: lm
 the whole context once per choice and takes a vocabulary-wide log-softmax at every position. Here a
 request's model input splits into a prefix (the context, up to the position that predicts the first
 continuation token) and a suffix (the rest of the continuation). Requests are grouped by prefix, and each
-group is one row (more where it would pass twice the model's window): the prefix, then every suffix, with
+group is one row (more where its suffixes pass the model's window): the prefix, then every suffix, with
 an attention mask that lets each suffix see the prefix and its own earlier tokens only, and positions that
 restart after the prefix for each suffix.
 The LM head runs only at scored positions; identical requests are scored once (lm-eval's one-token
@@ -31,9 +31,10 @@ def loglikelihoods(call, requests: list[tuple[list[int], list[int]]], max_length
     newest: dict[tuple, int] = {}  # prefix -> its newest row's n
     waiting: dict[tuple, list[int]] = {}  # (prefix, suffix) -> the requests it answers
     for i, (ctx, cont) in enumerate(requests):
-        if not ctx or len(cont) > max_length:  # lm-eval's `hf` model asserts both away
+        if not ctx or not cont or len(cont) > max_length:  # lm-eval's `hf` model asserts these away
             raise ChatforgeError(f"a request with a {len(ctx)}-token context and a {len(cont)}-token continuation: "
-                                 f"the continuation must fit the model's window ({max_length}) after a context")
+                                 f"the continuation must be 1 to {max_length} tokens (the model's window), "
+                                 f"after a context")
         inp = (ctx + cont)[-(max_length + 1):][:-1]  # as lm-eval: truncated from the left
         cut = len(inp) - len(cont) + 1
         prefix, suffix = tuple(inp[:cut]), tuple(inp[cut:])
@@ -41,7 +42,7 @@ def loglikelihoods(call, requests: list[tuple[list[int], list[int]]], max_length
             row = (prefix, newest.setdefault(prefix, 0))
             # a row's attention costs its width squared: rolling windows that follow the same token share a
             # one-token prefix, and packing hundreds of them would cost far more than the prefix saves
-            if row in rows and width[row] + len(suffix) > 2 * max_length:
+            if row in rows and width[row] + len(suffix) > len(prefix) + max_length:
                 newest[prefix] += 1
                 row = (prefix, newest[prefix])
             rows.setdefault(row, []).append(suffix)
@@ -55,13 +56,19 @@ def loglikelihoods(call, requests: list[tuple[list[int], list[int]]], max_length
         batch = order[start:start + size]
         # answered batch by batch: a batch's log-probs span the vocabulary at every scored position, so
         # keeping them all would hold ~V x 4 bytes per scored token (a perplexity task: tens of GB)
-        for row, results in zip(batch, call(score_batch, [p for p, _ in batch], [rows[r] for r in batch])):
-            for suffix, (logprobs, greedy) in zip(rows[row], results):
-                for i in waiting.pop((row[0], suffix)):
-                    target = torch.tensor(requests[i][1])[-len(logprobs):]
-                    answers[i] = (float(logprobs.gather(1, target[:, None]).sum()), bool((greedy == target).all()))
+        prefixes, groups = [p for p, _ in batch], [rows[r] for r in batch]
+        _answer(requests, answers, waiting, prefixes, groups, call(score_batch, prefixes, groups))
         start += size
     return answers
+
+
+def _answer(requests, answers, waiting, prefixes, groups, scored) -> None:
+    """Fill `answers` for every request waiting on one batch's `scored` rows (their tensors die on return)."""
+    for prefix, group, results in zip(prefixes, groups, scored):
+        for suffix, (logprobs, greedy) in zip(group, results):
+            for i in waiting.pop((prefix, suffix)):
+                target = torch.tensor(requests[i][1])[-len(logprobs):]
+                answers[i] = (float(logprobs.gather(1, target[:, None]).sum()), bool((greedy == target).all()))
 
 
 def _pad(seqs: list[tuple], width: int) -> torch.Tensor:

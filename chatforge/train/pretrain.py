@@ -212,8 +212,8 @@ def sized_by_budget(cfg: PretrainConfig) -> bool:
 
 def _shape_for_budget(cfg: PretrainConfig, tok, vocab: int, corpus_tokens: int | None, log):
     """train/sizing.py: each depth's tokens in the budget (measured here under --max-time; at most
-    --max-epochs passes over the corpus), the depth with the lowest predicted loss; rank 0 measures and
-    decides for every process."""
+    --max-epochs passes over the corpus), the depth with the lowest predicted loss, capped by the corpus's
+    size; rank 0 measures and decides for every process."""
     import dataclasses
     import time
 
