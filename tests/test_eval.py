@@ -98,7 +98,7 @@ def test_scoring_memory_stays_bounded(base_model_dir):
 
     import torch
 
-    from chatforge.eval.scoring import loglikelihoods, score_batch
+    from chatforge.eval.scoring import loglikelihoods
     from chatforge.modeling import load_model
 
     model = load_model(base_model_dir, dtype=torch.float32).eval()
