@@ -347,3 +347,20 @@ def test_sampling_draws_each_token_at_its_probability():
     for bad in (float("nan"), float("inf")):
         with pytest.raises(ChatforgeError, match="non-finite"):
             draw(torch.tensor([[bad, 0.5]]), gen)
+
+
+@pytest.mark.parametrize("model_dir", ["gpt2"], indirect=True)
+def test_one_request_commands_measure_the_dtype_at_batch_one(model_dir, tmp_path, monkeypatch, capsys):
+    """`chatforge generate` and `chat` run one request at a time: their engine has one slot, so on a CPU with
+    native bf16 `--dtype auto` is measured at batch 1 only, not weighed with batches they never run."""
+    from chatforge import cli
+    from chatforge.engine import dtype as decode_dtype
+    from chatforge.modeling import cpu_has_bf16
+
+    if not cpu_has_bf16():
+        pytest.skip("--dtype auto measures only on CPUs with native bf16 (elsewhere it is fp32)")
+    monkeypatch.setattr(decode_dtype, "CACHE", tmp_path / "decode_dtype.json")
+    cli.main(["generate", model_dir, "--prompt", "Hello", "--max-new-tokens", "4"])
+    keys = list(json.loads(decode_dtype.CACHE.read_text()))
+    assert len(keys) == 1 and "|batch [1]|" in keys[0]
+    assert capsys.readouterr().out.startswith("Hello")
