@@ -4,9 +4,10 @@ Documents: the docstrings of each module file (parsed with `ast`, nothing import
 library and of the packages chatforge installs (PACKAGES), one document per module file, and the language
 reference's topics that `pydoc` ships (`pydoc_data.topics`), one document per topic. Paragraphs repeated
 anywhere in the corpus (transformers copies its argument docs from model to model) are kept once, at
-their first document by sorted name, so no held-out paragraph was trained on verbatim. About 26 MB with CPython 3.11
-and the versions pinned in bench/README.md. One document in ten (by sorted name) is held out:
-`train.jsonl` and `heldout.jsonl` ({"name": ..., "text": ...}), written once and reused.
+their first document by sorted name, so no held-out paragraph was trained on verbatim. About 26 MB with
+CPython 3.11, torch 2.13 and transformers 5.24 (other versions give a somewhat different corpus). One
+document in ten (by sorted name) is held out: `train.jsonl` and `heldout.jsonl` ({"name": ..., "text": ...}),
+written once and reused.
 """
 
 from __future__ import annotations
