@@ -104,6 +104,11 @@ def test_muon_checkpoint_resumes_to_the_same_weights(tmp_path, base_model_dir, t
     assert "resuming from" in run_cli(*args, "--out", resumed, "--resume").stdout
     a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # the schedule reaches both optimizers (accelerate reloads their state after the scheduler is made)
+    run_cli(*args, "--out", tmp_path / "constant", "--schedule", "constant")
+    c = load_file(tmp_path / "constant" / "model.safetensors")
+    assert not torch.equal(a["transformer.h.0.mlp.c_fc.weight"], c["transformer.h.0.mlp.c_fc.weight"])
+    assert not torch.equal(a["transformer.wte.weight"], c["transformer.wte.weight"])
 
 
 def test_resume_at_the_last_step_changes_nothing(tmp_path, base_model_dir, tokenizer_dir):

@@ -192,6 +192,9 @@ class OptimizerChain(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         for opt, state in zip(self.optimizers, state_dict["optimizers"], strict=True):
             opt.load_state_dict(state)
+        # loading gives each optimizer new group dicts: share those, or a schedule would scale stale copies
+        # (accelerate loads the state right after the Trainer made its scheduler: no warm-up, no decay)
+        self.param_groups[:] = [group for opt in self.optimizers for group in opt.param_groups]
 
 
 class Schedule:
