@@ -94,7 +94,7 @@ def test_muon_checkpoint_resumes_to_the_same_weights(tmp_path, base_model_dir, t
     args = ["pretrain", "--data", data, "--tokenizer", tokenizer_dir, *TINY, "--max-steps", 6, "--save-every", 3,
             "--eval-every", 1000, "--report-to", "none", "--optimizer", "muon"]
     straight = tmp_path / "straight"
-    assert "muon at lr 0.003" in run_cli(*args, "--out", straight).stdout
+    assert "muon at lr 0.006" in run_cli(*args, "--out", straight).stdout
     muon, adamw = torch.load(straight / "checkpoint-3" / "optimizer.pt", weights_only=True)["optimizers"]
     assert all("momentum_buffer" in s for s in muon["state"].values()) and len(muon["state"]) == 2 * 4
     assert all("exp_avg" in s for s in adamw["state"].values())
@@ -194,8 +194,8 @@ def test_max_time_is_a_budget_across_resumes(tmp_path, base_model_dir, tokenizer
     first = max(json.loads(p.read_text())["train_seconds"] for p in out.glob("checkpoint-*/chatforge_complete.json"))
     assert first >= 2.5
     saved = yaml.safe_load((out / "run_config.yaml").read_text())
-    # Muon when the budget sees the corpus at most 6 times (machine speed decides here), at 3x AdamW's rate
-    assert "optimizer: " in sized.stdout and saved["learning_rate"] == {"muon": 3e-3, "adamw": 1e-3}[saved["optimizer"]]
+    # Muon when the budget sees the corpus at most 6 times (machine speed decides here), at 6x AdamW's rate
+    assert "optimizer: " in sized.stdout and saved["learning_rate"] == {"muon": 6e-3, "adamw": 1e-3}[saved["optimizer"]]
     resumed = run_cli(*args, "--max-time", 5, "--resume")
     assert "already spent before this resume" in resumed.stdout and "--preset auto" not in resumed.stdout
     model = AutoModelForCausalLM.from_pretrained(out)  # a plain HF directory of the chosen shape
