@@ -118,7 +118,8 @@ def pick_depth(budget_tokens, vocab_size: int, context_length: int, arch: str = 
 
 
 # Muon beat AdamW in held-out bits per byte by 7-8% at 1.75 passes over a corpus and by 3.5% at 6, and overfitted
-# far worse at 12 (the quickstart's: val loss 3.95 against 2.93); bench/README.md
+# far worse at 12 (the quickstart's: val loss 3.95 against 2.93); measured before Muon followed its LR schedule
+# (bench/README.md)
 MUON_MAX_PASSES = 6.0
 
 
