@@ -1,6 +1,7 @@
 """Pretraining for real: loss falls below the unigram entropy, checkpoints are plain Hugging Face
 directories, a killed run resumes to identical weights (several processes: test_distributed)."""
 
+import dataclasses
 import json
 import shutil
 import signal
@@ -9,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -154,7 +156,7 @@ def test_a_token_budget_picks_the_deepest_shape_it_can_train(tokenizer_dir):
     lines = []
     model, ctx, passes = _build_model(PretrainConfig(data=["demo"], context_length=64, max_tokens=sizes[1] * 2,
                                                      tokens_per_param=1.5), tok, lines.append)
-    assert passes == float("inf")  # no corpus size given: passes unknown, so never Muon's few-passes case
+    assert passes is None  # no corpus size given: passes unknown, so never Muon's few-passes case
     assert ctx == 64 and (model.config.n_layer, model.config.n_embd, model.config.n_head) == (2, 128, 2)
     assert sum(p.numel() for p in model.parameters()) == sizes[1] < sizes[1] * 2 / 1.5 < sizes[2]
     assert any("--tokens-per-param" in line for line in lines)
@@ -172,7 +174,7 @@ def test_a_small_corpus_caps_the_budgets_model():
     from chatforge.train.sizing import MAX_PARAMS_PER_UNIQUE_TOKEN, depth_shape, parameters, pick_depth
 
     corpus, lines = 60_000, []
-    budget = lambda shape: min(12 * corpus, 1e13 / parameters(shape))  # noqa: E731 - time per token ~ parameters
+    budget = lambda shapes: [min(12 * corpus, 1e13 / parameters(s)) for s in shapes]  # noqa: E731 - time ~ parameters
     uncapped = pick_depth(budget, 2048, 256, log=lambda *_: None)
     capped = pick_depth(budget, 2048, 256, unique_tokens=corpus, log=lines.append)
     cap = MAX_PARAMS_PER_UNIQUE_TOKEN * corpus
@@ -180,6 +182,38 @@ def test_a_small_corpus_caps_the_budgets_model():
     assert uncapped.n_layer > capped.n_layer and "per token of this 0.06M-token corpus" in lines[-1]
     big = pick_depth(budget, 2048, 256, unique_tokens=100 * corpus, log=lambda *_: None)  # not binding
     assert big.n_layer == uncapped.n_layer
+
+
+def test_a_time_budget_times_each_depth_with_the_optimizer_its_run_would_use(tokenizer_dir):
+    """--max-time: a depth's tokens are the budget over its measured micro-step, forward and backward plus the
+    step of the optimizer the run would take there: Muon up to MUON_MAX_PASSES passes over the corpus, else
+    AdamW; --optimizer given, only that one is timed. Depths are timed side by side, each its own model."""
+    from chatforge.text.tokenizer import load_tokenizer
+    from chatforge.train.pretrain import PretrainConfig
+    from chatforge.train.sizing import MUON_MAX_PASSES, Budget, depth_shape
+
+    tok = load_tokenizer(tokenizer_dir)
+    shapes = [depth_shape(d, len(tok), 32) for d in (1, 2)]
+    cfg = PretrainConfig(data=["demo"], max_time=2, context_length=32, max_epochs=100)
+
+    def budget(corpus_tokens, **options):
+        return Budget(dataclasses.replace(cfg, **options), tok, 2, "fp32", 32, 1, corpus_tokens)
+
+    big = budget(10**12)  # far below one pass: Muon
+    big.measure(shapes)
+    times = [big.measured[repr(s)] for s in shapes]
+    assert all(set(t) == {"forward_backward", "adamw", "muon"} and min(t.values()) > 0 for t in times)
+    for shape, t in zip(shapes, times):
+        assert big.optimizer(shape) == "muon"
+        assert big.tokens(shape) == pytest.approx(2 / (t["forward_backward"] + t["muon"]) * 2 * 32)
+    small = budget(int(big.tokens(shapes[1], "muon") / (MUON_MAX_PASSES + 1)))  # more than 6 passes: AdamW
+    small.measured = big.measured
+    assert small.optimizer(shapes[1]) == "adamw" and small.passes(shapes[1]) > MUON_MAX_PASSES
+    t = small.measured[repr(shapes[1])]
+    assert small.tokens(shapes[1]) == pytest.approx(2 / (t["forward_backward"] + t["adamw"]) * 2 * 32)
+    named = budget(10**12, optimizer="adamw")
+    named.measure(shapes[:1])
+    assert set(named.measured[repr(shapes[0])]) == {"forward_backward", "adamw"}
 
 
 def test_max_time_is_a_budget_across_resumes(tmp_path, base_model_dir, tokenizer_dir):

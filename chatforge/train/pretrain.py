@@ -179,7 +179,8 @@ def _blocks(folders: list[tuple[str, float]], manifests: list[dict], ctx: int, c
 
 
 def _build_model(cfg: PretrainConfig, tok, log, corpus_tokens: int | None = None):
-    """(model, context length, passes over the corpus the budget affords: None unless the budget sized it)."""
+    """(model, context length, passes over the corpus the budget affords: None unless the budget sized the
+    model for a corpus of known size)."""
     from chatforge.modeling import context_length, load_model, new_model, resolve_shape, set_generation_defaults
 
     if cfg.init_from:
@@ -221,21 +222,10 @@ def _shape_for_budget(cfg: PretrainConfig, tok, vocab: int, corpus_tokens: int |
 
     from chatforge.modeling import resolve_precision
     from chatforge.train.common import is_main
-    from chatforge.train.sizing import BUDGET_CONTEXT, pick_depth, step_seconds
+    from chatforge.train.sizing import BUDGET_CONTEXT, Budget, pick_depth
 
     ctx = cfg.context_length or BUDGET_CONTEXT["cuda" if torch.cuda.is_available() else "cpu"]
-    micro, precision = micro_batch(cfg), resolve_precision(cfg.precision)
-
-    measured: dict = {}
-
-    def budget_tokens(shape) -> float:
-        tokens = min(cfg.max_tokens or float("inf"), cfg.max_epochs * (corpus_tokens or float("inf")))
-        if cfg.max_time:
-            key = repr(shape)  # each depth measured once: the chosen one's passes reuse its step time
-            if key not in measured:
-                measured[key] = step_seconds(shape, tok, micro, precision, cfg)
-            tokens = min(tokens, cfg.max_time / measured[key] * micro * ctx * world_size())
-        return tokens
+    tokens = Budget(cfg, tok, micro_batch(cfg), resolve_precision(cfg.precision), ctx, world_size(), corpus_tokens)
 
     shape, passes = None, None
     if is_main():
@@ -244,12 +234,12 @@ def _shape_for_budget(cfg: PretrainConfig, tok, vocab: int, corpus_tokens: int |
             f"{cfg.tokens_per_param:g} tokens per parameter (--tokens-per-param"
         log(f"--preset auto under {budget}: the depth with {rule}, train/sizing.py)")
         started = time.perf_counter()
-        shape = pick_depth(budget_tokens, vocab, ctx, cfg.arch,
+        shape = pick_depth(tokens.measure, vocab, ctx, cfg.arch,
                            tokens_per_param=None if cfg.max_time else cfg.tokens_per_param,
                            unique_tokens=corpus_tokens, log=log)
         log(f"  -> {shape.n_layer} layers x {shape.d_model} wide, {shape.n_head} heads, context {ctx} (chosen in "
             f"{time.perf_counter() - started:.1f} s, outside the budget)")
-        passes = budget_tokens(shape) / corpus_tokens if corpus_tokens else float("inf")
+        passes = tokens.passes(shape)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         box = [shape]
         torch.distributed.broadcast_object_list(box, src=0)
@@ -289,7 +279,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
     from chatforge.outputs import check_not_inputs, claim
     from chatforge.train.callbacks import Throughput
     from chatforge.train.common import RUN_CONFIG, Plan, finish_run, is_main, run_trainer
-    from chatforge.train.sizing import budget_optimizer
+    from chatforge.train.sizing import accumulation, budget_optimizer
     from chatforge.train.speedups import apply_speedups, compile_by_default, restore_forward
 
     cfg.validate()
@@ -314,7 +304,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
                              f"tokens is less than one block of --context-length {ctx}")
     micro = min(micro_batch(cfg), len(train))
     per_pass = micro * ctx * world_size()
-    accum = max(1, round((cfg.batch_tokens or per_pass) / per_pass))
+    accum = accumulation(cfg.batch_tokens, per_pass)
     tokens_per_step = per_pass * accum
     corpus_tokens = len(train) * ctx
     max_steps = plan_steps(cfg, n_params, corpus_tokens, tokens_per_step)

@@ -3,8 +3,9 @@
 Depth L sets the rest (nanochat's idea): width 64·L, heads of 64 (L of them); the context is 1024 on
 a GPU and 128 on a CPU, where minutes buy few optimizer steps and more of them beat longer sequences
 (bench/README.md). The budget becomes tokens D(L): `--max-tokens`, or `--max-time` times the rate
-measured here for depth L (a few real training steps with the run's precision, micro-batch and speed
-switches), at most `--max-epochs` passes over the corpus. The chosen depth minimises Chinchilla's
+measured here for depth L (a few real training steps with the run's precision, micro-batch, speed switches
+and optimizer, taken in turns with depth L-1's so that a busy machine slows both alike), at most
+`--max-epochs` passes over the corpus. The chosen depth minimises Chinchilla's
 fitted loss (Hoffmann et al. 2022, approach 3)
 
     L(N, D) = E + A / N^0.34 + B / D^0.28,   N = all parameters, D = tokens trained,
@@ -52,10 +53,11 @@ def predicted_loss(n_params: float, tokens: float) -> float:
     return c["E"] + c["A"] / n_params ** c["alpha"] + c["B"] / max(tokens, 1.0) ** c["beta"]
 
 
-def step_seconds(shape: ModelShape, tok, micro: int, precision: str, cfg, steps: int = 3) -> float:
-    """Seconds per training micro-step (forward, backward, the run's optimizer) of a fresh model of `shape`: the
-    fastest of `steps` after one warm-up step on random tokens (a shared machine's noise only ever slows a step,
-    and a slowed depth would be picked against unfairly)."""
+def step_times(shapes: list[ModelShape], tok, micro: int, precision: str, cfg, kinds: tuple) -> list[dict]:
+    """Seconds of a training micro-step of fresh models of `shapes`: {"forward_backward": s, kind: s for each
+    optimizer step in `kinds`}. Measured in turns, one step of every shape per round, so that a shared
+    machine's slow spell slows them alike; the fastest of 3 rounds after a warm-up round (noise only ever
+    slows a step, and a slowed shape would be picked against unfairly)."""
     import torch
 
     from chatforge.modeling import new_model
@@ -63,29 +65,77 @@ def step_seconds(shape: ModelShape, tok, micro: int, precision: str, cfg, steps:
     from chatforge.train.speedups import apply_speedups
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = new_model(shape, tok, seed=0).to(device).train()
-    # never compiled: a compile per candidate depth would cost more than the whole measurement
-    apply_speedups(model, replace(cfg, compile=False), precision, log=lambda *_: None)
-    optimizer = make_optimizer(model, 1e-4, 0.0, kind=cfg.optimizer or "adamw")
-    ids = torch.randint(0, len(tok), (micro, shape.context_length), device=device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    runs = []
+    for shape in shapes:
+        model = new_model(shape, tok, seed=0).to(device).train()
+        # never compiled: a compile per candidate depth would cost more than the whole measurement
+        apply_speedups(model, replace(cfg, compile=False), precision, log=lambda *_: None)
+        runs.append((model, {kind: make_optimizer(model, 1e-4, 0.0, kind=kind) for kind in kinds}))
+    ids = {s.context_length: torch.randint(0, len(tok), (micro, s.context_length), device=device) for s in shapes}
 
-    def one_step():
+    def seconds(work) -> float:
+        start = time.perf_counter()
+        work()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    def forward_backward(model, ids):
         with torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device == "cuda":
-            torch.cuda.synchronize()
 
-    one_step()
-    fastest = float("inf")
-    for _ in range(steps):
-        start = time.perf_counter()
-        one_step()
-        fastest = min(fastest, time.perf_counter() - start)
+    fastest = [dict.fromkeys(("forward_backward", *kinds), float("inf")) for _ in shapes]
+    for round_ in range(4):
+        for shape, (model, optimizers), best in zip(shapes, runs, fastest):
+            took = {"forward_backward": seconds(lambda: forward_backward(model, ids[shape.context_length]))}
+            took |= {kind: seconds(optimizer.step) for kind, optimizer in optimizers.items()}
+            model.zero_grad(set_to_none=True)
+            if round_:  # round 0 warms up
+                best.update({part: min(best[part], took[part]) for part in took})
     return fastest
+
+
+class Budget:
+    """Tokens a shape trains in the run's budget: `max_tokens`, at most `max_epochs` passes over the corpus,
+    and under `max_time` the time over a micro-step's seconds measured here (`measure`), with the optimizer
+    the run would use (`cfg.optimizer`, else budget_optimizer's pick at that shape's passes)."""
+
+    def __init__(self, cfg, tok, micro: int, precision: str, context_length: int, processes: int,
+                 corpus_tokens: int | None):
+        self.cfg, self.tok, self.micro, self.precision = cfg, tok, micro, precision
+        self.context_length, self.processes, self.corpus_tokens = context_length, processes, corpus_tokens
+        self.accum = accumulation(cfg.batch_tokens, micro * context_length * processes)
+        self.cap = min(cfg.max_tokens or float("inf"), cfg.max_epochs * (corpus_tokens or float("inf")))
+        self.measured: dict = {}  # repr(shape) -> its latest step_times
+
+    def measure(self, shapes: list[ModelShape]) -> list[float]:
+        """Each shape's tokens in the budget, measured side by side under --max-time."""
+        if self.cfg.max_time:
+            kinds = (self.cfg.optimizer,) if self.cfg.optimizer else ("adamw", "muon")
+            times = step_times(shapes, self.tok, self.micro, self.precision, self.cfg, kinds)
+            self.measured |= {repr(shape): t for shape, t in zip(shapes, times)}
+        return [self.tokens(shape) for shape in shapes]
+
+    def tokens(self, shape: ModelShape, optimizer: str | None = None) -> float:
+        if not self.cfg.max_time:
+            return self.cap
+        times, kind = self.measured[repr(shape)], optimizer or self.optimizer(shape)
+        step = times["forward_backward"] + times[kind] / self.accum  # one optimizer step per `accum` micro-steps
+        return min(self.cap, self.cfg.max_time / step * self.micro * self.context_length * self.processes)
+
+    def passes(self, shape: ModelShape, optimizer: str | None = None) -> float | None:
+        return self.tokens(shape, optimizer) / self.corpus_tokens if self.corpus_tokens else None
+
+    def optimizer(self, shape: ModelShape) -> str:
+        # Muon at most MUON_MAX_PASSES passes; AdamW, never slower, would then pass at least as often
+        return self.cfg.optimizer or budget_optimizer(self.passes(shape, "muon"), self.processes, lambda *_: None)
+
+
+def accumulation(batch_tokens: int | None, tokens_per_pass: int) -> int:
+    """Micro-steps per optimizer step: --batch-tokens over the tokens of one pass of every process."""
+    return max(1, round((batch_tokens or tokens_per_pass) / tokens_per_pass))
 
 
 # On the quickstart's corpus (60k tokens seen 12 times) depths 3-4 (30-63 parameters per token) scored best
@@ -95,11 +145,12 @@ MAX_PARAMS_PER_UNIQUE_TOKEN = 64
 
 def pick_depth(budget_tokens, vocab_size: int, context_length: int, arch: str = "gpt2",
                tokens_per_param: float | None = None, unique_tokens: float | None = None, log=print) -> ModelShape:
-    """The depth whose shape has the lowest predicted loss for `budget_tokens(shape)` tokens, or with
-    `tokens_per_param`, the deepest one the budget gives that many tokens per parameter (at least depth 1);
-    never past MAX_PARAMS_PER_UNIQUE_TOKEN parameters per token of a corpus of `unique_tokens`.
-    Depths are tried upwards (budget_tokens may measure each); the first that does worse ends the search."""
-    best, best_loss = depth_shape(1, vocab_size, context_length, arch), float("inf")
+    """The depth whose shape has the lowest predicted loss for the tokens `budget_tokens([shapes])` gives
+    it, or with `tokens_per_param`, the deepest one the budget gives that many tokens per parameter (at
+    least depth 1); never past MAX_PARAMS_PER_UNIQUE_TOKEN parameters per token of a corpus of
+    `unique_tokens`. Depths are tried upwards, each measured side by side with the best so far
+    (budget_tokens may measure them); the first that does worse ends the search."""
+    best = depth_shape(1, vocab_size, context_length, arch)
     for depth in range(1, MAX_DEPTH + 1):
         shape = depth_shape(depth, vocab_size, context_length, arch)
         n_params = parameters(shape)
@@ -107,13 +158,16 @@ def pick_depth(budget_tokens, vocab_size: int, context_length: int, arch: str = 
             log(f"  depth {depth} ({depth}x{shape.d_model}): {n_params / 1e6:.2f}M parameters, past "
                 f"{MAX_PARAMS_PER_UNIQUE_TOKEN} per token of this {unique_tokens / 1e6:.2f}M-token corpus: not tried")
             break
-        tokens = budget_tokens(shape)
+        *beside, tokens = budget_tokens([best, shape] if depth > 1 else [shape])
         loss = predicted_loss(n_params, tokens)
+        best_loss = predicted_loss(parameters(best), beside[0]) if beside else float("inf")
         log(f"  depth {depth} ({depth}x{shape.d_model}): {n_params / 1e6:.2f}M parameters, {tokens / 1e6:.2f}M "
-            f"tokens in the budget ({tokens / n_params:.1f} per parameter), predicted loss {loss:.3f}")
+            f"tokens in the budget ({tokens / n_params:.1f} per parameter), predicted loss {loss:.3f}"
+            + (f"; depth {best.n_layer} beside it: {beside[0] / 1e6:.2f}M tokens, {best_loss:.3f}"
+               if beside and not tokens_per_param else ""))
         if (tokens < tokens_per_param * n_params) if tokens_per_param else loss >= best_loss:
             break
-        best, best_loss = shape, loss
+        best = shape
     return best
 
 
