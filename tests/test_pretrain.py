@@ -187,7 +187,7 @@ def test_a_small_corpus_caps_the_budgets_model():
 def test_a_time_budget_times_each_depth_with_the_optimizer_its_run_would_use(tokenizer_dir):
     """--max-time: a depth's tokens are the budget over its measured micro-step, forward and backward plus the
     step of the optimizer the run would take there: Muon up to MUON_MAX_PASSES passes over the corpus, else
-    AdamW; --optimizer given, only that one is timed. Depths are timed side by side, each its own model."""
+    AdamW; --optimizer given, or several processes (AdamW), only that one is timed."""
     from chatforge.text.tokenizer import load_tokenizer
     from chatforge.train.pretrain import PretrainConfig
     from chatforge.train.sizing import MUON_MAX_PASSES, Budget, depth_shape
@@ -196,8 +196,8 @@ def test_a_time_budget_times_each_depth_with_the_optimizer_its_run_would_use(tok
     shapes = [depth_shape(d, len(tok), 32) for d in (1, 2)]
     cfg = PretrainConfig(data=["demo"], max_time=2, context_length=32, max_epochs=100)
 
-    def budget(corpus_tokens, **options):
-        return Budget(dataclasses.replace(cfg, **options), tok, 2, "fp32", 32, 1, corpus_tokens)
+    def budget(corpus_tokens, processes=1, **options):
+        return Budget(dataclasses.replace(cfg, **options), tok, 2, "fp32", 32, processes, corpus_tokens)
 
     big = budget(10**12)  # far below one pass: Muon
     big.measure(shapes)
@@ -211,9 +211,10 @@ def test_a_time_budget_times_each_depth_with_the_optimizer_its_run_would_use(tok
     assert small.optimizer(shapes[1]) == "adamw" and small.passes(shapes[1]) > MUON_MAX_PASSES
     t = small.measured[repr(shapes[1])]
     assert small.tokens(shapes[1]) == pytest.approx(2 / (t["forward_backward"] + t["adamw"]) * 2 * 32)
-    named = budget(10**12, optimizer="adamw")
-    named.measure(shapes[:1])
-    assert set(named.measured[repr(shapes[0])]) == {"forward_backward", "adamw"}
+    for one in (budget(10**12, optimizer="adamw"), budget(10**12, processes=2)):  # AdamW named, or DDP's
+        one.measure(shapes[:1])
+        assert set(one.measured[repr(shapes[0])]) == {"forward_backward", "adamw"}
+        assert one.optimizer(shapes[0]) == "adamw"
 
 
 def test_max_time_is_a_budget_across_resumes(tmp_path, base_model_dir, tokenizer_dir):

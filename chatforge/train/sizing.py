@@ -113,7 +113,7 @@ class Budget:
     def measure(self, shapes: list[ModelShape]) -> list[float]:
         """Each shape's tokens in the budget, measured side by side under --max-time."""
         if self.cfg.max_time:
-            kinds = (self.cfg.optimizer,) if self.cfg.optimizer else ("adamw", "muon")
+            kinds = (self.optimizer(None),) if self.cfg.optimizer or self.processes > 1 else ("adamw", "muon")
             times = step_times(shapes, self.tok, self.micro, self.precision, self.cfg, kinds)
             self.measured |= {repr(shape): t for shape, t in zip(shapes, times)}
         return [self.tokens(shape) for shape in shapes]
@@ -128,9 +128,12 @@ class Budget:
     def passes(self, shape: ModelShape, optimizer: str | None = None) -> float | None:
         return self.tokens(shape, optimizer) / self.corpus_tokens if self.corpus_tokens else None
 
-    def optimizer(self, shape: ModelShape) -> str:
-        # Muon at most MUON_MAX_PASSES passes; AdamW, never slower, would then pass at least as often
-        return self.cfg.optimizer or budget_optimizer(self.passes(shape, "muon"), self.processes, lambda *_: None)
+    def optimizer(self, shape: ModelShape | None) -> str:
+        """--optimizer, else budget_optimizer's: AdamW for several processes; for one, Muon if the budget with
+        Muon passes over the corpus at most MUON_MAX_PASSES times (AdamW, never slower, would pass as often)."""
+        if self.cfg.optimizer or self.processes > 1:
+            return self.cfg.optimizer or "adamw"
+        return budget_optimizer(self.passes(shape, "muon"), 1, lambda *_: None)
 
 
 def accumulation(batch_tokens: int | None, tokens_per_pass: int) -> int:
