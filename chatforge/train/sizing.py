@@ -113,7 +113,7 @@ class Budget:
     def measure(self, shapes: list[ModelShape]) -> list[float]:
         """Each shape's tokens in the budget, measured side by side under --max-time."""
         if self.cfg.max_time:
-            kinds = (self.optimizer(None),) if self.cfg.optimizer or self.processes > 1 else ("adamw", "muon")
+            kinds = (self.fixed_optimizer,) if self.fixed_optimizer else ("adamw", "muon")
             times = step_times(shapes, self.tok, self.micro, self.precision, self.cfg, kinds)
             self.measured |= {repr(shape): t for shape, t in zip(shapes, times)}
         return [self.tokens(shape) for shape in shapes]
@@ -128,12 +128,15 @@ class Budget:
     def passes(self, shape: ModelShape, optimizer: str | None = None) -> float | None:
         return self.tokens(shape, optimizer) / self.corpus_tokens if self.corpus_tokens else None
 
-    def optimizer(self, shape: ModelShape | None) -> str:
-        """--optimizer, else budget_optimizer's: AdamW for several processes; for one, Muon if the budget with
-        Muon passes over the corpus at most MUON_MAX_PASSES times (AdamW, never slower, would pass as often)."""
-        if self.cfg.optimizer or self.processes > 1:
-            return self.cfg.optimizer or "adamw"
-        return budget_optimizer(self.passes(shape, "muon"), 1, lambda *_: None)
+    @property
+    def fixed_optimizer(self) -> str | None:
+        """The run's optimizer whatever the shape: --optimizer, or AdamW for several processes (budget_optimizer)."""
+        return self.cfg.optimizer or ("adamw" if self.processes > 1 else None)
+
+    def optimizer(self, shape: ModelShape) -> str:
+        """The fixed optimizer, else budget_optimizer's pick: Muon if the budget with Muon passes over the corpus
+        at most MUON_MAX_PASSES times (AdamW, never slower, would pass at least as often), else AdamW."""
+        return self.fixed_optimizer or budget_optimizer(self.passes(shape, "muon"), 1, lambda *_: None)
 
 
 def accumulation(batch_tokens: int | None, tokens_per_pass: int) -> int:
