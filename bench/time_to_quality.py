@@ -17,7 +17,8 @@ Recipes (same data, same time):
     python bench/time_to_quality.py                       # 90 s and 300 s, all three recipes
     python bench/time_to_quality.py --seconds 90 --recipes auto tiny
 
-Prints a markdown table; writes JSON to --json (default bench/results/time_to_quality.json).
+Prints a markdown table; writes JSON to --json (default bench/results/time_to_quality.json), each row with its
+run's sizing lines (the depths `auto` timed, their tokens, the optimizer).
 """
 
 from __future__ import annotations
@@ -93,8 +94,8 @@ def main() -> None:
         for recipe in args.recipes:
             out = work / f"run-{recipe}-{seconds:g}s"
             start = time.time()
-            chatforge("pretrain", "--data", shards, "--tokenizer", tok, "--out", out, "--max-time", seconds,
-                      "--report-to", "none", "--save-every", 10**9, "--overwrite", *RECIPES[recipe])
+            log = chatforge("pretrain", "--data", shards, "--tokenizer", tok, "--out", out, "--max-time", seconds,
+                            "--report-to", "none", "--save-every", 10**9, "--overwrite", *RECIPES[recipe])
             wall = time.time() - start
             summary = json.loads((out / "summary.json").read_text())
             config = json.loads((out / "config.json").read_text())
@@ -102,9 +103,11 @@ def main() -> None:
                    "shape": f"{config['n_layer']}x{config['n_embd']}, ctx {config['n_positions']}",
                    "parameters": summary["parameters"], "steps": summary.get("steps"),
                    "tokens_per_s": summary.get("tokens_per_s"),
-                   "heldout_bpb": round(heldout_bits_per_byte(out, texts), 4)}
+                   "heldout_bpb": round(heldout_bits_per_byte(out, texts), 4),
+                   # auto's choice: each depth's timed tokens and the optimizer (in the JSON, not printed)
+                   "sizing": [line.strip() for line in log.splitlines() if line.startswith(("  depth", "optimizer:"))]}
             rows.append(row)
-            print(json.dumps(row), flush=True)
+            print(json.dumps({k: v for k, v in row.items() if k != "sizing"}), flush=True)
 
     print("\n| budget | recipe | shape | parameters | steps | tokens/s | held-out bits/byte | fewer bits than tiny | "
           "than nanoGPT's recipe |")
