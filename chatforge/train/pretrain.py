@@ -225,21 +225,20 @@ def _shape_for_budget(cfg: PretrainConfig, tok, vocab: int, corpus_tokens: int |
     from chatforge.train.sizing import BUDGET_CONTEXT, Budget, pick_depth
 
     ctx = cfg.context_length or BUDGET_CONTEXT["cuda" if torch.cuda.is_available() else "cpu"]
-    tokens = Budget(cfg, tok, micro_batch(cfg), resolve_precision(cfg.precision), ctx, world_size(), corpus_tokens)
-
     shape, passes = None, None
     if is_main():
-        budget = f"--max-time {cfg.max_time:g} s" if cfg.max_time else f"--max-tokens {cfg.max_tokens:,}"
+        budget = Budget(cfg, tok, micro_batch(cfg), resolve_precision(cfg.precision), ctx, world_size(), corpus_tokens)
+        limit = f"--max-time {cfg.max_time:g} s" if cfg.max_time else f"--max-tokens {cfg.max_tokens:,}"
         rule = "the lowest predicted loss (Chinchilla's fit" if cfg.max_time else \
             f"{cfg.tokens_per_param:g} tokens per parameter (--tokens-per-param"
-        log(f"--preset auto under {budget}: the depth with {rule}, train/sizing.py)")
+        log(f"--preset auto under {limit}: the depth with {rule}, train/sizing.py)")
         started = time.perf_counter()
-        shape = pick_depth(tokens.measure, vocab, ctx, cfg.arch,
+        shape = pick_depth(budget.measure, vocab, ctx, cfg.arch,
                            tokens_per_param=None if cfg.max_time else cfg.tokens_per_param,
                            unique_tokens=corpus_tokens, log=log)
         log(f"  -> {shape.n_layer} layers x {shape.d_model} wide, {shape.n_head} heads, context {ctx} (chosen in "
             f"{time.perf_counter() - started:.1f} s, outside the budget)")
-        passes = tokens.passes(shape)
+        passes = budget.passes(shape)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         box = [shape]
         torch.distributed.broadcast_object_list(box, src=0)
