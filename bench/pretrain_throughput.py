@@ -159,7 +159,7 @@ def run_chatforge(args, plan, tok_dir, shards, out: Path, compile: bool | None =
         n_head=plan["n_head"], context_length=plan["seq"], micro_batch_size=plan["batch"],
         max_steps=plan["steps"], learning_rate=plan["lr"], warmup_steps=plan["warmup_steps"],
         eval_every=10**9, save_every=10**9, log_every=10**9, report_to=["none"], seed=args.seed,
-        compile=args.compile if compile is None else compile, preset="tiny", model_vocab_size=args.model_vocab)
+        compile=args.chatforge_compile_default if compile is None else compile, preset="tiny", model_vocab_size=args.model_vocab)
     for flag in ("fused_loss", "fused_gelu", "fast_batches", "cpu_attention", "flash_attention"):
         setattr(cfg, flag, not args.no_fast)
     t0 = time.perf_counter()
