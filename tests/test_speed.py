@@ -171,6 +171,30 @@ def test_fused_forward_compiles_without_graph_breaks():
     assert explained.graph_count == 1
 
 
+def test_compiled_blocks_compile_one_graph_for_every_layer():
+    """`--compile` on a CPU (compiled blocks): one graph serves every layer in training. A cache handed to
+    the blocks made dynamo compile a graph per layer, and past 8 layers' worth fall back to eager with a
+    warning (seen at 6 layers once evaluation compiled its own)."""
+    from torch._dynamo.utils import counters
+
+    from chatforge.train.speedups import compile_blocks
+
+    if torch.cuda.is_available():
+        pytest.skip("compiled blocks are the CPU path")
+    model = _tiny("gpt2")
+    model.config.use_cache = False  # as the Trainer sets it
+    use_fused_loss(model, chunk_rows=40)
+    use_cpu_attention(model)
+    torch._dynamo.reset()
+    counters.clear()
+    assert compile_blocks(model) == 2
+    ids = torch.randint(0, 320, (2, 48))
+    for _ in range(2):
+        model(input_ids=ids, labels=ids, num_items_in_batch=torch.tensor(94)).loss.backward()
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    torch._dynamo.reset()
+
+
 def test_fp8_trains_close_to_bf16_and_saves_plain_checkpoints(tmp_path):
     """`--fp8` (torchao Float8Linear; emulated on a CPU, the same conversion a GPU runs): the parameters and
     the saved checkpoint are the stock model's, and a few training steps track the bf16 run."""

@@ -126,10 +126,13 @@ def use_fused_loss(model, chunk_rows: int | None = None) -> bool:
         if labels is None or kwargs.get("output_hidden_states") or kwargs.get("return_dict") is False:
             return stock_forward(self, input_ids=input_ids, attention_mask=attention_mask, labels=labels,
                                  num_items_in_batch=num_items_in_batch, **kwargs)
-        # Without a cache transformers looks for packed sequences in the position ids: a host sync per step,
-        # and a full T x T mask under torch.compile (no flash kernel). With no position ids given there is
-        # nothing packed to find, so a cache (the Trainer turns config.use_cache off) skips the search.
-        if kwargs.get("position_ids") is None:
+        # Without a cache transformers looks for packed sequences in the position ids: on a GPU a host sync per
+        # step, and a full T x T mask when the whole model is compiled (no flash kernel). With no position ids
+        # given there is nothing packed to find, so a cache (the Trainer turns config.use_cache off) skips the
+        # search. Not in an eager forward on a CPU: there the search costs microseconds, and a cache handed to
+        # compiled blocks (--compile on a CPU) makes each layer compile its own graph (dynamo guards on it).
+        on_cpu = input_ids is None or input_ids.device.type == "cpu"
+        if kwargs.get("position_ids") is None and (torch.compiler.is_compiling() or not on_cpu):
             kwargs["use_cache"] = True
         out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         loss = chunked_lm_loss(out.last_hidden_state, self.get_output_embeddings().weight, labels,

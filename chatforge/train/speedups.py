@@ -93,6 +93,8 @@ _CAUSAL_BIAS: dict = {}
 
 def _causal_bias(t: int, device, dtype) -> torch.Tensor:
     """(t, t): 0 on and below the diagonal, -inf above; one per length, device and dtype, built once."""
+    if torch.compiler.is_compiling():  # built in the graph: a lookup here would make dynamo guard on the dict
+        return torch.full((t, t), float("-inf"), dtype=dtype, device=device).triu(1)
     key = (t, str(device), dtype)
     if key not in _CAUSAL_BIAS:
         _CAUSAL_BIAS[key] = torch.full((t, t), float("-inf"), dtype=dtype, device=device).triu(1)
