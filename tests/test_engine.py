@@ -109,11 +109,10 @@ def test_prompts_prefilled_together_equal_one_by_one(engine):
     def together_and_alone(model):
         backend, n = engine.backend, len(prompts)
         together = backend.prefill(list(range(n)), prompts)
-        cached = [(k[:n].clone(), v[:n].clone()) for k, v in zip(backend.k, backend.v)]
+        cached = [kv[:n].clone() for kv in backend.kv]  # per layer [slot, k|v, head, position, dim]
         alone = torch.cat([backend.prefill([slot], [ids]) for slot, ids in enumerate(prompts)])
-        same = all(torch.allclose(kv[slot, :, :len(ids)], now[slot, :, :len(ids)], atol=1e-5)
-                   for (k, v), k_now, v_now in zip(cached, backend.k, backend.v)
-                   for kv, now in ((k, k_now), (v, v_now)) for slot, ids in enumerate(prompts))
+        same = all(torch.allclose(kv[slot, :, :, :len(ids)], now[slot, :, :, :len(ids)], atol=1e-5)
+                   for kv, now in zip(cached, backend.kv) for slot, ids in enumerate(prompts))
         return together, alone, same
 
     together, alone, same_cache = engine.call(together_and_alone)

@@ -12,12 +12,14 @@ recorded at load time (`static=False` / `--enforce-eager` turns it off). Greedy 
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 import torch.nn.functional as F
 
 class FastModel:
-    """GPT-2 / Llama forward over the HF weights with a static KV cache [slot, head, position, dim]."""
+    """GPT-2 / Llama forward over the HF weights with a static KV cache per layer [slot, k|v, head, position, dim]
+    (keys and values in one tensor: one write per layer, as the QKV matmul leaves them side by side)."""
 
     def __init__(self, model, max_batch: int, ctx: int, static: bool = False):
         cfg = model.config
@@ -41,9 +43,8 @@ class FastModel:
         # one slot to start; grows (doubling, up to max_batch) the first time more requests run at once.
         # The static step needs every slot from the start: its tensors' addresses must never change.
         self.max_batch, self.static = max_batch, static
-        shape = (max_batch if static else 1, self.n_kv, ctx, self.head_dim)
-        self.k = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in range(n_layer)]
-        self.v = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in range(n_layer)]
+        shape = (max_batch if static else 1, 2, self.n_kv, ctx, self.head_dim)
+        self.kv = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in range(n_layer)]
         self.device = p.device
         self._bind_weights(model)
         if static:  # the static step's inputs: token ids and positions, padded to a bucket of slots
@@ -70,11 +71,10 @@ class FastModel:
         return False
 
     def prefill(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
-        cap = self.k[0].shape[0]
+        cap = self.kv[0].shape[0]
         if max(slots) >= cap:
             grow = min(self.max_batch, max(max(slots) + 1, 2 * cap)) - cap
-            self.k = [torch.cat([t, t.new_zeros((grow, *t.shape[1:]))]) for t in self.k]
-            self.v = [torch.cat([t, t.new_zeros((grow, *t.shape[1:]))]) for t in self.v]
+            self.kv = [torch.cat([t, t.new_zeros((grow, *t.shape[1:]))]) for t in self.kv]
         return self._prefill(prompts, slots)
 
     def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
@@ -90,19 +90,19 @@ class FastModel:
         pos = torch.tensor(positions, device=dev)
         span = max(positions) + 1
         visible = None
-        if B > 1:  # rows at different lengths: hide each row's unused tail
-            visible = (torch.arange(span, device=dev)[None, :] <= pos[:, None])[:, None, None, :]
+        if B > 1:  # rows at different lengths: hide each row's unused tail, as the additive mask SDPA would
+            # make of a boolean one in every layer
+            hidden = (torch.arange(span, device=dev)[None, :] > pos[:, None])[:, None, None, :]
+            visible = torch.zeros(hidden.shape, dtype=self.kv[0].dtype, device=dev).masked_fill_(hidden, -math.inf)
         rows = torch.arange(B, device=dev)
 
-        def attend(i: int, q, k, v):
-            kc, vc = self.k[i], self.v[i]
+        def attend(i: int, q, kv):
+            cache = self.kv[i]
             if B == 1:
-                kc[0, :, positions[0]] = k[0]
-                vc[0, :, positions[0]] = v[0]
+                cache[0, :, :, positions[0]] = kv[0]
             else:
-                kc[rows, :, pos] = k
-                vc[rows, :, pos] = v
-            return self._attend_cache(q, kc[:B, :, :span], vc[:B, :, :span], visible)
+                cache[rows, :, :, pos] = kv
+            return self._attend_cache(q, cache[:B, :, :, :span], visible)
 
         return self._step(x, pos, attend)
 
@@ -129,22 +129,21 @@ class FastModel:
         rows = self._slots[:bucket]
         visible = (self._span[None, :span] <= pos[:, None])[:, None, None, :]  # [bucket, 1, 1, span]
 
-        def attend(i: int, q, k, v):
-            kc, vc = self.k[i], self.v[i]
-            kc[rows, :, pos] = k
-            vc[rows, :, pos] = v
-            return self._attend_cache(q, kc[:bucket, :, :span], vc[:bucket, :, :span], visible)
+        def attend(i: int, q, kv):
+            cache = self.kv[i]
+            cache[rows, :, :, pos] = kv
+            return self._attend_cache(q, cache[:bucket, :, :, :span], visible)
 
         return self._step(x, pos, attend)
 
-    def _attend_cache(self, q, keys, values, visible) -> torch.Tensor:
-        """One query token per row against its cached keys/values [B, G, T, D] -> [B, H*D]. Grouped heads
+    def _attend_cache(self, q, cache, visible) -> torch.Tensor:
+        """One query token per row against its cached keys/values [B, 2, G, T, D] -> [B, H*D]. Grouped heads
         are query rows of their KV head ([B, G, H/G, D]): the same maths as enable_gqa, which with a mask
         only SDPA's slow math kernel takes. SDPA, not two bmm: on a CPU ~1.7x faster in fp32 at batch 1 and
         level at batch 64; 3-8x in bf16, where oneDNN's bmm at one query row is slow (bench/README.md)."""
-        B, G = keys.shape[:2]
+        B, G = cache.shape[0], cache.shape[2]
         q = q.view(B, G, self.n_head // G, self.head_dim)
-        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, scale=self.scale)
+        o = F.scaled_dot_product_attention(q, cache[:, 0], cache[:, 1], attn_mask=visible, scale=self.scale)
         return o.reshape(B, self.n_head * self.head_dim)
 
     def _capture_graphs(self) -> None:
@@ -185,8 +184,9 @@ class FastModel:
             warnings.warn(f"CUDA graph capture failed, decoding without graphs: {err}")
 
     def _step(self, x: torch.Tensor, pos: torch.Tensor, attend, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """The layer stack over token rows `x` at positions `pos`; `attend(layer, q, k, v)` stores k/v in the
-        cache and returns the attention output [rows, H*D]. Logits for the `keep` rows (default: all)."""
+        """The layer stack over token rows `x` at positions `pos`; `attend(layer, q, kv)` stores the rows' keys
+        and values [rows, 2, G, D] in the cache and returns the attention output [rows, H*D]. Logits for the
+        `keep` rows (default: all)."""
         B, H, G, D = x.shape[0], self.n_head, self.n_kv, self.head_dim
         if self.arch == "gpt2":
             h = F.embedding(x, self.wte) + F.embedding(pos, self.wpe)
@@ -200,11 +200,11 @@ class FastModel:
             else:
                 a = self._rms(h, w["ln1_w"])
                 qkv = self.linear(a, w["qkv_w"])
-            q, k, v = qkv.view(B, H + 2 * G, D).split([H, G, G], dim=1)
-            if self.arch != "gpt2":
-                q = q * cos + _rotate_half(q) * sin
-                k = k * cos + _rotate_half(k) * sin
-            o = attend(i, q, k, v)
+            qkv = qkv.view(B, H + 2 * G, D)
+            if self.arch != "gpt2":  # queries and keys rotated together, in place: k stays beside v
+                qk = qkv[:, :H + G]
+                qk.copy_(qk * cos + _rotate_half(qk) * sin)
+            o = attend(i, qkv[:, :H], qkv[:, H:].view(B, 2, G, D))
             if self.arch == "gpt2":
                 h = self.linear(o, w["proj_w"], w["proj_b"], residual=h)
                 a = F.layer_norm(h, h.shape[-1:], w["ln2_w"], w["ln2_b"], self.eps)
@@ -282,9 +282,8 @@ class FastModel:
         return y if residual is None else residual + y
 
     def move(self, src: int, dst: int, length: int) -> None:
-        for k, v in zip(self.k, self.v):
-            k[dst, :, :length] = k[src, :, :length]
-            v[dst, :, :length] = v[src, :, :length]
+        for cache in self.kv:
+            cache[dst, :, :, :length] = cache[src, :, :, :length]
 
     def _prefill(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
         """The prompts' tokens back to back through the decode step's layers (no padding: the matmuls, the
@@ -300,14 +299,13 @@ class FastModel:
         token_slot = slot[row]
         last = torch.tensor(list(itertools.accumulate(map(len, prompts))), device=dev) - 1
 
-        def attend(i: int, q, k, v):
-            kc, vc = self.k[i], self.v[i]
-            kc[token_slot, :, pos] = k
-            vc[token_slot, :, pos] = v
+        def attend(i: int, q, kv):
+            cache = self.kv[i]
+            cache[token_slot, :, :, pos] = kv
             # a prompt's padded query rows read stale cache entries past its end; their outputs are dropped
             queries = q.new_zeros((n, S, H, D))
             queries[row, pos] = q
-            keys, values = kc[slot, :, :S], vc[slot, :, :S]  # [n, G, S, D]
+            keys, values = cache[slot, 0, :, :S], cache[slot, 1, :, :S]  # [n, G, S, D]
             if G != H:
                 keys, values = keys.repeat_interleave(H // G, dim=1), values.repeat_interleave(H // G, dim=1)
             o = F.scaled_dot_product_attention(queries.transpose(1, 2), keys, values, is_causal=True,
