@@ -106,7 +106,7 @@ def plan_tasks(cfg: EvalConfig) -> Plan:
     humaneval = T.HUMANEVAL in names
     named = [n for n in names if n != T.HUMANEVAL]
     if named:
-        known = _task_manager().all_tasks
+        known = _task_manager(True).all_tasks
         for name in named:
             if name not in known:
                 close = difflib.get_close_matches(name, known, n=3)
@@ -148,8 +148,8 @@ def check_out(cfg: EvalConfig) -> None:
                              "choose a new --out")
 
 
-@functools.cache
-def _task_manager(named: bool = True):
+@functools.cache  # lm-eval indexes every task's YAML file (~10 s): once per process; called positionally,
+def _task_manager(named: bool):  # as functools.cache keys f(True) and f(named=True) apart
     from lm_eval.tasks import TaskManager
 
     return TaskManager() if named else TaskManager(include_defaults=False)
@@ -216,7 +216,7 @@ def is_chat_model(model_dir: str, tokenizer) -> bool:
 
 def load_lm_eval_tasks(tasks: list, num_fewshot: int | None) -> dict:
     """lm-eval's tasks, datasets loaded, set up as `simple_evaluate` sets them up."""
-    manager = _task_manager(named=any(isinstance(t, str) for t in tasks))
+    manager = _task_manager(any(isinstance(t, str) for t in tasks))
     loaded: dict = {"tasks": {}, "groups": {}}
     for task in tasks:  # one at a time, so that a dataset that cannot load is named
         name = task if isinstance(task, str) else task["task"]
