@@ -131,8 +131,7 @@ def use_fused_loss(model, chunk_rows: int | None = None) -> bool:
         # given there is nothing packed to find, so a cache (the Trainer turns config.use_cache off) skips the
         # search. Not in an eager forward on a CPU: there the search costs microseconds, and a cache handed to
         # compiled blocks (--compile on a CPU) makes each layer compile its own graph (dynamo guards on it).
-        on_cpu = input_ids is None or input_ids.device.type == "cpu"
-        if kwargs.get("position_ids") is None and (torch.compiler.is_compiling() or not on_cpu):
+        if kwargs.get("position_ids") is None and (torch.compiler.is_compiling() or self.device.type != "cpu"):
             kwargs["use_cache"] = True
         out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         loss = chunked_lm_loss(out.last_hidden_state, self.get_output_embeddings().weight, labels,

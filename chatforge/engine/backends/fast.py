@@ -12,7 +12,6 @@ recorded at load time (`static=False` / `--enforce-eager` turns it off). Greedy 
 from __future__ import annotations
 
 import itertools
-import math
 
 import torch
 import torch.nn.functional as F
@@ -93,7 +92,7 @@ class FastModel:
         if B > 1:  # rows at different lengths: hide each row's unused tail, as the additive mask SDPA would
             # make of a boolean one in every layer
             hidden = (torch.arange(span, device=dev)[None, :] > pos[:, None])[:, None, None, :]
-            visible = torch.zeros(hidden.shape, dtype=self.kv[0].dtype, device=dev).masked_fill_(hidden, -math.inf)
+            visible = torch.zeros(hidden.shape, dtype=self.kv[0].dtype, device=dev).masked_fill_(hidden, float("-inf"))
         rows = torch.arange(B, device=dev)
 
         def attend(i: int, q, kv):
