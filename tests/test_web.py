@@ -36,8 +36,7 @@ def test_chat_page_streams_and_stops(page_url, tmp_path):
         page.goto(page_url)
         page.click("summary")
         page.fill("#system", "You are a helpful assistant.")
-        # greedy: at 0.8 the test model's first answer is empty (it stops at once) about 1 time in 400,
-        # which this test would wait on until it timed out
+        # greedy, so that the answers are the same every run (sampling through the page: test_web_races)
         page.fill("#temperature", "0")
         page.fill("#maxtokens", "24")  # two turns fit the test model's 128-token window
 
