@@ -131,9 +131,10 @@ class Scheduler:
             return
         # 3. one batched forward for everyone still running
         logits = self.backend.decode([r.ids[-1] for r in self.active], [len(r.ids) - 1 for r in self.active])
-        best = logits.argmax(dim=-1).tolist()  # one call for every greedy request in the batch
+        # one argmax for every greedy request in the batch; a sampled request gets its row of logits
+        best = logits.argmax(dim=-1).tolist() if any(r.params.greedy for r in self.active) else None
         for i, req in enumerate(self.active):
-            req.logits, req.greedy_token = logits[i:i + 1], best[i]
+            req.logits, req.greedy_token = (None, best[i]) if req.params.greedy else (logits[i:i + 1], None)
 
     def _prefill(self, group: list[Request]) -> None:
         """Prefill `group` into the next free slots and make it active. If the group fails (e.g. out of
