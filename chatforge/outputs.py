@@ -137,10 +137,17 @@ def check_replaceable(out: str | Path, is_ours) -> None:
 
 def temporary_sibling(out: str | Path) -> Path:
     """An empty folder next to `out`, to be moved into place by `replace_with` (or removed by the caller
-    on failure)."""
+    on failure). Made by mkdir, so with the umask's permissions as any folder the user makes (mkdtemp's are
+    0700: a tokenizer or shards no one else on the machine could read); mkdir never replaces anything."""
     out = Path(os.path.abspath(out))
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))  # a new name: nothing is replaced
+    while True:
+        tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            tmp.mkdir()
+            return tmp
+        except FileExistsError:
+            continue
 
 
 def replace_with(out: str | Path, tmp: Path) -> None:

@@ -2,6 +2,8 @@
 
 import gzip
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -42,6 +44,21 @@ def test_shards_hold_every_token_with_boundaries(tmp_path, tokenizer_dir, fast_t
         assert manifest[split]["tokens"] == len(expected[split])
     assert manifest["val"]["documents"] == 5 and manifest["train"]["documents"] == 45
     assert manifest["tokenizer_fingerprint"] and manifest["sources"] == [str(tmp_path / "corpus")]
+
+
+def test_output_folders_get_the_users_permissions(tmp_path, tokenizer_dir):
+    """Shards and tokenizers are built in a temporary sibling made by mkdir, so they end up with the umask's
+    permissions like any folder the user makes, not mkdtemp's 0700 (unreadable to anyone else)."""
+    _corpus(tmp_path)
+    umask = os.umask(0o027)
+    try:
+        prepare(DataConfig(data=[str(tmp_path / "corpus")], out=str(tmp_path / "shards"), tokenizer=tokenizer_dir),
+                log=lambda *_: None)
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "shards").stat().st_mode) == 0o750
+    assert stat.S_IMODE(os.stat(tokenizer_dir).st_mode) == 0o777 & ~umask
+    assert not list(tmp_path.glob(".shards.tmp-*"))
 
 
 def test_rerun_reuses_and_changed_input_rebuilds(tmp_path, tokenizer_dir):
