@@ -88,11 +88,8 @@ class FastModel:
         x = torch.tensor(tokens, device=dev)
         pos = torch.tensor(positions, device=dev)
         span = max(positions) + 1
-        visible = None
-        if B > 1:  # rows at different lengths: hide each row's unused tail, as the additive mask SDPA would
-            # make of a boolean one in every layer
-            hidden = (torch.arange(span, device=dev)[None, :] > pos[:, None])[:, None, None, :]
-            visible = torch.zeros(hidden.shape, dtype=self.kv[0].dtype, device=dev).masked_fill_(hidden, float("-inf"))
+        # rows at different lengths: hide each row's unused tail
+        visible = self._visible(torch.arange(span, device=dev), pos) if B > 1 else None
         rows = torch.arange(B, device=dev)
 
         def attend(i: int, q, kv):
@@ -126,7 +123,7 @@ class FastModel:
     def _static_step(self, bucket: int, span: int) -> torch.Tensor:
         x, pos = self._inputs[0, :bucket], self._inputs[1, :bucket]
         rows = self._slots[:bucket]
-        visible = (self._span[None, :span] <= pos[:, None])[:, None, None, :]  # [bucket, 1, 1, span]
+        visible = self._visible(self._span[:span], pos)
 
         def attend(i: int, q, kv):
             cache = self.kv[i]
@@ -134,6 +131,12 @@ class FastModel:
             return self._attend_cache(q, cache[:bucket, :, :, :span], visible)
 
         return self._step(x, pos, attend)
+
+    def _visible(self, span: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """[rows, 1, 1, span] additive mask: 0 up to each row's position, -inf past it. Built once per step, not
+        converted from a boolean one by SDPA in every layer."""
+        hidden = (span[None, :] > pos[:, None])[:, None, None, :]
+        return torch.zeros(hidden.shape, dtype=self.kv[0].dtype, device=self.device).masked_fill_(hidden, float("-inf"))
 
     def _attend_cache(self, q, cache, visible) -> torch.Tensor:
         """One query token per row against its cached keys/values [B, 2, G, T, D] -> [B, H*D]. Grouped heads
