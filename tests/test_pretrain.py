@@ -2,6 +2,7 @@
 directories, a killed run resumes to identical weights (several processes: test_distributed)."""
 
 import dataclasses
+import importlib.util
 import json
 import shutil
 import signal
@@ -96,7 +97,10 @@ def test_muon_checkpoint_resumes_to_the_same_weights(tmp_path, base_model_dir, t
     args = ["pretrain", "--data", data, "--tokenizer", tokenizer_dir, *TINY, "--max-steps", 6, "--save-every", 3,
             "--eval-every", 1000, "--report-to", "none", "--optimizer", "muon"]
     straight = tmp_path / "straight"
-    assert "muon at lr 0.006" in run_cli(*args, "--out", straight).stdout
+    first = run_cli(*args, "--out", straight)
+    assert "muon at lr 0.006" in first.stdout
+    if importlib.util.find_spec("torchao"):  # installed (the fp8 and test extras): its import says nothing
+        assert "Failed to load" not in first.stderr and "register_constant" not in first.stderr, first.stderr
     muon, adamw = torch.load(straight / "checkpoint-3" / "optimizer.pt", weights_only=True)["optimizers"]
     assert all("momentum_buffer" in s for s in muon["state"].values()) and len(muon["state"]) == 2 * 4
     assert all("exp_avg" in s for s in adamw["state"].values())

@@ -62,6 +62,19 @@ class RunSettings:
         check_sharding(self)
 
 
+def quiet_optional_imports() -> None:
+    """Silence what the libraries log on import that no user can act on: transformers' Trainer and TRL
+    import torchao when it is installed (the fp8 extra), which logs every CUDA kernel library a CPU build
+    lacks and torch's deprecation of how it registers enums; TRL calls transformers' gradient-checkpointing
+    names, which warn that they are renamed in v6. Called by every training stage before those imports."""
+    import logging
+    import warnings
+
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+
+
 def redefault(cls, name: str, value):
     """The field `name` of `cls` with another default, for a subclass: declared once, help included."""
     meta = dict(cls.__dataclass_fields__[name].metadata)

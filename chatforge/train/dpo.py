@@ -17,7 +17,8 @@ from pathlib import Path
 
 from chatforge.config import option
 from chatforge.errors import ChatforgeError
-from chatforge.train.common import FineTuneSettings, RunSettings, check_model_dir, is_main, redefault
+from chatforge.train.common import (FineTuneSettings, RunSettings, check_model_dir, is_main, quiet_optional_imports,
+                                     redefault)
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
               "apo_zero", "apo_down", "discopop", "sigmoid_norm")
@@ -69,16 +70,9 @@ def load_pairs(cfg: DPOConfig, log=print) -> tuple[list[dict], list[dict]]:
 
 
 def dpo(cfg: DPOConfig, resume: bool = False, overwrite: bool = False, log=print) -> dict:
-    import logging
-    import warnings
-
     from datasets import Dataset
 
-    # TRL imports torchao when it is installed, which logs every CUDA kernel library a CPU build lacks,
-    # and calls transformers' gradient_checkpointing names, which warn that they are renamed in v6
-    for name in ("torchao", "torch.utils._pytree"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    quiet_optional_imports()
     from trl import DPOConfig as TRLConfig
     from trl import DPOTrainer
 

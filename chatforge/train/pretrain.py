@@ -17,7 +17,7 @@ from chatforge.errors import ChatforgeError
 from chatforge.modeling import ARCHS, PRESETS
 from chatforge.text.sources import SourceOptions
 from chatforge.text.tokenizer import MIN_VOCAB
-from chatforge.train.common import OPTIMIZERS, RunSettings, world_size
+from chatforge.train.common import OPTIMIZERS, RunSettings, quiet_optional_imports, world_size
 
 
 @dataclass
@@ -269,6 +269,7 @@ def plan_steps(cfg: PretrainConfig, n_params: int, corpus_tokens: int, tokens_pe
 def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False, log=print,
              callbacks: tuple = ()) -> dict:
     """Run (or resume) pretraining; returns the run summary. `callbacks`: extra TrainerCallbacks (benches)."""
+    quiet_optional_imports()
     import torch
     from accelerate import PartialState
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from chatforge.config import option
 from chatforge.errors import ChatforgeError
-from chatforge.train.common import FineTuneSettings, RunSettings, check_model_dir, is_main, redefault
+from chatforge.train.common import (FineTuneSettings, RunSettings, check_model_dir, is_main, quiet_optional_imports,
+                                     redefault)
 
 ARITHMETIC = "arithmetic"
 
@@ -152,18 +153,13 @@ def heldout_accuracy(model, tok, items: list[dict], max_new_tokens: int, batch: 
 
 
 def rl(cfg: RLConfig, resume: bool = False, overwrite: bool = False, log=print, callbacks: tuple = ()) -> dict:
-    import logging
-    import warnings
-
     cfg.validate()
     train, heldout = task_items(cfg)
     if cfg.export:
         return export_task(cfg, train, heldout, log)
     from datasets import Dataset
 
-    for name in ("torchao", "torch.utils._pytree"):  # as in dpo: TRL's optional imports are noisy
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    quiet_optional_imports()
     from trl import GRPOConfig, GRPOTrainer
 
     from chatforge import config as config_io

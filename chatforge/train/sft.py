@@ -25,7 +25,8 @@ from pathlib import Path
 
 from chatforge.config import option
 from chatforge.errors import ChatforgeError
-from chatforge.train.common import FineTuneSettings, RunSettings, check_model_dir, is_main, redefault
+from chatforge.train.common import (FineTuneSettings, RunSettings, check_model_dir, is_main, quiet_optional_imports,
+                                     redefault)
 
 
 @dataclass
@@ -107,6 +108,7 @@ def prepare_model_and_tokenizer(model_dir: str, log=print):
 
 
 def sft(cfg: SFTConfig, resume: bool = False, overwrite: bool = False, log=print) -> dict:
+    quiet_optional_imports()
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
     from chatforge import config as config_io
