@@ -141,18 +141,19 @@ def test_speed_options_same_loss_and_plain_checkpoints(tmp_path, tokenizer_dir):
 
 
 def test_compile_is_on_by_default_for_wide_cpu_runs(monkeypatch, capsys):
-    """Without --compile / --no-compile a CPU run compiles its blocks from 384 wide, where it pays, and only
-    when inductor's C++ compiler is installed; `--no-compile` and `--compile` both parse."""
+    """Without --compile / --no-compile a bf16 CPU run compiles its blocks from 384 wide, where it pays, and
+    only when inductor's C++ compiler is installed; `--no-compile` and `--compile` both parse."""
     from chatforge.cli import main
     from chatforge.train.speedups import compile_by_default
 
     if torch.cuda.is_available():
         pytest.skip("the default is for CPU runs")
     monkeypatch.setenv("CXX", sys.executable)  # any executable stands in for the compiler
-    assert compile_by_default(384, True) and not compile_by_default(192, True)
-    assert not compile_by_default(384, single_process=False)  # DDP / FSDP: only when asked
+    assert compile_by_default(384, True, "bf16") and not compile_by_default(192, True, "bf16")
+    assert not compile_by_default(384, True, "fp32")  # no native bf16: no gain measured
+    assert not compile_by_default(384, single_process=False, precision="bf16")  # DDP / FSDP: only when asked
     monkeypatch.setenv("CXX", "/nonexistent/c++")
-    assert not compile_by_default(384, True)
+    assert not compile_by_default(384, True, "bf16")
     for flag in ("--compile", "--no-compile"):
         with pytest.raises(SystemExit) as done:  # parsed, then refused for the missing data
             main(["pretrain", "--data", "/nonexistent/corpus", "--out", "/nonexistent/out", flag])

@@ -316,7 +316,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
     d_model = getattr(model.config, "n_embd", None) or model.config.hidden_size
     n_layer = getattr(model.config, "n_layer", None) or model.config.num_hidden_layers
     if cfg.compile is None:  # decided here, on a copy; run_config.yaml keeps the decision for --resume
-        cfg = replace(cfg, compile=compile_by_default(d_model, world_size() == 1))
+        cfg = replace(cfg, compile=compile_by_default(d_model, world_size() == 1, precision))
     if is_main():
         shape = {"n_layer": n_layer, "d_model": d_model, "n_head": model.config.num_attention_heads} \
             if sized_by_budget(cfg) else {}  # so that --resume builds the same model without measuring again

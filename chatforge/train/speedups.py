@@ -68,19 +68,21 @@ def compile_blocks(model) -> int:
     return len(blocks)
 
 
-# a CPU run compiles its blocks when --compile is not given, from this width on: 1.35-1.4x a step at 6x384,
-# nothing at 4x192 and 2x128, where the LM head and loss dominate (bench/README.md)
+# a bf16 CPU run compiles its blocks when --compile is not given, from this width on: 1.35-1.4x a step at
+# 6x384 on a Xeon with AMX, nothing at 4x192 and 2x128, where the LM head and loss dominate; in fp32 (AMD
+# Zen 3, no native bf16) 1.01x at 6x384 for 16 s more to the first step (bench/README.md)
 AUTO_COMPILE_WIDTH = 384
 
 
-def compile_by_default(d_model: int, single_process: bool) -> bool:
-    """Whether a run without --compile / --no-compile compiles: a single-process CPU run from
+def compile_by_default(d_model: int, single_process: bool, precision: str) -> bool:
+    """Whether a run without --compile / --no-compile compiles: a single-process bf16 CPU run from
     AUTO_COMPILE_WIDTH, when the C++ compiler inductor calls ($CXX, else g++) is installed. Never by default
     on a GPU, nor under DDP/FSDP, where compiled blocks are not measured or tested here."""
     import os
     import shutil
 
-    return (single_process and not torch.cuda.is_available() and d_model >= AUTO_COMPILE_WIDTH
+    return (single_process and precision == "bf16" and not torch.cuda.is_available()
+            and d_model >= AUTO_COMPILE_WIDTH
             and shutil.which(os.environ.get("CXX") or "g++") is not None)
 
 
