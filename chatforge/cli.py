@@ -17,6 +17,7 @@ import typing
 from chatforge import config
 from chatforge.errors import ChatforgeError
 from chatforge.malloc import keep_freed_memory
+from chatforge.modeling import quiet_optional_imports
 
 RUN_FLAGS = ("config", "resume", "overwrite")  # how to run a stage, not what it is: never saved
 
@@ -251,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     keep_freed_memory()
+    quiet_optional_imports()
     for flag in ("resume", "overwrite"):
         setattr(args, flag, getattr(args, flag, False))
     try:

@@ -39,6 +39,20 @@ class ModelShape:
     dropout: float = 0.0
 
 
+def quiet_optional_imports() -> None:
+    """Silence what the libraries log that no user can act on: loading a model (accelerate, through
+    transformers) imports torchao when it is installed (the fp8 extra), which logs every CUDA kernel library
+    a CPU build lacks and torch's deprecation of how it registers enums; TRL calls transformers' gradient-
+    checkpointing names, which warn that they are renamed in v6. Every command calls it first (cli.main),
+    and so does every training stage (for library use)."""
+    import logging
+    import warnings
+
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+
+
 def resolve_shape(arch: str, preset: str, vocab_size: int, n_layer=None, d_model=None, n_head=None,
                   n_kv_head=None, context_length=None, dropout: float = 0.0) -> ModelShape:
     if arch not in ARCHS:

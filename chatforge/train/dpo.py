@@ -17,8 +17,8 @@ from pathlib import Path
 
 from chatforge.config import option
 from chatforge.errors import ChatforgeError
-from chatforge.train.common import (FineTuneSettings, RunSettings, check_model_dir, is_main, quiet_optional_imports,
-                                     redefault)
+from chatforge.modeling import quiet_optional_imports
+from chatforge.train.common import FineTuneSettings, RunSettings, check_model_dir, is_main, redefault
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
               "apo_zero", "apo_down", "discopop", "sigmoid_norm")

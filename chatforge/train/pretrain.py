@@ -14,10 +14,10 @@ from pathlib import Path
 
 from chatforge.config import option
 from chatforge.errors import ChatforgeError
-from chatforge.modeling import ARCHS, PRESETS
+from chatforge.modeling import ARCHS, PRESETS, quiet_optional_imports
 from chatforge.text.sources import SourceOptions
 from chatforge.text.tokenizer import MIN_VOCAB
-from chatforge.train.common import OPTIMIZERS, RunSettings, quiet_optional_imports, world_size
+from chatforge.train.common import OPTIMIZERS, RunSettings, world_size
 
 
 @dataclass
@@ -63,8 +63,9 @@ class PretrainConfig(SourceOptions, RunSettings):
                                          "rest (unset: muon where --preset auto sizes a one-process run for a "
                                          "budget that sees the corpus at most 6 times, else adamw)", choices=OPTIMIZERS)
     compile: bool | None = option(None, "torch.compile: the whole model on a GPU, each transformer block on a CPU; "
-                                         "unset: on for a one-process CPU run from 384 wide (1.35-1.4x at 6x384, "
-                                         "nothing at 4x192 and below; 5-25 s to compile) when a C++ compiler is there")
+                                         "unset: on for a one-process bf16 CPU run from 384 wide (1.35-1.4x at 6x384, "
+                                         "nothing at 4x192 and below, nor in fp32; 5-25 s to compile) when a C++ "
+                                         "compiler is there")
     gradient_checkpointing: bool = option(False, "recompute activations in backward: less memory, slower")
     # speed switches (train/speedups.py); none changes the weights or the saved checkpoint
     fused_loss: bool = option(True, "chunked LM-head cross-entropy: no fp32 copy of the full logits")

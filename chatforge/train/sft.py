@@ -25,8 +25,8 @@ from pathlib import Path
 
 from chatforge.config import option
 from chatforge.errors import ChatforgeError
-from chatforge.train.common import (FineTuneSettings, RunSettings, check_model_dir, is_main, quiet_optional_imports,
-                                     redefault)
+from chatforge.modeling import quiet_optional_imports
+from chatforge.train.common import FineTuneSettings, RunSettings, check_model_dir, is_main, redefault
 
 
 @dataclass
