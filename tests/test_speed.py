@@ -264,3 +264,30 @@ def test_packed_sdpa_gets_no_mask_even_compiled():
     finally:
         torch._dynamo.reset()
         AttentionInterface.register(PACKED_SDPA, sdpa_attention_forward)
+
+
+def test_fp32_muon_steps_as_torch_muon():
+    """The Muon for CPUs without native bf16 (Newton-Schulz in fp32) takes torch's Muon's steps up to bf16
+    rounding, keeps the same state, and each class loads the other's checkpoint."""
+    from chatforge.train.common import Fp32Muon
+
+    torch.manual_seed(0)
+    start = [torch.randn(48, 16), torch.randn(16, 64)]  # tall and wide, as c_fc / c_proj
+    grads = [[torch.randn_like(w) for w in start] for _ in range(4)]
+    runs = {}
+    for cls in (torch.optim.Muon, Fp32Muon):
+        params = [torch.nn.Parameter(w.clone()) for w in start]
+        opt = cls(params, lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            opt.step()
+        runs[cls] = params, opt
+    (ours, ours_opt), (theirs, theirs_opt) = runs[Fp32Muon], runs[torch.optim.Muon]
+    for a, b, w in zip(ours, theirs, start):
+        moved = (b - w).abs().max()
+        assert moved > 0.01 and (a - b).abs().max() < 0.05 * moved
+    state = theirs_opt.state_dict()
+    assert state["state"].keys() == ours_opt.state_dict()["state"].keys()
+    ours_opt.load_state_dict(state)
+    theirs_opt.load_state_dict(runs[Fp32Muon][1].state_dict())
