@@ -202,7 +202,8 @@ class Fp32Muon(torch.optim.Muon):
                     gram = x @ x.T
                     x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
                 param.mul_(1 - lr * group["weight_decay"])
-                param.add_((x.T if tall else x).to(param.dtype), alpha=-_adjust_lr(lr, group["adjust_lr_fn"], param.shape))
+                step_size = _adjust_lr(lr, group["adjust_lr_fn"], param.shape)
+                param.add_((x.T if tall else x).to(param.dtype), alpha=-step_size)
         return loss
 
 
