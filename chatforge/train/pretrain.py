@@ -59,7 +59,8 @@ class PretrainConfig(SourceOptions, RunSettings):
                                           metavar="N")
     min_lr_ratio: float = option(0.1, "final learning rate as a fraction of the peak", min=0.0, max=1.0,
                                  metavar="R")
-    optimizer: str | None = option(None, "adamw, or muon: torch.optim.Muon on the hidden matrices, AdamW on the "
+    optimizer: str | None = option(None, "adamw, or muon: torch.optim.Muon on the hidden matrices (its Newton-Schulz "
+                                         "iteration in fp32 on CPUs without native bf16), AdamW on the "
                                          "rest (unset: muon where --preset auto sizes a one-process run for a "
                                          "budget that sees the corpus at most 6 times, else adamw)", choices=OPTIMIZERS)
     compile: bool | None = option(None, "torch.compile: the whole model on a GPU, each transformer block on a CPU; "
