@@ -196,6 +196,31 @@ def test_compiled_blocks_compile_one_graph_for_every_layer():
     torch._dynamo.reset()
 
 
+def test_sigmoid_gelu_is_gpt2s_gelu():
+    """Compiled blocks on a CPU run GPT-2's tanh GELU as x * sigmoid(2z): the same values and gradients as
+    transformers' own GELU, eagerly and compiled, in the tails too; `restore_forward` puts the fused
+    tanh kernel back."""
+    from transformers.activations import NewGELUActivation
+
+    from chatforge.train.speedups import SigmoidGELU
+
+    x = torch.cat([torch.linspace(-30, 30, 4001), torch.randn(4000) * 3]).requires_grad_()
+    reference = NewGELUActivation()(x)
+    (grad_ref,) = torch.autograd.grad(reference.sum(), x)
+    for gelu in (SigmoidGELU(), torch.compile(SigmoidGELU())):
+        y = gelu(x)
+        (grad,) = torch.autograd.grad(y.sum(), x)
+        assert torch.allclose(y, reference, rtol=1e-5, atol=1e-6) and torch.isfinite(grad).all()
+        assert torch.allclose(grad, grad_ref, rtol=1e-4, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert SigmoidGELU()(x.detach().bfloat16()).dtype == torch.bfloat16
+    model = _tiny("gpt2")
+    assert fuse_gelu(model, compiled_cpu=True) == 2 and type(model.transformer.h[0].mlp.act) is SigmoidGELU
+    restore_forward(model)
+    act = model.transformer.h[0].mlp.act
+    assert type(act) is torch.nn.GELU and act.approximate == "tanh"
+
+
 def test_fp8_trains_close_to_bf16_and_saves_plain_checkpoints(tmp_path):
     """`--fp8` (torchao Float8Linear; emulated on a CPU, the same conversion a GPU runs): the parameters and
     the saved checkpoint are the stock model's, and a few training steps track the bf16 run."""
