@@ -8,6 +8,7 @@ full-size logits are ever stored, never in fp32; the result equals transformers'
 
 from __future__ import annotations
 
+import functools
 import types
 
 import torch
@@ -26,6 +27,33 @@ def _compute_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
+def chunk_loss(logits: torch.Tensor, targets: torch.Tensor, scale: float, need_grad: bool):
+    """(sum of the cross-entropy over the rows whose target is not ignored, its gradient w.r.t. `logits`
+    times `scale` in the logits' dtype, or None) for one chunk of logits (rows, V)."""
+    valid = targets != IGNORE_INDEX
+    safe_y = torch.where(valid, targets, 0)
+    # softmax's own kernel, never torch.exp: on a CPU, exp of a logit more than ~87 below the row's peak (a
+    # confident model) takes a ~5x slower path (bench/README.md). The log-sum-exp comes from the largest
+    # probability, at the peak logit (>= 1/V, it cannot underflow).
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # fp32 only per chunk
+    lse = logits.amax(dim=-1).float() - probs.amax(dim=-1).log()
+    picked = logits.gather(1, safe_y[:, None]).squeeze(1).float()
+    loss = ((lse - picked) * valid).sum()
+    if not need_grad:
+        return loss, None
+    # d loss / d logits = softmax - onehot, on valid rows, times scale
+    probs.scatter_add_(1, safe_y[:, None], -torch.ones_like(lse)[:, None])
+    return loss, probs.mul_((valid.to(probs.dtype) * scale)[:, None]).to(logits.dtype)
+
+
+@functools.cache
+def _compiled_chunk_loss():
+    """`chunk_loss` through inductor, for runs whose blocks are compiled on a CPU: one fused kernel in place of
+    the softmax, two amax, the casts and the scatter (2.5-2.9 vs 3.7-3.8 ms a (512, 7,680) bf16 chunk on an
+    AMX Xeon, confident logits too; bench/README.md)."""
+    return torch.compile(chunk_loss)
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """sum over valid rows of CE(hidden @ weight.T, targets), scaled by `scale`.
 
@@ -35,8 +63,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, scale, chunk_rows, compute_dtype, need_grad):
+    def forward(ctx, hidden, weight, targets, scale, chunk_rows, compute_dtype, need_grad, compiled):
         n, _ = hidden.shape
+        chunk_fn = _compiled_chunk_loss() if compiled else chunk_loss
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(compute_dtype)
             loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -44,20 +73,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad else None
             for start in range(0, n, chunk_rows):
                 h = hidden[start:start + chunk_rows].to(compute_dtype)
-                y = targets[start:start + chunk_rows]
                 logits = h @ w.t()                                    # (chunk, V), compute dtype
-                valid = y != IGNORE_INDEX
-                safe_y = torch.where(valid, y, 0)
-                # softmax's own kernel, never torch.exp: on a CPU, exp of a logit more than ~87 below the row's
-                # peak (a confident model) takes a ~5x slower path (bench/README.md). The log-sum-exp comes
-                # from the largest probability, at the peak logit (>= 1/V, it cannot underflow).
-                probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # fp32 only per chunk
-                lse = logits.amax(dim=-1).float() - probs.amax(dim=-1).log()
-                picked = logits.gather(1, safe_y[:, None]).squeeze(1).float()
-                loss += ((lse - picked) * valid).sum()
-                if need_grad:  # d loss / d logits = softmax - onehot, on valid rows, times scale
-                    probs.scatter_add_(1, safe_y[:, None], -torch.ones_like(lse)[:, None])
-                    grad = probs.mul_((valid.to(probs.dtype) * scale)[:, None]).to(compute_dtype)
+                part, grad = chunk_fn(logits, targets[start:start + chunk_rows], scale, need_grad)
+                loss += part
+                if need_grad:
                     grad_hidden[start:start + chunk_rows] = (grad @ w).to(hidden.dtype)
                     grad_weight += (grad.t() @ h).float()
         ctx.save_for_backward(grad_hidden, grad_weight)
@@ -69,7 +88,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         gh = grad_hidden * grad_output.to(grad_hidden.dtype) if ctx.needs_input_grad[0] else None
         gw = (grad_weight * grad_output).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
-        return gh, gw, None, None, None, None, None
+        return gh, gw, None, None, None, None, None, None
 
 
 def default_chunk_rows(device: torch.device) -> int:
@@ -79,11 +98,12 @@ def default_chunk_rows(device: torch.device) -> int:
 
 
 def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                    num_items_in_batch=None, chunk_rows: int | None = None) -> torch.Tensor:
+                    num_items_in_batch=None, chunk_rows: int | None = None, compiled: bool = False) -> torch.Tensor:
     """transformers' causal-LM loss (shift by one, ignore -100; mean, or sum / num_items_in_batch when
     given) for `logits = hidden @ weight.T`, without materialising the logits.
 
-    hidden: (B, T, d) final hidden states; weight: (V, d) LM-head weight (no bias); labels: (B, T).
+    hidden: (B, T, d) final hidden states; weight: (V, d) LM-head weight (no bias); labels: (B, T);
+    compiled: each chunk's softmax and gradient through inductor (`_compiled_chunk_loss`).
     """
     b, t, d = hidden.shape
     chunk_rows = chunk_rows or default_chunk_rows(hidden.device)
@@ -99,7 +119,7 @@ def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     # (needs_input_grad inside the Function says True even there)
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     total = _ChunkedLinearCrossEntropy.apply(hidden.reshape(b * t, d), weight, targets, 1.0, chunk_rows,
-                                             _compute_dtype(hidden.device.type, hidden.dtype), need_grad)
+                                             _compute_dtype(hidden.device.type, hidden.dtype), need_grad, compiled)
     if isinstance(denom, torch.Tensor):
         denom = denom.to(total.device, total.dtype)
     return total / denom
@@ -108,12 +128,13 @@ def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
 # ---------------------------------------------------------------- model patches (no parameter changes)
 
 
-def use_fused_loss(model, chunk_rows: int | None = None) -> bool:
+def use_fused_loss(model, chunk_rows: int | None = None, compiled: bool = False) -> bool:
     """Make `model(input_ids, labels=...)` return the chunked loss and no logits.
 
     Only the instance's `forward` changes (set before the Trainer wraps it with autocast / DDP, so
     both still apply); weights, config and saved files do not. Calls without labels (generation,
-    `return_outputs`) take the stock forward. Returns False for heads it cannot fuse (a bias).
+    `return_outputs`) take the stock forward. Returns False for heads it cannot fuse (a bias). `compiled`:
+    each chunk's softmax and gradient through inductor (for runs whose blocks are compiled on a CPU).
     """
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -135,7 +156,7 @@ def use_fused_loss(model, chunk_rows: int | None = None) -> bool:
             kwargs["use_cache"] = True
         out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         loss = chunked_lm_loss(out.last_hidden_state, self.get_output_embeddings().weight, labels,
-                               num_items_in_batch, chunk_rows)
+                               num_items_in_batch, chunk_rows, compiled)
         return CausalLMOutputWithPast(loss=loss)
 
     model.forward = types.MethodType(forward, model)

@@ -14,7 +14,7 @@ each piece are in bench/README.md.
 - packed SDPA: with `--fast-batches` (no padding) SDPA gets `is_causal=True` and no T x T mask, compiled
   or not;
 - compiled blocks (`--compile` on a CPU): each transformer block through torch.compile (inductor's C++
-  kernels fuse GELU, LayerNorm, residuals and casts), the loss left eager;
+  kernels fuse GELU, LayerNorm, residuals and casts), and each chunk's softmax and gradient in the loss;
 - FlashAttention 3 / 2 on a GPU when the package is installed (nothing is downloaded);
 - FP8 (off by default): torchao's FP8 training matmuls in the nn.Linear layers, same parameters.
 
@@ -82,7 +82,8 @@ def compile_blocks(model) -> int:
 
     Why blocks, not the model: on a CPU the whole model and the blocks alone train equally fast (1.35x
     eager at 6x384 on a Xeon with AMX, bench/README.md), but one block's graph serves every layer, so it
-    compiles in about half the time; the chunked loss has nothing left to fuse."""
+    compiles in about half the time; the chunked loss compiles its chunk's softmax and gradient itself
+    (`use_fused_loss(compiled=True)`)."""
     names = set(getattr(model, "_no_split_modules", None) or ())
     blocks = [m for m in model.modules() if type(m).__name__ in names]
     for block in blocks:
@@ -231,7 +232,7 @@ def apply_speedups(model, cfg, precision: str, log=print) -> list[str]:
     cuda = torch.cuda.is_available()
     if cfg.fused_gelu and fuse_gelu(model, compiled_cpu=bool(cfg.compile) and not cuda):
         on.append("fused GELU")
-    if cfg.fused_loss and use_fused_loss(model):
+    if cfg.fused_loss and use_fused_loss(model, compiled=bool(cfg.compile) and not cuda):
         on.append("chunked loss")
     # bf16 only: in fp32 the matmul path is slower than SDPA's kernel (bench/README.md)
     if cfg.cpu_attention and precision == "bf16" and not cuda:
