@@ -6,7 +6,8 @@ process so that a noisy machine slows both alike. Reported per path (median over
 over the steps after `--warmup`, MFU on GPU (FLOPs/token = 6·N_matmul + 12·L·d·T over the dense bf16
 peak of the card), peak memory (GPU: max allocated; CPU: peak RSS, reset before each run), time to
 first step, and the validation loss after the same number of tokens, measured for both by the same
-fp32 evaluation of the saved model on chatforge's held-out blocks.
+fp32 evaluation of the saved model on chatforge's held-out blocks. Every row runs with glibc keeping the
+memory it frees, as the `chatforge` command sets it (chatforge/malloc.py).
 
 - chatforge: `chatforge.train.pretrain.pretrain()` itself (Trainer + the speed switches of chatforge.train.speedups, bf16 where
   supported, `--compile` on GPU, its own compile default on a CPU), on shards from `chatforge.data.prepare`.
@@ -350,6 +351,11 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/chatforge_bench")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    from chatforge.malloc import keep_freed_memory
+
+    # as every chatforge command does (chatforge/malloc.py); process-wide, so every row runs with it: on an AMX
+    # Xeon chatforge's step took 326 ms without it and 282-286 with it (bench/README.md)
+    keep_freed_memory()
     if args.compile is None:  # GPU: compiled everywhere; CPU: chatforge's own default (None), the others eager
         args.chatforge_compile_default, args.compile = (True, True) if torch.cuda.is_available() else (None, False)
     else:
