@@ -53,7 +53,8 @@ class SigmoidGELU(torch.nn.Module):
     """GPT-2's tanh GELU, 0.5 x (1 + tanh(z)) with z = sqrt(2/pi) (x + 0.044715 x^3), written as the same
     function x * sigmoid(2z), in fp32. Why: inductor's C++ kernels compute tanh with a slow accurate
     routine and exp with a fast one; in compiled blocks on an AMX Xeon this GELU's forward + backward
-    kernels take half the tanh one's time (bench/README.md). For compiled code only: eagerly it is six ops, not one."""
+    kernels take half the tanh one's time (bench/README.md). For compiled code only: eagerly it is six
+    ops, not one."""
 
     K = 2 * math.sqrt(2 / math.pi)
 
