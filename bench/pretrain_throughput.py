@@ -66,6 +66,12 @@ def reset_peak_memory() -> None:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     else:
+        try:  # the heap the rows before kept (keep_freed_memory) back to the kernel, else it counts in this row's peak
+            import ctypes
+
+            ctypes.CDLL(None).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
         try:  # Linux: writing 5 to clear_refs resets VmHWM (peak RSS) of this process
             Path("/proc/self/clear_refs").write_text("5")
         except OSError:

@@ -68,14 +68,19 @@ def test_fused_loss_and_gradients_equal_transformers(arch, num_items):
 
 
 def test_compiled_chunk_loss_equals_eager():
-    """With compiled blocks on a CPU each chunk's softmax and gradient go through inductor: the same loss and
-    gradients as the eager chunks, with ignored rows, a short last chunk, a confident row, in bf16 too."""
+    """With compiled blocks on a CPU each full training chunk's softmax and gradient go through inductor (one
+    graph per dtype; evaluation and the short last chunk stay eager): the same loss and gradients as the eager
+    chunks, with ignored rows, a confident row, in bf16 too."""
     torch.manual_seed(0)
     hidden = torch.randn(2, 40, 16)
     hidden[0, 3] *= 40  # logits far apart: the softmax underflows in this row
     weight = torch.randn(100, 16)
     labels = torch.randint(0, 100, (2, 40))
     labels[1, :9] = -100
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
     for autocast in (False, True):
         results = []
         for compiled in (False, True):
@@ -88,6 +93,8 @@ def test_compiled_chunk_loss_equals_eager():
             results.append((loss.detach(), evaluated, h.grad, w.grad))
         for eager, compiled in zip(*results):
             assert torch.allclose(eager, compiled, rtol=1e-5, atol=1e-6), (autocast, eager, compiled)
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])  # the full chunks, fp32 and bf16
+    torch._dynamo.reset()
 
 
 def test_chunked_loss_bf16_autocast_close():
@@ -135,7 +142,8 @@ def test_speed_options_same_loss_and_plain_checkpoints(tmp_path, tokenizer_dir):
     common = ["--data", "demo:en", "--tokenizer", tokenizer_dir, *TINY, "--max-steps", 30, "--eval-every", 30,
               "--save-every", 30, "--report-to", "none", "--log-every", 10]
     fast_run = run_cli("pretrain", *common, "--out", tmp_path / "fast", "--compile")
-    assert "2 compiled blocks" in fast_run.stdout + fast_run.stderr
+    switches = fast_run.stdout + fast_run.stderr
+    assert "2 compiled blocks" in switches and "GELU by sigmoid" in switches and "chunked loss, compiled" in switches
     run_cli("pretrain", *common, "--out", tmp_path / "plain", "--no-fused-loss", "--no-fused-gelu", "--no-fast-batches",
             "--no-cpu-attention")
     assert "fused_loss: false" in (tmp_path / "plain" / "run_config.yaml").read_text()
@@ -230,13 +238,15 @@ def test_sigmoid_gelu_is_gpt2s_gelu():
     x = torch.cat([torch.linspace(-30, 30, 4001), torch.randn(4000) * 3]).requires_grad_()
     reference = NewGELUActivation()(x)
     (grad_ref,) = torch.autograd.grad(reference.sum(), x)
+    fused = torch.nn.GELU(approximate="tanh")(x.detach().bfloat16()).float()
     for gelu in (SigmoidGELU(), torch.compile(SigmoidGELU())):
         y = gelu(x)
         (grad,) = torch.autograd.grad(y.sum(), x)
         assert torch.allclose(y, reference, rtol=1e-5, atol=1e-6) and torch.isfinite(grad).all()
         assert torch.allclose(grad, grad_ref, rtol=1e-4, atol=1e-5)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert SigmoidGELU()(x.detach().bfloat16()).dtype == torch.bfloat16
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 in, bf16 out: torch's kernel to one unit
+            y16 = gelu(x.detach().bfloat16())
+        assert y16.dtype == torch.bfloat16 and torch.allclose(y16.float(), fused, rtol=2 ** -7, atol=1e-6)
     model = _tiny("gpt2")
     assert fuse_gelu(model, compiled_cpu=True) == 2 and type(model.transformer.h[0].mlp.act) is SigmoidGELU
     restore_forward(model)

@@ -48,9 +48,9 @@ def chunk_loss(logits: torch.Tensor, targets: torch.Tensor, scale: float, need_g
 
 @functools.cache
 def _compiled_chunk_loss():
-    """`chunk_loss` through inductor, for runs whose blocks are compiled on a CPU: one fused kernel in place of
-    the softmax, two amax, the casts and the scatter (2.5-2.9 vs 3.7-3.8 ms a (512, 7,680) bf16 chunk on an
-    AMX Xeon, confident logits too; bench/README.md)."""
+    """`chunk_loss` through inductor, for the full training chunks of runs whose blocks are compiled on a CPU:
+    one fused kernel in place of the softmax, two amax, the casts and the scatter (2.5-2.9 vs 3.7-3.8 ms a
+    (512, 7,680) bf16 chunk on an AMX Xeon, confident logits too; bench/README.md)."""
     return torch.compile(chunk_loss)
 
 
@@ -74,7 +74,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             for start in range(0, n, chunk_rows):
                 h = hidden[start:start + chunk_rows].to(compute_dtype)
                 logits = h @ w.t()                                    # (chunk, V), compute dtype
-                part, grad = chunk_fn(logits, targets[start:start + chunk_rows], scale, need_grad)
+                # compiled for full training chunks only: evaluation and a short last chunk would each compile
+                # a graph of their own (seconds apiece on a small CPU) for little time saved
+                fn = chunk_fn if need_grad and len(h) == chunk_rows else chunk_loss
+                part, grad = fn(logits, targets[start:start + chunk_rows], scale, need_grad)
                 loss += part
                 if need_grad:
                     grad_hidden[start:start + chunk_rows] = (grad @ w).to(hidden.dtype)

@@ -51,7 +51,8 @@ def restore_forward(model) -> None:
 
 class SigmoidGELU(torch.nn.Module):
     """GPT-2's tanh GELU, 0.5 x (1 + tanh(z)) with z = sqrt(2/pi) (x + 0.044715 x^3), written as the same
-    function x * sigmoid(2z), in fp32. Why: inductor's C++ kernels compute tanh with a slow accurate
+    function x * sigmoid(2z), in fp32 (equal to rounding; bf16 outputs differ by at most one unit in the
+    last place, in the negative tail). Why: inductor's C++ kernels compute tanh with a slow accurate
     routine and exp with a fast one; in compiled blocks on an AMX Xeon this GELU's forward + backward
     kernels take half the tanh one's time (bench/README.md). For compiled code only: eagerly it is six
     ops, not one."""
@@ -231,10 +232,11 @@ def apply_speedups(model, cfg, precision: str, log=print) -> list[str]:
     fast forward."""
     on = []
     cuda = torch.cuda.is_available()
-    if cfg.fused_gelu and fuse_gelu(model, compiled_cpu=bool(cfg.compile) and not cuda):
-        on.append("fused GELU")
-    if cfg.fused_loss and use_fused_loss(model, compiled=bool(cfg.compile) and not cuda):
-        on.append("chunked loss")
+    compiled_cpu = bool(cfg.compile) and not cuda
+    if cfg.fused_gelu and fuse_gelu(model, compiled_cpu=compiled_cpu):
+        on.append("GELU by sigmoid" if compiled_cpu else "fused GELU")
+    if cfg.fused_loss and use_fused_loss(model, compiled=compiled_cpu):
+        on.append("chunked loss, compiled" if compiled_cpu else "chunked loss")
     # bf16 only: in fp32 the matmul path is slower than SDPA's kernel (bench/README.md)
     if cfg.cpu_attention and precision == "bf16" and not cuda:
         use_cpu_attention(model)
