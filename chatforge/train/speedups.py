@@ -236,7 +236,7 @@ def apply_speedups(model, cfg, precision: str, log=print) -> list[str]:
     if cfg.fused_gelu and fuse_gelu(model, compiled_cpu=compiled_cpu):
         on.append("GELU by sigmoid" if compiled_cpu else "fused GELU")
     if cfg.fused_loss and use_fused_loss(model, compiled=compiled_cpu):
-        on.append("chunked loss, compiled" if compiled_cpu else "chunked loss")
+        on.append("compiled chunked loss" if compiled_cpu else "chunked loss")
     # bf16 only: in fp32 the matmul path is slower than SDPA's kernel (bench/README.md)
     if cfg.cpu_attention and precision == "bf16" and not cuda:
         use_cpu_attention(model)
