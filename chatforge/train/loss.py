@@ -65,7 +65,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, scale, chunk_rows, compute_dtype, need_grad, compiled):
         n, _ = hidden.shape
-        chunk_fn = _compiled_chunk_loss() if compiled else chunk_loss
+        # compiled for full training chunks only: evaluation and a short last chunk would each compile a graph of
+        # their own (seconds apiece on a small CPU) for little time saved
+        full_chunk_fn = _compiled_chunk_loss() if compiled and need_grad else chunk_loss
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(compute_dtype)
             loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -74,9 +76,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             for start in range(0, n, chunk_rows):
                 h = hidden[start:start + chunk_rows].to(compute_dtype)
                 logits = h @ w.t()                                    # (chunk, V), compute dtype
-                # compiled for full training chunks only: evaluation and a short last chunk would each compile
-                # a graph of their own (seconds apiece on a small CPU) for little time saved
-                fn = chunk_fn if need_grad and len(h) == chunk_rows else chunk_loss
+                fn = full_chunk_fn if len(h) == chunk_rows else chunk_loss
                 part, grad = fn(logits, targets[start:start + chunk_rows], scale, need_grad)
                 loss += part
                 if need_grad:

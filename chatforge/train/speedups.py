@@ -39,12 +39,11 @@ def restore_forward(model) -> None:
     built with."""
     model.__dict__.pop("forward", None)
     model.__dict__.pop("_original_forward", None)
-    for module in list(model.modules()):
+    for module in model.modules():
         if getattr(module, "_compiled_call_impl", None) is not None:  # set by nn.Module.compile
             module._compiled_call_impl = None
-        for name, child in list(module.named_children()):
-            if type(child) is SigmoidGELU:  # six ops eagerly: the fused kernel again, the same function
-                setattr(module, name, torch.nn.GELU(approximate="tanh"))
+    # SigmoidGELU is six ops eagerly: the fused kernel again, the same function
+    _swap_children(model, SigmoidGELU, lambda: torch.nn.GELU(approximate="tanh"))
     if model.config._attn_implementation != "sdpa":
         model.set_attn_implementation("sdpa")
 
@@ -69,11 +68,17 @@ def fuse_gelu(model, compiled_cpu: bool = False) -> int:
     the blocks will be compiled on a CPU; returns how many."""
     from transformers.activations import NewGELUActivation
 
+    return _swap_children(model, NewGELUActivation,
+                          SigmoidGELU if compiled_cpu else lambda: torch.nn.GELU(approximate="tanh"))
+
+
+def _swap_children(model, kind: type, make) -> int:
+    """Replace every submodule of exactly type `kind` by `make()`; returns how many."""
     swapped = 0
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if type(child) is NewGELUActivation:
-                setattr(module, name, SigmoidGELU() if compiled_cpu else torch.nn.GELU(approximate="tanh"))
+            if type(child) is kind:
+                setattr(module, name, make())
                 swapped += 1
     return swapped
 
