@@ -195,13 +195,28 @@ def test_a_small_corpus_caps_the_budgets_model():
     assert big.n_layer == uncapped.n_layer
 
 
+def test_muons_tokens_count_twice_in_the_fit():
+    """Chinchilla's fit is AdamW's; a Muon run's token is worth MUON_TOKEN_WORTH of them, which moves the point
+    where one more layer pays to a shorter budget: here a budget whose AdamW fit keeps depth 1 gets depth 2."""
+    from chatforge.train.sizing import MUON_TOKEN_WORTH, parameters, pick_depth, predicted_loss
+
+    budget = lambda shapes: [200 * 3.3e10 / parameters(s) for s in shapes]  # noqa: E731 - 200 s, time ~ parameters
+    lines = []
+    adamw = pick_depth(budget, 8192, 128, log=lambda *_: None)
+    muon = pick_depth(budget, 8192, 128, token_worth=lambda shape: MUON_TOKEN_WORTH, log=lines.append)
+    assert (adamw.n_layer, muon.n_layer) == (1, 2)
+    tokens = budget([muon])[0]
+    assert f"predicted loss {predicted_loss(parameters(muon), MUON_TOKEN_WORTH * tokens):.3f}" in lines[1]
+    assert f"each worth {MUON_TOKEN_WORTH:g}" in lines[1]
+
+
 def test_a_time_budget_times_each_depth_with_the_optimizer_its_run_would_use(tokenizer_dir):
     """--max-time: a depth's tokens are the budget over its measured micro-step, forward and backward plus the
     step of the optimizer the run would take there: Muon up to MUON_MAX_PASSES passes over the corpus, else
     AdamW; --optimizer given, or several processes (AdamW), only that one is timed."""
     from chatforge.text.tokenizer import load_tokenizer
     from chatforge.train.pretrain import PretrainConfig
-    from chatforge.train.sizing import MUON_MAX_PASSES, Budget, depth_shape
+    from chatforge.train.sizing import MUON_MAX_PASSES, MUON_TOKEN_WORTH, Budget, depth_shape
 
     tok = load_tokenizer(tokenizer_dir)
     shapes = [depth_shape(d, len(tok), 32) for d in (1, 2)]
@@ -215,11 +230,12 @@ def test_a_time_budget_times_each_depth_with_the_optimizer_its_run_would_use(tok
     times = [big.measured[repr(s)] for s in shapes]
     assert all(set(t) == {"forward_backward", "adamw", "muon"} and min(t.values()) > 0 for t in times)
     for shape, t in zip(shapes, times):
-        assert big.optimizer(shape) == "muon"
+        assert big.optimizer(shape) == "muon" and big.token_worth(shape) == MUON_TOKEN_WORTH
         assert big.tokens(shape) == pytest.approx(2 / (t["forward_backward"] + t["muon"]) * 2 * 32)
     small = budget(int(big.tokens(shapes[1], "muon") / (MUON_MAX_PASSES + 1)))  # more than 6 passes: AdamW
     small.measured = big.measured
     assert small.optimizer(shapes[1]) == "adamw" and small.passes(shapes[1]) > MUON_MAX_PASSES
+    assert small.token_worth(shapes[1]) == 1.0
     t = small.measured[repr(shapes[1])]
     assert small.tokens(shapes[1]) == pytest.approx(2 / (t["forward_backward"] + t["adamw"]) * 2 * 32)
     for one in (budget(10**12, optimizer="adamw"), budget(10**12, processes=2)):  # AdamW named, or DDP's

@@ -11,7 +11,8 @@ fitted loss (Hoffmann et al. 2022, approach 3)
     L(N, D) = E + A / N^0.34 + B / D^0.28,   N = all parameters, D = tokens trained,
 
 whose compute-optimal ratio at large scale is the familiar ~20 tokens per parameter; at CPU minutes it
-asks for far fewer, which is what runs measure (bench/README.md, "Time to quality"). Under
+asks for far fewer, which is what runs measure (bench/README.md, "Time to quality"). The fit was made with
+AdamW; a run with Muon counts each token MUON_TOKEN_WORTH times in D (Muon's ~2x compute efficiency). Under
 `--max-tokens` alone the budget costs no time to measure and the fit, with D fixed, would always grow
 the model: there the rule is `--tokens-per-param` (20) tokens per parameter, the deepest shape that
 gets them. A small corpus caps the model: past MAX_PARAMS_PER_UNIQUE_TOKEN parameters per token of the
@@ -32,6 +33,10 @@ HEAD_DIM = 64
 BUDGET_CONTEXT = {"cuda": 1024, "cpu": 128}
 MAX_DEPTH = 48
 CHINCHILLA = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}
+# Liu et al. 2025 ("Muon is Scalable for LLM Training"): Muon reaches AdamW's loss with ~half the compute. Counted
+# as tokens it moves the depth where one more layer pays from ~256 to ~140 s on an AMX Xeon, where runs put it
+# between 90 s (2x128 2.3% better than 3x192) and 300 s (3x192 2.7% better): bench/README.md, "Muon's tokens"
+MUON_TOKEN_WORTH = 2.0
 
 
 def depth_shape(depth: int, vocab_size: int, context_length: int, arch: str = "gpt2") -> ModelShape:
@@ -128,6 +133,10 @@ class Budget:
     def passes(self, shape: ModelShape, optimizer: str | None = None) -> float | None:
         return self.tokens(shape, optimizer) / self.corpus_tokens if self.corpus_tokens else None
 
+    def token_worth(self, shape: ModelShape) -> float:
+        """AdamW tokens a token of this shape's run is worth in Chinchilla's fit: MUON_TOKEN_WORTH under Muon."""
+        return MUON_TOKEN_WORTH if self.optimizer(shape) == "muon" else 1.0
+
     @property
     def fixed_optimizer(self) -> str | None:
         """The run's optimizer whatever the shape: --optimizer, or AdamW for several processes (budget_optimizer)."""
@@ -150,12 +159,13 @@ MAX_PARAMS_PER_UNIQUE_TOKEN = 64
 
 
 def pick_depth(budget_tokens, vocab_size: int, context_length: int, arch: str = "gpt2",
-               tokens_per_param: float | None = None, unique_tokens: float | None = None, log=print) -> ModelShape:
+               tokens_per_param: float | None = None, unique_tokens: float | None = None,
+               token_worth=lambda shape: 1.0, log=print) -> ModelShape:
     """The depth whose shape has the lowest predicted loss for the tokens `budget_tokens([shapes])` gives
-    it, or with `tokens_per_param`, the deepest one the budget gives that many tokens per parameter (at
-    least depth 1); never past MAX_PARAMS_PER_UNIQUE_TOKEN parameters per token of a corpus of
-    `unique_tokens`. Depths are tried upwards, each measured side by side with the best so far
-    (budget_tokens may measure them); the first that does worse ends the search."""
+    it, each worth `token_worth(shape)` AdamW tokens in the fit, or with `tokens_per_param`, the deepest one
+    the budget gives that many tokens per parameter (at least depth 1); never past MAX_PARAMS_PER_UNIQUE_TOKEN
+    parameters per token of a corpus of `unique_tokens`. Depths are tried upwards, each measured side by side
+    with the best so far (budget_tokens may measure them); the first that does worse ends the search."""
     best = depth_shape(1, vocab_size, context_length, arch)
     for depth in range(1, MAX_DEPTH + 1):
         shape = depth_shape(depth, vocab_size, context_length, arch)
@@ -165,10 +175,11 @@ def pick_depth(budget_tokens, vocab_size: int, context_length: int, arch: str = 
                 f"{MAX_PARAMS_PER_UNIQUE_TOKEN} per token of this {unique_tokens / 1e6:.2f}M-token corpus: not tried")
             break
         *beside, tokens = budget_tokens([best, shape] if depth > 1 else [shape])
-        loss = predicted_loss(n_params, tokens)
-        best_loss = predicted_loss(parameters(best), beside[0]) if beside else float("inf")
+        loss = predicted_loss(n_params, tokens * token_worth(shape))
+        best_loss = predicted_loss(parameters(best), beside[0] * token_worth(best)) if beside else float("inf")
+        worth = f", each worth {token_worth(shape):g}" if token_worth(shape) != 1 else ""
         log(f"  depth {depth} ({depth}x{shape.d_model}): {n_params / 1e6:.2f}M parameters, {tokens / 1e6:.2f}M "
-            f"tokens in the budget ({tokens / n_params:.1f} per parameter), predicted loss {loss:.3f}"
+            f"tokens in the budget ({tokens / n_params:.1f} per parameter{worth}), predicted loss {loss:.3f}"
             + (f"; depth {best.n_layer} beside it: {beside[0] / 1e6:.2f}M tokens, {best_loss:.3f}"
                if beside and not tokens_per_param else ""))
         if (tokens < tokens_per_param * n_params) if tokens_per_param else loss >= best_loss:
