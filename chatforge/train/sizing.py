@@ -33,9 +33,9 @@ HEAD_DIM = 64
 BUDGET_CONTEXT = {"cuda": 1024, "cpu": 128}
 MAX_DEPTH = 48
 CHINCHILLA = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}
-# Liu et al. 2025 ("Muon is Scalable for LLM Training"): Muon reaches AdamW's loss with ~half the compute. Counted
-# as tokens it moves the depth where one more layer pays from ~256 to ~140 s on an AMX Xeon, where runs put it
-# between 90 s (2x128 2.3% better than 3x192) and 300 s (3x192 2.7% better): bench/README.md, "Muon's tokens"
+# Liu et al. 2025 ("Muon is Scalable for LLM Training"): Muon reaches AdamW's loss with ~half the compute. As
+# tokens, it halves the budget where one more layer starts to pay: on an AMX Xeon 256 -> 128 s for 2x128 -> 3x192,
+# where runs put it at ~150-170 s (bench/README.md, "Muon's tokens counted twice in the fit")
 MUON_TOKEN_WORTH = 2.0
 
 
