@@ -175,11 +175,12 @@ def pick_depth(budget_tokens, vocab_size: int, context_length: int, arch: str = 
                 f"{MAX_PARAMS_PER_UNIQUE_TOKEN} per token of this {unique_tokens / 1e6:.2f}M-token corpus: not tried")
             break
         *beside, tokens = budget_tokens([best, shape] if depth > 1 else [shape])
-        loss = predicted_loss(n_params, tokens * token_worth(shape))
+        worth = token_worth(shape)
+        loss = predicted_loss(n_params, tokens * worth)
         best_loss = predicted_loss(parameters(best), beside[0] * token_worth(best)) if beside else float("inf")
-        worth = f", each worth {token_worth(shape):g}" if token_worth(shape) != 1 else ""
+        each = f", each worth {worth:g}" if worth != 1 else ""
         log(f"  depth {depth} ({depth}x{shape.d_model}): {n_params / 1e6:.2f}M parameters, {tokens / 1e6:.2f}M "
-            f"tokens in the budget ({tokens / n_params:.1f} per parameter{worth}), predicted loss {loss:.3f}"
+            f"tokens in the budget ({tokens / n_params:.1f} per parameter{each}), predicted loss {loss:.3f}"
             + (f"; depth {best.n_layer} beside it: {beside[0] / 1e6:.2f}M tokens, {best_loss:.3f}"
                if beside and not tokens_per_param else ""))
         if (tokens < tokens_per_param * n_params) if tokens_per_param else loss >= best_loss:
