@@ -207,7 +207,10 @@ def test_muons_tokens_count_twice_in_the_fit():
     assert (adamw.n_layer, muon.n_layer) == (1, 2)
     tokens = budget([muon])[0]
     assert f"predicted loss {predicted_loss(parameters(muon), MUON_TOKEN_WORTH * tokens):.3f}" in lines[1]
-    assert f"each worth {MUON_TOKEN_WORTH:g}" in lines[1]
+    assert f"in the fit x{MUON_TOKEN_WORTH:g}, Muon's" in lines[1]
+    ratio = pick_depth(budget, 8192, 128, tokens_per_param=0.5, token_worth=lambda shape: MUON_TOKEN_WORTH,
+                       log=lines.append)  # the ratio rule (--max-tokens) counts plain tokens, and says nothing else
+    assert ratio.n_layer == 3 and "Muon's" not in lines[-1]
 
 
 def test_a_time_budget_times_each_depth_with_the_optimizer_its_run_would_use(tokenizer_dir):
@@ -257,6 +260,8 @@ def test_max_time_is_a_budget_across_resumes(tmp_path, base_model_dir, tokenizer
     assert first >= 2.5
     saved = yaml.safe_load((out / "run_config.yaml").read_text())
     # Muon when the budget sees the corpus at most 6 times (machine speed decides here), at 6x AdamW's rate
+    if "optimizer: muon" in sized.stdout:  # its tokens count twice in the fit, and the log says so
+        assert "in the fit x2, Muon's" in sized.stdout
     assert "optimizer: " in sized.stdout and saved["learning_rate"] == {"muon": 6e-3, "adamw": 1e-3}[saved["optimizer"]]
     resumed = run_cli(*args, "--max-time", 5, "--resume")
     assert "already spent before this resume" in resumed.stdout and "--preset auto" not in resumed.stdout

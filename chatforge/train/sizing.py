@@ -34,8 +34,8 @@ BUDGET_CONTEXT = {"cuda": 1024, "cpu": 128}
 MAX_DEPTH = 48
 CHINCHILLA = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}
 # Liu et al. 2025 ("Muon is Scalable for LLM Training"): Muon reaches AdamW's loss with ~half the compute. As
-# tokens, it halves the budget where one more layer starts to pay: on an AMX Xeon 256 -> 128 s for 2x128 -> 3x192,
-# where runs put it at ~150-170 s (bench/README.md, "Muon's tokens counted twice in the fit")
+# tokens, it halves the budget where one more layer starts to pay: on an AMX Xeon 256 -> 128 s for 2x128 -> 3x192;
+# its runs: 2x128 better at 90 s and by 0.4% at 150 s, 3x192 by 2.7% at 300 s (bench/README.md, "Muon's tokens")
 MUON_TOKEN_WORTH = 2.0
 
 
@@ -163,7 +163,7 @@ def pick_depth(budget_tokens, vocab_size: int, context_length: int, arch: str = 
                token_worth=lambda shape: 1.0, log=print) -> ModelShape:
     """The depth whose shape has the lowest predicted loss for the tokens `budget_tokens([shapes])` gives
     it, each worth `token_worth(shape)` AdamW tokens in the fit, or with `tokens_per_param`, the deepest one
-    the budget gives that many tokens per parameter (at least depth 1); never past MAX_PARAMS_PER_UNIQUE_TOKEN
+    the budget gives that many (plain) tokens per parameter (at least depth 1); never past MAX_PARAMS_PER_UNIQUE_TOKEN
     parameters per token of a corpus of `unique_tokens`. Depths are tried upwards, each measured side by side
     with the best so far (budget_tokens may measure them); the first that does worse ends the search."""
     best = depth_shape(1, vocab_size, context_length, arch)
@@ -175,12 +175,12 @@ def pick_depth(budget_tokens, vocab_size: int, context_length: int, arch: str = 
                 f"{MAX_PARAMS_PER_UNIQUE_TOKEN} per token of this {unique_tokens / 1e6:.2f}M-token corpus: not tried")
             break
         *beside, tokens = budget_tokens([best, shape] if depth > 1 else [shape])
-        worth = token_worth(shape)
-        loss = predicted_loss(n_params, tokens * worth)
-        best_loss = predicted_loss(parameters(best), beside[0] * token_worth(best)) if beside else float("inf")
-        each = f", each worth {worth:g}" if worth != 1 else ""
+        worth = (lambda shape: 1.0) if tokens_per_param else token_worth  # the ratio rule counts plain tokens
+        loss = predicted_loss(n_params, tokens * worth(shape))
+        best_loss = predicted_loss(parameters(best), beside[0] * worth(best)) if beside else float("inf")
+        muon_note = f"; in the fit x{worth(shape):g}, Muon's" if worth(shape) != 1 else ""
         log(f"  depth {depth} ({depth}x{shape.d_model}): {n_params / 1e6:.2f}M parameters, {tokens / 1e6:.2f}M "
-            f"tokens in the budget ({tokens / n_params:.1f} per parameter{each}), predicted loss {loss:.3f}"
+            f"tokens in the budget ({tokens / n_params:.1f} per parameter{muon_note}), predicted loss {loss:.3f}"
             + (f"; depth {best.n_layer} beside it: {beside[0] / 1e6:.2f}M tokens, {best_loss:.3f}"
                if beside and not tokens_per_param else ""))
         if (tokens < tokens_per_param * n_params) if tokens_per_param else loss >= best_loss:
@@ -196,9 +196,10 @@ MUON_MAX_PASSES = 6.0
 
 def budget_optimizer(passes: float | None, processes: int, log) -> str:
     """--optimizer unset: muon for a budget-sized (`passes` known) one-process run that sees its corpus at most
-    MUON_MAX_PASSES times, else adamw."""
+    MUON_MAX_PASSES times with Muon (`passes`, Muon's), else adamw."""
     if passes is None or processes > 1:
         return "adamw"
     choice = "muon" if passes <= MUON_MAX_PASSES else "adamw"
-    log(f"optimizer: {choice} (the budget passes over the corpus {passes:.1f} times; Muon up to {MUON_MAX_PASSES:g})")
+    log(f"optimizer: {choice} (the budget with Muon passes over the corpus {passes:.1f} times; Muon up to "
+        f"{MUON_MAX_PASSES:g})")
     return choice
