@@ -181,8 +181,8 @@ def _blocks(folders: list[tuple[str, float]], manifests: list[dict], ctx: int, c
 
 
 def _build_model(cfg: PretrainConfig, tok, log, corpus_tokens: int | None = None):
-    """(model, context length, passes over the corpus the budget affords, with Muon unless the optimizer is
-    fixed: None unless the budget sized the model for a corpus of known size)."""
+    """(model, context length, passes a Muon run makes over the corpus in the budget, which decide the
+    optimizer: None unless the budget sized the model for a corpus of known size, the optimizer open)."""
     from chatforge.modeling import context_length, load_model, new_model, resolve_shape, set_generation_defaults
 
     if cfg.init_from:
@@ -240,8 +240,7 @@ def _shape_for_budget(cfg: PretrainConfig, tok, vocab: int, corpus_tokens: int |
                            unique_tokens=corpus_tokens, token_worth=budget.token_worth, log=log)
         log(f"  -> {shape.n_layer} layers x {shape.d_model} wide, {shape.n_head} heads, context {ctx} (chosen in "
             f"{time.perf_counter() - started:.1f} s, outside the budget)")
-        # what budget_optimizer decides by, as Budget.optimizer did while sizing: the passes Muon's rate buys
-        passes = budget.passes(shape, None if budget.fixed_optimizer else "muon")
+        passes = None if budget.fixed_optimizer else budget.muon_passes(shape)  # as Budget.optimizer decided
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         box = [shape]
         torch.distributed.broadcast_object_list(box, src=0)

@@ -133,6 +133,10 @@ class Budget:
     def passes(self, shape: ModelShape, optimizer: str | None = None) -> float | None:
         return self.tokens(shape, optimizer) / self.corpus_tokens if self.corpus_tokens else None
 
+    def muon_passes(self, shape: ModelShape) -> float | None:
+        """Passes over the corpus a Muon run of `shape` makes in the budget: what budget_optimizer decides by."""
+        return self.passes(shape, "muon")
+
     def token_worth(self, shape: ModelShape) -> float:
         """AdamW tokens a token of this shape's run is worth in Chinchilla's fit: MUON_TOKEN_WORTH under Muon."""
         return MUON_TOKEN_WORTH if self.optimizer(shape) == "muon" else 1.0
@@ -145,7 +149,7 @@ class Budget:
     def optimizer(self, shape: ModelShape) -> str:
         """The fixed optimizer, else budget_optimizer's pick: Muon if the budget with Muon passes over the corpus
         at most MUON_MAX_PASSES times (AdamW, never slower, would pass at least as often), else AdamW."""
-        return self.fixed_optimizer or budget_optimizer(self.passes(shape, "muon"), 1, lambda *_: None)
+        return self.fixed_optimizer or budget_optimizer(self.muon_passes(shape), 1, lambda *_: None)
 
 
 def accumulation(batch_tokens: int | None, tokens_per_pass: int) -> int:
@@ -166,6 +170,7 @@ def pick_depth(budget_tokens, vocab_size: int, context_length: int, arch: str = 
     the budget gives that many (plain) tokens per parameter (at least depth 1); never past MAX_PARAMS_PER_UNIQUE_TOKEN
     parameters per token of a corpus of `unique_tokens`. Depths are tried upwards, each measured side by side
     with the best so far (budget_tokens may measure them); the first that does worse ends the search."""
+    worth = (lambda shape: 1.0) if tokens_per_param else token_worth  # the ratio rule counts plain tokens
     best = depth_shape(1, vocab_size, context_length, arch)
     for depth in range(1, MAX_DEPTH + 1):
         shape = depth_shape(depth, vocab_size, context_length, arch)
@@ -175,10 +180,10 @@ def pick_depth(budget_tokens, vocab_size: int, context_length: int, arch: str = 
                 f"{MAX_PARAMS_PER_UNIQUE_TOKEN} per token of this {unique_tokens / 1e6:.2f}M-token corpus: not tried")
             break
         *beside, tokens = budget_tokens([best, shape] if depth > 1 else [shape])
-        worth = (lambda shape: 1.0) if tokens_per_param else token_worth  # the ratio rule counts plain tokens
-        loss = predicted_loss(n_params, tokens * worth(shape))
+        factor = worth(shape)
+        loss = predicted_loss(n_params, tokens * factor)
         best_loss = predicted_loss(parameters(best), beside[0] * worth(best)) if beside else float("inf")
-        muon_note = f"; in the fit x{worth(shape):g}, Muon's" if worth(shape) != 1 else ""
+        muon_note = f"; in the fit x{factor:g}, Muon's" if factor != 1 else ""
         log(f"  depth {depth} ({depth}x{shape.d_model}): {n_params / 1e6:.2f}M parameters, {tokens / 1e6:.2f}M "
             f"tokens in the budget ({tokens / n_params:.1f} per parameter{muon_note}), predicted loss {loss:.3f}"
             + (f"; depth {best.n_layer} beside it: {beside[0] / 1e6:.2f}M tokens, {best_loss:.3f}"
