@@ -152,6 +152,9 @@ def bench_model(model_dir: str, args, batches: list[int]) -> dict:
 
 
 def main() -> None:
+    from chatforge.modeling import quiet_optional_imports
+
+    quiet_optional_imports()  # as chatforge's commands do: no torchao load warnings
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", action="append", help="model directory (repeatable); default: random --presets")
     ap.add_argument("--presets", default="gpt2" if torch.cuda.is_available() else "tiny,mini",

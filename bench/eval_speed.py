@@ -90,7 +90,9 @@ def run_side(side: str, model: str, task_file: str, batch: str, max_gen: int) ->
 
 
 def main() -> None:
-    from chatforge.modeling import cpu_name
+    from chatforge.modeling import cpu_name, quiet_optional_imports
+
+    quiet_optional_imports()  # as chatforge's commands do: no torchao load warnings
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="a model folder (default: a random-init mini preset model)")

@@ -37,6 +37,9 @@ def kind_of(name: str) -> str:
 
 
 def main() -> None:
+    from chatforge.modeling import quiet_optional_imports
+
+    quiet_optional_imports()  # as chatforge's commands do: no torchao load warnings
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--batch", type=int, default=32)

@@ -331,6 +331,9 @@ def summarize(name, runs, plan, args, flops_tok, peak) -> dict:
 
 
 def main() -> None:
+    from chatforge.modeling import quiet_optional_imports
+
+    quiet_optional_imports()  # as chatforge's commands do: no torchao load warnings
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=list(SHAPES), default="gpt2" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=40, help="timed optimizer steps per run (after --warmup)")

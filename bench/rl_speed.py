@@ -83,6 +83,9 @@ def run_trl(model_dir: str, steps: int, out: str) -> dict:
 
 
 def main() -> None:
+    from chatforge.modeling import quiet_optional_imports
+
+    quiet_optional_imports()  # as chatforge's commands do: no torchao load warnings
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", default="tiny,mini")
     ap.add_argument("--steps", type=int, default=20)

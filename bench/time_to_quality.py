@@ -69,6 +69,9 @@ def heldout_bits_per_byte(model_dir: Path, texts: list[str]) -> float:
 
 
 def main() -> None:
+    from chatforge.modeling import quiet_optional_imports
+
+    quiet_optional_imports()  # as chatforge's commands do: no torchao load warnings
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, nargs="+", default=[90, 300])
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
