@@ -177,6 +177,21 @@ def test_a_token_budget_picks_the_deepest_shape_it_can_train(tokenizer_dir):
     assert (model.config.n_layer, model.config.n_embd) == (3, 192)
 
 
+def test_a_budget_sized_run_takes_bigger_batches():
+    """--micro-batch-size unset: 32 sequences for a budget-sized run (and on a GPU), else 8 on a CPU; given, it is kept."""
+    import torch
+
+    from chatforge.train.pretrain import PretrainConfig, micro_batch
+
+    unsized = 32 if torch.cuda.is_available() else 8
+    assert micro_batch(PretrainConfig(data=["demo"], max_time=60)) == 32
+    assert micro_batch(PretrainConfig(data=["demo"], max_tokens=10**6)) == 32
+    assert micro_batch(PretrainConfig(data=["demo"], max_time=60, n_layer=2)) == unsized  # a shape given
+    assert micro_batch(PretrainConfig(data=["demo"], max_time=60, preset="tiny")) == unsized
+    assert micro_batch(PretrainConfig(data=["demo"])) == unsized
+    assert micro_batch(PretrainConfig(data=["demo"], max_time=60, micro_batch_size=4)) == 4
+
+
 def test_a_small_corpus_caps_the_budgets_model():
     """The shallow depths reach the epoch cap (a corpus seen 12 times in the budget), so Chinchilla's fit,
     made for fresh data, prefers the deepest that still does (its time falls as parameters grow); a corpus
