@@ -192,6 +192,16 @@ def test_a_budget_sized_run_takes_bigger_batches():
     assert micro_batch(PretrainConfig(data=["demo"], max_time=60, micro_batch_size=4)) == 4
 
 
+def test_muons_default_rate_grows_with_the_batch():
+    """Muon: 6x AdamW's rate at 1,024-token steps, times the square root of the batch up to 4x that (2x the rate)."""
+    from chatforge.train.pretrain import default_learning_rate
+
+    assert default_learning_rate("adamw", 10**6, 4096) == 1e-3 and default_learning_rate("adamw", 10**8, 4096) == 6e-4
+    for tokens, rate in ((512, 6e-3), (1024, 6e-3), (2048, 6e-3 * 2 ** 0.5), (4096, 1.2e-2), (32768, 1.2e-2)):
+        assert default_learning_rate("muon", 10**6, tokens) == pytest.approx(rate)
+    assert default_learning_rate("muon", 10**8, 4096) == pytest.approx(7.2e-3)
+
+
 def test_a_small_corpus_caps_the_budgets_model():
     """The shallow depths reach the epoch cap (a corpus seen 12 times in the budget), so Chinchilla's fit,
     made for fresh data, prefers the deepest that still does (its time falls as parameters grow); a corpus
@@ -277,7 +287,9 @@ def test_max_time_is_a_budget_across_resumes(tmp_path, base_model_dir, tokenizer
     # Muon when the budget sees the corpus at most 6 times (machine speed decides here), at 6x AdamW's rate
     if "optimizer: muon" in sized.stdout:  # its tokens count twice in the fit, and the log says so
         assert "in the fit x2, Muon's" in sized.stdout
-    assert "optimizer: " in sized.stdout and saved["learning_rate"] == {"muon": 6e-3, "adamw": 1e-3}[saved["optimizer"]]
+    muon_rate = 6e-3 * min(2.0, max(1.0, saved["batch_tokens"] / 1024) ** 0.5)  # grows with the batch, to 2x
+    assert "optimizer: " in sized.stdout
+    assert saved["learning_rate"] == pytest.approx({"muon": muon_rate, "adamw": 1e-3}[saved["optimizer"]])
     resumed = run_cli(*args, "--max-time", 5, "--resume")
     assert "already spent before this resume" in resumed.stdout and "--preset auto" not in resumed.stdout
     model = AutoModelForCausalLM.from_pretrained(out)  # a plain HF directory of the chosen shape

@@ -273,6 +273,17 @@ def plan_steps(cfg: PretrainConfig, n_params: int, corpus_tokens: int, tokens_pe
     return min(cap_steps, max(1, math.ceil(cfg.tokens_per_param * n_params / tokens_per_step)))
 
 
+def default_learning_rate(optimizer: str, n_params: int, tokens_per_step: int) -> float:
+    """AdamW: 1e-3 below 50M parameters, else 6e-4. Muon (match_rms_adamw): 6x that at 1,024-token steps (2x128,
+    1,500 steps, held-out bits/byte: 3e-3 1.894, 6e-3 1.877, 1.2e-2 1.876), growing as the square root of the
+    batch up to 4x it (3x192 at 4,096: 6e-3 1.506, 9e-3 1.494, 1.2e-2 1.490; bench/README.md); past that,
+    unmeasured, it grows no further."""
+    lr = 1e-3 if n_params < 50e6 else 6e-4
+    if optimizer != "muon":
+        return lr
+    return 6 * lr * math.sqrt(min(4.0, max(1.0, tokens_per_step / 1024)))
+
+
 def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False, log=print,
              callbacks: tuple = ()) -> dict:
     """Run (or resume) pretraining; returns the run summary. `callbacks`: extra TrainerCallbacks (benches)."""
@@ -315,9 +326,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
     tokens_per_step = per_pass * accum
     corpus_tokens = len(train) * ctx
     max_steps = plan_steps(cfg, n_params, corpus_tokens, tokens_per_step)
-    # Muon: 6x AdamW's rate (2x128, 1,500 steps, held-out bits/byte: 3e-3 1.894, 6e-3 1.877, 1.2e-2 1.876;
-    # bench/README.md)
-    lr = cfg.learning_rate or ((1e-3 if n_params < 50e6 else 6e-4) * (6 if cfg.optimizer == "muon" else 1))
+    lr = cfg.learning_rate or default_learning_rate(cfg.optimizer, n_params, tokens_per_step)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(200, max(1, max_steps // 20))
     plan = Plan(max_steps, micro, accum, lr, warmup, precision, cfg.min_lr_ratio, cfg.optimizer)
     d_model = getattr(model.config, "n_embd", None) or model.config.hidden_size
