@@ -55,8 +55,8 @@ class PretrainConfig(SourceOptions, RunSettings):
     # optimisation
     batch_tokens: int | None = option(None, "tokens per optimizer step (gradient accumulation makes it up)", min=1,
                                       metavar="N")
-    micro_batch_size: int | None = option(None, "sequences per forward pass (auto: 32 on GPU and for a budget-sized "
-                                                "run, else 8 on CPU)", min=1,
+    micro_batch_size: int | None = option(None, "sequences per forward pass (auto: 32 on GPU; on CPU 8, or 4,096 "
+                                                "tokens' worth when --preset auto sizes a Muon run)", min=1,
                                           metavar="N")
     min_lr_ratio: float = option(0.1, "final learning rate as a fraction of the peak", min=0.0, max=1.0,
                                  metavar="R")
@@ -108,14 +108,22 @@ def shard_folders(data: list[str] = ()) -> list[tuple[str, float] | None]:
     return [w or ((d, 1.0) if (Path(d) / MANIFEST).is_file() else None) for d, w in zip(data, weighted)]
 
 
-def micro_batch(cfg: PretrainConfig) -> int:
-    """--micro-batch-size, else 32 on a GPU and for a budget-sized CPU run, else 8 on a CPU. Budget-sized: a
-    small model's CPU step is largely fixed costs (Muon's iteration, the Trainer), and 32 x 128-token batches
-    also learned more per token than 8 x 128 (held-out bits per byte in 90 s at 2x128: 1.60 vs 1.78;
-    bench/README.md, "The budget's batch")."""
+def micro_batch(cfg: PretrainConfig, context_length: int) -> int:
+    """--micro-batch-size, else 32 on a GPU; on a CPU 8, or BUDGET_STEP_TOKENS' worth (32 x 128) in a budget-sized
+    run that trains (or, before sizing decides, may train) with Muon: a small model's CPU step is largely fixed
+    costs (Muon's iteration, the Trainer), and 4,096-token steps also learned more per token than 1,024 (2x128
+    in 90 s: 1.60 vs 1.78 held-out bits per byte; bench/README.md, "The budget's batch"). AdamW runs, which
+    repeat a small corpus many times, keep 8 (measured with 8 there)."""
     import torch
 
-    return cfg.micro_batch_size or (32 if torch.cuda.is_available() or sized_by_budget(cfg) else 8)
+    from chatforge.train.sizing import BUDGET_STEP_TOKENS
+
+    if cfg.micro_batch_size:
+        return cfg.micro_batch_size
+    if torch.cuda.is_available():
+        return 32
+    muon = cfg.optimizer == "muon" or (cfg.optimizer is None and world_size() == 1)
+    return max(1, BUDGET_STEP_TOKENS // context_length) if sized_by_budget(cfg) and muon else 8
 
 
 def resolved_preset(preset: str) -> str:
@@ -234,7 +242,8 @@ def _shape_for_budget(cfg: PretrainConfig, tok, vocab: int, corpus_tokens: int |
     ctx = cfg.context_length or BUDGET_CONTEXT["cuda" if torch.cuda.is_available() else "cpu"]
     shape, passes = None, None
     if is_main():
-        budget = Budget(cfg, tok, micro_batch(cfg), resolve_precision(cfg.precision), ctx, world_size(), corpus_tokens)
+        budget = Budget(cfg, tok, micro_batch(cfg, ctx), resolve_precision(cfg.precision), ctx, world_size(),
+                        corpus_tokens)
         limit = f"--max-time {cfg.max_time:g} s" if cfg.max_time else f"--max-tokens {cfg.max_tokens:,}"
         rule = "the lowest predicted loss (Chinchilla's fit" if cfg.max_time else \
             f"{cfg.tokens_per_param:g} tokens per parameter (--tokens-per-param"
@@ -273,15 +282,15 @@ def plan_steps(cfg: PretrainConfig, n_params: int, corpus_tokens: int, tokens_pe
     return min(cap_steps, max(1, math.ceil(cfg.tokens_per_param * n_params / tokens_per_step)))
 
 
-def default_learning_rate(optimizer: str, n_params: int, tokens_per_step: int) -> float:
+def default_learning_rate(optimizer: str, n_params: int, tokens_per_step: int, gpu: bool = False) -> float:
     """AdamW: 1e-3 below 50M parameters, else 6e-4. Muon (match_rms_adamw): 6x that at 1,024-token steps (2x128,
-    1,500 steps, held-out bits/byte: 3e-3 1.894, 6e-3 1.877, 1.2e-2 1.876), growing as the square root of the
-    batch up to 4x it (3x192 at 4,096: 6e-3 1.506, 9e-3 1.494, 1.2e-2 1.490; bench/README.md); past that,
-    unmeasured, it grows no further."""
+    1,500 steps, held-out bits/byte: 3e-3 1.894, 6e-3 1.877, 1.2e-2 1.876); on a CPU growing as the square root
+    of the batch up to 4,096 tokens (3x192: 6e-3 1.506, 9e-3 1.494, 1.2e-2 1.490; bench/README.md) and no
+    further. No rate was measured on a GPU, whose batches are far larger: it keeps 6x."""
     lr = 1e-3 if n_params < 50e6 else 6e-4
     if optimizer != "muon":
         return lr
-    return 6 * lr * math.sqrt(min(4.0, max(1.0, tokens_per_step / 1024)))
+    return 6 * lr * (1.0 if gpu else math.sqrt(min(4.0, max(1.0, tokens_per_step / 1024))))
 
 
 def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False, log=print,
@@ -320,13 +329,14 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
     if len(train) == 0:
         raise ChatforgeError(f"{', '.join(cfg.data)}: {sum(m['train']['tokens'] for m in manifests)} training "
                              f"tokens is less than one block of --context-length {ctx}")
-    micro = min(micro_batch(cfg), len(train))
+    micro = min(micro_batch(cfg, ctx), len(train))
     per_pass = micro * ctx * world_size()
     accum = accumulation(cfg.batch_tokens, per_pass)
     tokens_per_step = per_pass * accum
     corpus_tokens = len(train) * ctx
     max_steps = plan_steps(cfg, n_params, corpus_tokens, tokens_per_step)
-    lr = cfg.learning_rate or default_learning_rate(cfg.optimizer, n_params, tokens_per_step)
+    lr = cfg.learning_rate or default_learning_rate(cfg.optimizer, n_params, tokens_per_step,
+                                                    gpu=torch.cuda.is_available())
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(200, max(1, max_steps // 20))
     plan = Plan(max_steps, micro, accum, lr, warmup, precision, cfg.min_lr_ratio, cfg.optimizer)
     d_model = getattr(model.config, "n_embd", None) or model.config.hidden_size

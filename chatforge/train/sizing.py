@@ -31,6 +31,9 @@ from chatforge.modeling import ModelShape, padded_vocab, swiglu_width
 
 HEAD_DIM = 64
 BUDGET_CONTEXT = {"cuda": 1024, "cpu": 128}
+# tokens a micro-batch of a budget-sized Muon run on a CPU (pretrain.micro_batch): 32 x 128 learned more per token
+# than 8 or 16 x 128, and 64 x 128 less (bench/README.md, "The budget's batch")
+BUDGET_STEP_TOKENS = 4096
 MAX_DEPTH = 48
 CHINCHILLA = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}
 # Liu et al. 2025 ("Muon is Scalable for LLM Training"): Muon reaches AdamW's loss with ~half the compute. As
