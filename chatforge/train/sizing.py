@@ -39,6 +39,7 @@ CHINCHILLA = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}
 # Liu et al. 2025 ("Muon is Scalable for LLM Training"): Muon reaches AdamW's loss with ~half the compute. As
 # tokens, it halves the budget where one more layer starts to pay: on an AMX Xeon 256 -> 128 s for 2x128 -> 3x192;
 # its runs: 2x128 better at 90 s and by 0.4% at 150 s, 3x192 by 2.7% at 300 s (bench/README.md, "Muon's tokens")
+# (checked at 1,024-token steps; at the 4,096 budget runs now take it picks deeper than the best: "The budget's batch")
 MUON_TOKEN_WORTH = 2.0
 
 
