@@ -37,7 +37,8 @@ class RunSettings:
     max_steps: int | None = option(None, "stop after N optimizer steps", min=1, metavar="N")
     max_time: float | None = option(None, "a time budget in seconds, across --resume; the LR schedule is fitted "
                                           "to it", min=0.0, exclusive_min=True, metavar="SECONDS")
-    learning_rate: float | None = option(None, "peak learning rate (auto: per stage and model size)", min=0.0,
+    learning_rate: float | None = option(None, "peak learning rate (auto: per stage, model size and optimizer; "
+                                               "Muon's on a CPU also by the batch)", min=0.0,
                                          exclusive_min=True, max=10.0, metavar="LR")
     warmup_steps: int | None = option(None, "linear warm-up steps (auto: a few % of the run)", min=0, metavar="N")
     schedule: str = option("cosine", "learning-rate schedule after warm-up", choices=SCHEDULES)
