@@ -116,13 +116,13 @@ def micro_batch(cfg: PretrainConfig, context_length: int) -> int:
     repeat a small corpus many times, keep 8 (measured with 8 there)."""
     import torch
 
-    from chatforge.train.sizing import BUDGET_STEP_TOKENS
+    from chatforge.train.sizing import BUDGET_STEP_TOKENS, fixed_optimizer
 
     if cfg.micro_batch_size:
         return cfg.micro_batch_size
     if torch.cuda.is_available():
         return 32
-    muon = cfg.optimizer == "muon" or (cfg.optimizer is None and world_size() == 1)
+    muon = fixed_optimizer(cfg, world_size()) in (None, "muon")
     return max(1, BUDGET_STEP_TOKENS // context_length) if sized_by_budget(cfg) and muon else 8
 
 

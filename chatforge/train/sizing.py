@@ -147,13 +147,18 @@ class Budget:
 
     @property
     def fixed_optimizer(self) -> str | None:
-        """The run's optimizer whatever the shape: --optimizer, or AdamW for several processes (budget_optimizer)."""
-        return self.cfg.optimizer or ("adamw" if self.processes > 1 else None)
+        return fixed_optimizer(self.cfg, self.processes)
 
     def optimizer(self, shape: ModelShape) -> str:
         """The fixed optimizer, else budget_optimizer's pick: Muon if the budget with Muon passes over the corpus
         at most MUON_MAX_PASSES times (AdamW, never slower, would pass at least as often), else AdamW."""
         return self.fixed_optimizer or budget_optimizer(self.muon_passes(shape), 1, lambda *_: None)
+
+
+def fixed_optimizer(cfg, processes: int) -> str | None:
+    """The run's optimizer whatever the shape: --optimizer, or AdamW for several processes (budget_optimizer);
+    None while the budget decides."""
+    return cfg.optimizer or ("adamw" if processes > 1 else None)
 
 
 def accumulation(batch_tokens: int | None, tokens_per_pass: int) -> int:
