@@ -225,22 +225,27 @@ def test_a_small_corpus_caps_the_budgets_model():
     assert big.n_layer == uncapped.n_layer
 
 
-def test_muons_tokens_count_twice_in_the_fit():
-    """Chinchilla's fit is AdamW's; a Muon run's token is worth MUON_TOKEN_WORTH of them, which moves the point
-    where one more layer pays to a shorter budget: here a budget whose AdamW fit keeps depth 1 gets depth 2."""
-    from chatforge.train.sizing import MUON_TOKEN_WORTH, parameters, pick_depth, predicted_loss
+def test_a_time_budget_keeps_the_depth_the_fit_predicts_best():
+    """Under --max-time the depth with the lowest loss Chinchilla's fit predicts for its tokens: a longer budget
+    buys a deeper model, and each candidate's log line carries its prediction; the ratio rule (--max-tokens)
+    keeps the deepest shape with that many tokens per parameter."""
+    from chatforge.train.sizing import depth_shape, parameters, pick_depth, predicted_loss
 
-    budget = lambda shapes: [200 * 3.3e10 / parameters(s) for s in shapes]  # noqa: E731 - 200 s, time ~ parameters
+    def budget(seconds):  # tokens ~ time / parameters, as measured steps would give
+        return lambda shapes: [seconds * 3.3e10 / parameters(s) for s in shapes]
+
+    def best_by_the_fit(seconds):
+        losses = [predicted_loss(parameters(s), budget(seconds)([s])[0])
+                  for s in (depth_shape(d, 8192, 128) for d in range(1, 13))]
+        return 1 + losses.index(min(losses))
+
     lines = []
-    adamw = pick_depth(budget, 8192, 128, log=lambda *_: None)
-    muon = pick_depth(budget, 8192, 128, token_worth=lambda shape: MUON_TOKEN_WORTH, log=lines.append)
-    assert (adamw.n_layer, muon.n_layer) == (1, 2)
-    tokens = budget([muon])[0]
-    assert f"predicted loss {predicted_loss(parameters(muon), MUON_TOKEN_WORTH * tokens):.3f}" in lines[1]
-    assert f"in the fit x{MUON_TOKEN_WORTH:g}, Muon's" in lines[1]
-    ratio = pick_depth(budget, 8192, 128, tokens_per_param=0.5, token_worth=lambda shape: MUON_TOKEN_WORTH,
-                       log=lines.append)  # the ratio rule (--max-tokens) counts plain tokens, and says nothing else
-    assert ratio.n_layer == 3 and "Muon's" not in lines[-1]
+    picks = [pick_depth(budget(seconds), 8192, 128, log=lines.append).n_layer for seconds in (100, 400, 3000)]
+    assert picks == [best_by_the_fit(s) for s in (100, 400, 3000)] and picks[0] < picks[1] < picks[2]
+    deepest = depth_shape(picks[-1], 8192, 128)
+    assert f"predicted loss {predicted_loss(parameters(deepest), budget(3000)([deepest])[0]):.3f}" in lines[-2]
+    ratio = pick_depth(budget(200), 8192, 128, tokens_per_param=0.5, log=lines.append)
+    assert ratio.n_layer == 3 and "beside it" not in lines[-1]
 
 
 def test_a_time_budget_times_each_depth_with_the_optimizer_its_run_would_use(tokenizer_dir):
@@ -249,7 +254,7 @@ def test_a_time_budget_times_each_depth_with_the_optimizer_its_run_would_use(tok
     AdamW; --optimizer given, or several processes (AdamW), only that one is timed."""
     from chatforge.text.tokenizer import load_tokenizer
     from chatforge.train.pretrain import PretrainConfig
-    from chatforge.train.sizing import MUON_MAX_PASSES, MUON_TOKEN_WORTH, Budget, depth_shape
+    from chatforge.train.sizing import MUON_MAX_PASSES, Budget, depth_shape
 
     tok = load_tokenizer(tokenizer_dir)
     shapes = [depth_shape(d, len(tok), 32) for d in (1, 2)]
@@ -263,12 +268,11 @@ def test_a_time_budget_times_each_depth_with_the_optimizer_its_run_would_use(tok
     times = [big.measured[repr(s)] for s in shapes]
     assert all(set(t) == {"forward_backward", "adamw", "muon"} and min(t.values()) > 0 for t in times)
     for shape, t in zip(shapes, times):
-        assert big.optimizer(shape) == "muon" and big.token_worth(shape) == MUON_TOKEN_WORTH
+        assert big.optimizer(shape) == "muon"
         assert big.tokens(shape) == pytest.approx(2 / (t["forward_backward"] + t["muon"]) * 2 * 32)
     small = budget(int(big.tokens(shapes[1], "muon") / (MUON_MAX_PASSES + 1)))  # more than 6 passes: AdamW
     small.measured = big.measured
     assert small.optimizer(shapes[1]) == "adamw" and small.passes(shapes[1]) > MUON_MAX_PASSES
-    assert small.token_worth(shapes[1]) == 1.0
     t = small.measured[repr(shapes[1])]
     assert small.tokens(shapes[1]) == pytest.approx(2 / (t["forward_backward"] + t["adamw"]) * 2 * 32)
     for one in (budget(10**12, optimizer="adamw"), budget(10**12, processes=2)):  # AdamW named, or DDP's
@@ -292,8 +296,7 @@ def test_max_time_is_a_budget_across_resumes(tmp_path, base_model_dir, tokenizer
     # Muon when the budget sees the corpus at most 6 times (machine speed decides here): on a CPU with 4,096 tokens
     # a step (64 sequences of 64) and twice its rate at 1,024; AdamW with 8 sequences at 1e-3
     assert "optimizer: " in sized.stdout
-    if saved["optimizer"] == "muon":  # its tokens count twice in the fit, and the log says so
-        assert "in the fit x2, Muon's" in sized.stdout
+    if saved["optimizer"] == "muon":
         expected = (32, 6e-3) if torch.cuda.is_available() else (64, pytest.approx(1.2e-2))
         assert (saved["micro_batch_size"], saved["learning_rate"]) == expected
     else:

@@ -251,7 +251,7 @@ def _shape_for_budget(cfg: PretrainConfig, tok, vocab: int, corpus_tokens: int |
         started = time.perf_counter()
         shape = pick_depth(budget.measure, vocab, ctx, cfg.arch,
                            tokens_per_param=None if cfg.max_time else cfg.tokens_per_param,
-                           unique_tokens=corpus_tokens, token_worth=budget.token_worth, log=log)
+                           unique_tokens=corpus_tokens, log=log)
         log(f"  -> {shape.n_layer} layers x {shape.d_model} wide, {shape.n_head} heads, context {ctx} (chosen in "
             f"{time.perf_counter() - started:.1f} s, outside the budget)")
         passes = None if budget.fixed_optimizer else budget.muon_passes(shape)  # as Budget.optimizer decided

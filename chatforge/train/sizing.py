@@ -12,7 +12,7 @@ fitted loss (Hoffmann et al. 2022, approach 3)
 
 whose compute-optimal ratio at large scale is the familiar ~20 tokens per parameter; at CPU minutes it
 asks for far fewer, which is what runs measure (bench/README.md, "Time to quality"). The fit was made with
-AdamW; a run with Muon counts each token MUON_TOKEN_WORTH times in D (Muon's ~2x compute efficiency). Under
+AdamW; Muon runs' tokens count plainly too (at their 4,096-token steps it picked the best shapes measured). Under
 `--max-tokens` alone the budget costs no time to measure and the fit, with D fixed, would always grow
 the model: there the rule is `--tokens-per-param` (20) tokens per parameter, the deepest shape that
 gets them. A small corpus caps the model: past MAX_PARAMS_PER_UNIQUE_TOKEN parameters per token of the
@@ -36,11 +36,6 @@ BUDGET_CONTEXT = {"cuda": 1024, "cpu": 128}
 BUDGET_STEP_TOKENS = 4096
 MAX_DEPTH = 48
 CHINCHILLA = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}
-# Liu et al. 2025 ("Muon is Scalable for LLM Training"): Muon reaches AdamW's loss with ~half the compute. As
-# tokens, it halves the budget where one more layer starts to pay: on an AMX Xeon 256 -> 128 s for 2x128 -> 3x192;
-# its runs: 2x128 better at 90 s and by 0.4% at 150 s, 3x192 by 2.7% at 300 s (bench/README.md, "Muon's tokens")
-# (checked at 1,024-token steps; at the 4,096 budget runs now take it picks deeper than the best: "The budget's batch")
-MUON_TOKEN_WORTH = 2.0
 
 
 def depth_shape(depth: int, vocab_size: int, context_length: int, arch: str = "gpt2") -> ModelShape:
@@ -141,10 +136,6 @@ class Budget:
         """Passes over the corpus a Muon run of `shape` makes in the budget: what budget_optimizer decides by."""
         return self.passes(shape, "muon")
 
-    def token_worth(self, shape: ModelShape) -> float:
-        """AdamW tokens a token of this shape's run is worth in Chinchilla's fit: MUON_TOKEN_WORTH under Muon."""
-        return MUON_TOKEN_WORTH if self.optimizer(shape) == "muon" else 1.0
-
     @property
     def fixed_optimizer(self) -> str | None:
         return fixed_optimizer(self.cfg, self.processes)
@@ -173,13 +164,11 @@ MAX_PARAMS_PER_UNIQUE_TOKEN = 64
 
 def pick_depth(budget_tokens, vocab_size: int, context_length: int, arch: str = "gpt2",
                tokens_per_param: float | None = None, unique_tokens: float | None = None,
-               token_worth=lambda shape: 1.0, log=print) -> ModelShape:
+               log=print) -> ModelShape:
     """The depth whose shape has the lowest predicted loss for the tokens `budget_tokens([shapes])` gives
-    it, each worth `token_worth(shape)` AdamW tokens in the fit, or with `tokens_per_param`, the deepest one
-    the budget gives that many (plain) tokens per parameter (at least depth 1); never past MAX_PARAMS_PER_UNIQUE_TOKEN
-    parameters per token of a corpus of `unique_tokens`. Depths are tried upwards, each measured side by side
+    it, or with `tokens_per_param`, the deepest one the budget gives that many tokens per parameter (at least
+    depth 1); never past MAX_PARAMS_PER_UNIQUE_TOKEN parameters per token of a corpus of `unique_tokens`. Depths are tried upwards, each measured side by side
     with the best so far (budget_tokens may measure them); the first that does worse ends the search."""
-    worth = (lambda shape: 1.0) if tokens_per_param else token_worth  # the ratio rule counts plain tokens
     best = depth_shape(1, vocab_size, context_length, arch)
     for depth in range(1, MAX_DEPTH + 1):
         shape = depth_shape(depth, vocab_size, context_length, arch)
@@ -189,12 +178,10 @@ def pick_depth(budget_tokens, vocab_size: int, context_length: int, arch: str = 
                 f"{MAX_PARAMS_PER_UNIQUE_TOKEN} per token of this {unique_tokens / 1e6:.2f}M-token corpus: not tried")
             break
         *beside, tokens = budget_tokens([best, shape] if depth > 1 else [shape])
-        factor = worth(shape)
-        loss = predicted_loss(n_params, tokens * factor)
-        best_loss = predicted_loss(parameters(best), beside[0] * worth(best)) if beside else float("inf")
-        muon_note = f"; in the fit x{factor:g}, Muon's" if factor != 1 else ""
+        loss = predicted_loss(n_params, tokens)
+        best_loss = predicted_loss(parameters(best), beside[0]) if beside else float("inf")
         log(f"  depth {depth} ({depth}x{shape.d_model}): {n_params / 1e6:.2f}M parameters, {tokens / 1e6:.2f}M "
-            f"tokens in the budget ({tokens / n_params:.1f} per parameter{muon_note}), predicted loss {loss:.3f}"
+            f"tokens in the budget ({tokens / n_params:.1f} per parameter), predicted loss {loss:.3f}"
             + (f"; depth {best.n_layer} beside it: {beside[0] / 1e6:.2f}M tokens, {best_loss:.3f}"
                if beside and not tokens_per_param else ""))
         if (tokens < tokens_per_param * n_params) if tokens_per_param else loss >= best_loss:
