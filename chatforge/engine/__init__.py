@@ -206,6 +206,10 @@ class Engine:
             return
         finally:
             self._ready.set()
+        with torch.inference_mode():  # entered once: per step it cost ~1% of a small model's token
+            self._serve()
+
+    def _serve(self) -> None:
         while True:
             with self._cv:
                 while not (self._waiting or self.scheduler.active or self._calls or self._closed):
@@ -218,14 +222,12 @@ class Engine:
                 calls, self._calls = list(self._calls), collections.deque()
             for done, fn, args in calls:  # a failing call fails its caller alone
                 try:
-                    with torch.inference_mode():
-                        done.set_result(fn(self.model, *args))
+                    done.set_result(fn(self.model, *args))
                 except Exception as err:
                     done.set_exception(err)
             if not self.scheduler.active and not self._waiting:
                 continue
             try:
-                with torch.inference_mode():
-                    self.scheduler.step()
+                self.scheduler.step()
             except Exception as err:  # the batched forward failed: never leave a client hanging
                 self.scheduler.fail_all(err)

@@ -90,7 +90,7 @@ class FastModel:
         span = max(positions) + 1
         # rows at different lengths: hide each row's unused tail
         visible = self._visible(torch.arange(span, device=dev), pos) if B > 1 else None
-        rows = torch.arange(B, device=dev)
+        rows = torch.arange(B, device=dev) if B > 1 else None
 
         def attend(i: int, q, kv):
             cache = self.kv[i]
