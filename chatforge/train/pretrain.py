@@ -285,8 +285,8 @@ def plan_steps(cfg: PretrainConfig, n_params: int, corpus_tokens: int, tokens_pe
 def default_learning_rate(optimizer: str, n_params: int, tokens_per_step: int, gpu: bool = False) -> float:
     """AdamW: 1e-3 below 50M parameters, else 6e-4. Muon (match_rms_adamw): 6x that at 1,024-token steps (2x128,
     1,500 steps, held-out bits/byte: 3e-3 1.894, 6e-3 1.877, 1.2e-2 1.876); on a CPU growing as the square root
-    of the batch up to 4,096 tokens (3x192: 6e-3 1.506, 9e-3 1.494, 1.2e-2 1.490; bench/README.md) and no
-    further. No rate was measured on a GPU, whose batches are far larger: it keeps 6x."""
+    of the batch up to 4,096 tokens (3x192: 6e-3 1.506, 9e-3 1.494, 1.2e-2 1.490, 1.6e-2 1.497, 2.2e-2 1.511;
+    bench/README.md) and no further. No rate was measured on a GPU, whose batches are far larger: it keeps 6x."""
     lr = 1e-3 if n_params < 50e6 else 6e-4
     if optimizer != "muon":
         return lr
