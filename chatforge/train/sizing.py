@@ -167,8 +167,9 @@ def pick_depth(budget_tokens, vocab_size: int, context_length: int, arch: str = 
                log=print) -> ModelShape:
     """The depth whose shape has the lowest predicted loss for the tokens `budget_tokens([shapes])` gives
     it, or with `tokens_per_param`, the deepest one the budget gives that many tokens per parameter (at least
-    depth 1); never past MAX_PARAMS_PER_UNIQUE_TOKEN parameters per token of a corpus of `unique_tokens`. Depths are tried upwards, each measured side by side
-    with the best so far (budget_tokens may measure them); the first that does worse ends the search."""
+    depth 1); never past MAX_PARAMS_PER_UNIQUE_TOKEN parameters per token of a corpus of `unique_tokens`.
+    Depths are tried upwards, each measured side by side with the best so far (budget_tokens may measure
+    them); the first that does worse ends the search."""
     best = depth_shape(1, vocab_size, context_length, arch)
     for depth in range(1, MAX_DEPTH + 1):
         shape = depth_shape(depth, vocab_size, context_length, arch)
