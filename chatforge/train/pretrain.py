@@ -111,8 +111,7 @@ def shard_folders(data: list[str] = ()) -> list[tuple[str, float] | None]:
 def micro_batch(cfg: PretrainConfig, context_length: int) -> int:
     """--micro-batch-size, else 32 on a GPU; on a CPU 8, or BUDGET_STEP_TOKENS' worth (32 x 128) in a budget-sized
     run that trains (or, before sizing decides, may train) with Muon: a small model's CPU step is largely fixed
-    costs (Muon's iteration, the Trainer), and 4,096-token steps also learned more per token than 1,024 (2x128
-    in 90 s: 1.60 vs 1.78 held-out bits per byte; bench/README.md, "The budget's batch"). AdamW runs, which
+    costs, and bigger steps learned more per token (bench/README.md, "The budget's batch"). AdamW runs, which
     repeat a small corpus many times, keep 8 (measured with 8 there)."""
     import torch
 
@@ -283,10 +282,10 @@ def plan_steps(cfg: PretrainConfig, n_params: int, corpus_tokens: int, tokens_pe
 
 
 def default_learning_rate(optimizer: str, n_params: int, tokens_per_step: int, gpu: bool = False) -> float:
-    """AdamW: 1e-3 below 50M parameters, else 6e-4. Muon (match_rms_adamw): 6x that at 1,024-token steps (2x128,
-    1,500 steps, held-out bits/byte: 3e-3 1.894, 6e-3 1.877, 1.2e-2 1.876); on a CPU growing as the square root
-    of the batch up to 4,096 tokens (3x192: 6e-3 1.506, 9e-3 1.494, 1.2e-2 1.490, 1.6e-2 1.497, 2.2e-2 1.511;
-    bench/README.md) and no further. No rate was measured on a GPU, whose batches are far larger: it keeps 6x."""
+    """AdamW: 1e-3 below 50M parameters, else 6e-4. Muon (match_rms_adamw): 6x that at 1,024-token steps, on a CPU
+    times the square root of the batch up to 4,096 tokens, the range measured (bench/README.md, "With the
+    schedule reaching Muon" and "The budget's batch"). No rate was measured on a GPU, whose batches are far
+    larger: it keeps 6x."""
     lr = 1e-3 if n_params < 50e6 else 6e-4
     if optimizer != "muon":
         return lr
