@@ -120,17 +120,20 @@ def compile_by_default(d_model: int, single_process: bool, precision: str) -> bo
 
 CPU_ATTENTION = "chatforge_cpu"
 PACKED_SDPA = "chatforge_packed_sdpa"
-_CAUSAL_BIAS: dict = {}
+_CAUSAL = torch.empty(0, 0)  # fp32: 0 on and below the diagonal, -inf above; see _causal_bias
 
 
-def _causal_bias(t: int, device, dtype) -> torch.Tensor:
-    """(t, t): 0 on and below the diagonal, -inf above; one per length, device and dtype, built once."""
-    if torch.compiler.is_compiling():  # built in the graph: a lookup here would make dynamo guard on the dict
-        return torch.full((t, t), float("-inf"), dtype=dtype, device=device).triu(1)
-    key = (t, str(device), dtype)
-    if key not in _CAUSAL_BIAS:
-        _CAUSAL_BIAS[key] = torch.full((t, t), float("-inf"), dtype=dtype, device=device).triu(1)
-    return _CAUSAL_BIAS[key]
+def _causal_bias(t: int, dtype) -> torch.Tensor:
+    """(t, t): 0 on and below the diagonal, -inf above, sliced from one table that `use_cpu_attention` sizes
+    to the model's context. Why a table, not `full(...).triu(1)` in the graph: inductor then recomputes the
+    mask per element inside the softmax kernel, ~20% of the attention's time (bench/README.md); one tensor,
+    not a dictionary per length: dynamo would guard on the dictionary."""
+    global _CAUSAL
+    if t > _CAUSAL.shape[0]:
+        if torch.compiler.is_compiling():  # a length the table lacks: built in the graph instead
+            return torch.full((t, t), float("-inf"), dtype=dtype).triu(1)
+        _CAUSAL = torch.full((t, t), float("-inf")).triu(1)
+    return _CAUSAL[:t, :t].to(dtype)
 
 
 def cpu_causal_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
@@ -152,7 +155,7 @@ def cpu_causal_attention(module, query, key, value, attention_mask, dropout: flo
                                       is_causal=is_causal, **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     scores = (query * scale) @ key.transpose(-1, -2)
-    weights = (scores + _causal_bias(t, query.device, scores.dtype)).softmax(-1)
+    weights = (scores + _causal_bias(t, scores.dtype)).softmax(-1)
     return (weights @ value).transpose(1, 2).contiguous(), None
 
 
@@ -183,6 +186,7 @@ def use_cpu_attention(model) -> None:
     AttentionInterface). Only the in-memory setting changes: config.json does not record it."""
     _register(CPU_ATTENTION, cpu_causal_attention)
     model.set_attn_implementation(CPU_ATTENTION)
+    _causal_bias(getattr(model.config, "max_position_embeddings", 0) or 0, torch.float32)  # sized before compiling
 
 
 def use_packed_sdpa(model) -> None:
