@@ -128,12 +128,18 @@ def _causal_bias(t: int, dtype) -> torch.Tensor:
     to the model's context. Why a table, not `full(...).triu(1)` in the graph: inductor then recomputes the
     mask per element inside the softmax kernel, ~20% of the attention's time (bench/README.md); one tensor,
     not a dictionary per length: dynamo would guard on the dictionary."""
-    global _CAUSAL
     if t > _CAUSAL.shape[0]:
         if torch.compiler.is_compiling():  # a length the table lacks: built in the graph instead
             return torch.full((t, t), float("-inf"), dtype=dtype).triu(1)
-        _CAUSAL = torch.full((t, t), float("-inf")).triu(1)
+        _grow_causal_table(t)
     return _CAUSAL[:t, :t].to(dtype)
+
+
+def _grow_causal_table(t: int) -> None:
+    """At least t x t, in eager code (compiled code reads the table, never replaces it)."""
+    global _CAUSAL
+    if t > _CAUSAL.shape[0]:
+        _CAUSAL = torch.full((t, t), float("-inf")).triu(1)
 
 
 def cpu_causal_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
@@ -186,7 +192,7 @@ def use_cpu_attention(model) -> None:
     AttentionInterface). Only the in-memory setting changes: config.json does not record it."""
     _register(CPU_ATTENTION, cpu_causal_attention)
     model.set_attn_implementation(CPU_ATTENTION)
-    _causal_bias(getattr(model.config, "max_position_embeddings", 0) or 0, torch.float32)  # sized before compiling
+    _grow_causal_table(getattr(model.config, "max_position_embeddings", 0) or 0)  # sized before compiling
 
 
 def use_packed_sdpa(model) -> None:
