@@ -62,6 +62,15 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     return draw(logits.softmax(-1), generator)
 
 
+def greedy_tokens(logits: torch.Tensor) -> list[int]:
+    """The first index of the largest value in each row of `logits` [B, V] (fp32); NaN counts as the largest,
+    as in torch.max. On a CPU through NumPy's SIMD argmax: 2-3x faster than torch's max(dim) or argmax, a
+    few % of a small model's decode step (bench/README.md)."""
+    if logits.device.type == "cpu":
+        return logits.numpy().argmax(-1).tolist()
+    return logits.max(dim=-1).indices.tolist()
+
+
 def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One token per row of `probs` by inverse CDF: one uniform number per row, found in the cumulative sum
     (fp64, so that rounding never shifts a rare token's share). Why not torch.multinomial: on a CPU it draws

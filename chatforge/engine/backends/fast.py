@@ -85,19 +85,24 @@ class FastModel:
         if self.static:
             return self._decode_static(tokens, positions)
         B, dev = len(tokens), self.device
+        if B == 1:  # one request (`chatforge chat`): slices of the tables and cache, no index tensors or mask
+            t, p = tokens[0], positions[0]
+
+            def attend_one(i: int, q, kv):
+                slot = self.kv[i][0]  # [k|v, head, position, dim]
+                slot[:, :, p] = kv[0]
+                return self._attend_cache(q, slot[None, :, :, :p + 1], None)
+
+            return self._step(slice(t, t + 1), slice(p, p + 1), attend_one)
         x = torch.tensor(tokens, device=dev)
         pos = torch.tensor(positions, device=dev)
         span = max(positions) + 1
-        # rows at different lengths: hide each row's unused tail
-        visible = self._visible(torch.arange(span, device=dev), pos) if B > 1 else None
-        rows = torch.arange(B, device=dev) if B > 1 else None
+        visible = self._visible(torch.arange(span, device=dev), pos)  # rows at different lengths: hide each tail
+        rows = torch.arange(B, device=dev)
 
         def attend(i: int, q, kv):
             cache = self.kv[i]
-            if B == 1:
-                cache[0, :, :, positions[0]] = kv[0]
-            else:
-                cache[rows, :, :, pos] = kv
+            cache[rows, :, :, pos] = kv
             return self._attend_cache(q, cache[:B, :, :, :span], visible)
 
         return self._step(x, pos, attend)
@@ -185,15 +190,16 @@ class FastModel:
                 pass
             warnings.warn(f"CUDA graph capture failed, decoding without graphs: {err}")
 
-    def _step(self, x: torch.Tensor, pos: torch.Tensor, attend, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """The layer stack over token rows `x` at positions `pos`; `attend(layer, q, kv)` stores the rows' keys
-        and values [rows, 2, G, D] in the cache and returns the attention output [rows, H*D]. Logits for the
-        `keep` rows (default: all)."""
-        B, H, G, D = x.shape[0], self.n_head, self.n_kv, self.head_dim
+    def _step(self, x: torch.Tensor | slice, pos: torch.Tensor | slice, attend,
+              keep: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer stack over token rows `x` at positions `pos` (index tensors, or slices for one row);
+        `attend(layer, q, kv)` stores the rows' keys and values [rows, 2, G, D] in the cache and returns the
+        attention output [rows, H*D]. Logits for the `keep` rows (default: all)."""
+        h = self.wte[x]
+        B, H, G, D = h.shape[0], self.n_head, self.n_kv, self.head_dim
         if self.arch == "gpt2":
-            h = F.embedding(x, self.wte) + F.embedding(pos, self.wpe)
+            h = h + self.wpe[pos]
         else:
-            h = F.embedding(x, self.wte)
             cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # [B, 1, D]
         for i, w in enumerate(self.weights):
             if self.arch == "gpt2":
