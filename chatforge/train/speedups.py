@@ -30,6 +30,7 @@ import math
 import torch
 
 from chatforge.errors import ChatforgeError
+from chatforge.modeling import context_length
 from chatforge.train.loss import use_fused_loss
 
 
@@ -192,7 +193,7 @@ def use_cpu_attention(model) -> None:
     AttentionInterface). Only the in-memory setting changes: config.json does not record it."""
     _register(CPU_ATTENTION, cpu_causal_attention)
     model.set_attn_implementation(CPU_ATTENTION)
-    _grow_causal_table(getattr(model.config, "max_position_embeddings", 0) or 0)  # sized before compiling
+    _grow_causal_table(context_length(model.config))  # sized before compiling
 
 
 def use_packed_sdpa(model) -> None:
