@@ -134,6 +134,9 @@ BAD = [
     ("no messages", "POST", "/v1/chat/completions", {"max_tokens": 5}, 400),
     ("messages not a list", "POST", "/v1/chat/completions", {"messages": "hi"}, 400),
     ("unknown role", "POST", "/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400),
+    ("role not a string", "POST", "/v1/chat/completions", {"messages": [{"role": ["user"], "content": "hi"}]}, 400),
+    ("role an object", "POST", "/v1/chat/completions", {"messages": [{"role": {"a": 1}, "content": "hi"}], "stream": True},
+     400),
     ("content not text", "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400),
     ("max_tokens 0", "POST", "/v1/chat/completions", {**CHAT, "max_tokens": 0}, 400),
     ("max_tokens string", "POST", "/v1/chat/completions", {**CHAT, "max_tokens": "5"}, 400),
@@ -141,6 +144,8 @@ BAD = [
     ("temperature string", "POST", "/v1/chat/completions", {**CHAT, "temperature": "hot"}, 400),
     ("temperature too high", "POST", "/v1/chat/completions", {**CHAT, "temperature": 9}, 400),
     ("top_p 0", "POST", "/v1/chat/completions", {**CHAT, "top_p": 0}, 400),
+    ("repetition_penalty tiny", "POST", "/v1/chat/completions", {**CHAT, "repetition_penalty": 1e-300}, 400),
+    ("repetition_penalty over 100", "POST", "/v1/completions", {"prompt": "Hi", "repetition_penalty": 100.5}, 400),
     ("stop not strings", "POST", "/v1/chat/completions", {**CHAT, "stop": [1]}, 400),
     ("stream not bool", "POST", "/v1/chat/completions", {**CHAT, "stream": "yes"}, 400),
     ("n 2", "POST", "/v1/chat/completions", {**CHAT, "n": 2}, 400),
@@ -148,6 +153,9 @@ BAD = [
      {"messages": [{"role": "user", "content": "hello world " * 300}]}, 400),
     ("completion prompt missing", "POST", "/v1/completions", {"max_tokens": 5}, 400),
     ("completion prompt too long", "POST", "/v1/completions", {"prompt": "hello world " * 300}, 400),
+    ("megabyte prompt too long", "POST", "/v1/completions", {"prompt": "你好 hello " * 40_000}, 400),
+    ("megabyte chat too long", "POST", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "你好 hello " * 20_000}] * 2}, 400),
     ("body too large", "POST", "/v1/chat/completions", b"{" + b" " * (2 << 20) + b"}", 413),
     ("unknown route", "GET", "/v1/nothing", None, 404),
     ("wrong method", "GET", "/v1/chat/completions", None, 405),
@@ -161,6 +169,9 @@ def test_bad_request(server, name, method, path, body, status):
     assert set(err["error"]) >= {"message", "type", "param", "code"} and err["error"]["message"]
     if name.endswith("too long"):
         assert err["error"]["code"] == "context_length_exceeded"
+        assert err["error"]["param"] == ("prompt" if path == "/v1/completions" else "messages")
+    if name.startswith("repetition_penalty"):  # the API's field name, not the command line's flag
+        assert err["error"]["param"] == "repetition_penalty" and "'repetition_penalty'" in err["error"]["message"]
 
 
 @pytest.mark.parametrize("key", [None, "wrong"])
@@ -236,6 +247,40 @@ def test_disconnect_while_waiting_for_a_whole_answer(slow_server):
     sock.shutdown(socket.SHUT_RDWR)
     sock.close()
     assert wait_idle(slow_server, within=1.0)
+
+
+def test_a_waiting_client_that_leaves_gives_up_its_place(slow_server):
+    running = open_stream(slow_server)
+    assert running[1].readline().startswith(b"data: ")
+    hang_up(*open_stream(slow_server))  # queued behind the running request, then gone
+    deadline = time.time() + 5
+    while request(slow_server, "GET", "/health", key=None)[2]["waiting"] and time.time() < deadline:
+        time.sleep(0.02)
+    assert request(slow_server, "GET", "/health", key=None)[2]["waiting"] == 0
+    queued = open_stream(slow_server)  # its place is free: 200, not 503, while the slot is still busy
+    health = request(slow_server, "GET", "/health", key=None)[2]
+    assert health["active"] == 1 and health["waiting"] == 1
+    for sock, f in (running, queued):
+        hang_up(sock, f)
+    assert wait_idle(slow_server, within=2.0)
+
+
+def test_no_queue_still_serves_free_slots(base_model_dir):
+    """--max-queue 0: no request waits, but one that a free slot takes at once is served; a key that is
+    not ASCII works as sent (the header's UTF-8 bytes)."""
+    key = "密钥-key"
+    proc, addr = start_server(base_model_dir, "--max-queue", 0, "--api-key", key)
+    try:
+        host, port = addr.split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        conn.request("POST", "/v1/completions", body=json.dumps({"prompt": "Hi", "max_tokens": 3}).encode(),
+                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}".encode()})
+        resp = conn.getresponse()
+        assert resp.status == 200 and json.loads(resp.read())["usage"]["completion_tokens"] >= 1
+        conn.close()
+        assert request(addr, "POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 3}, key="wrong")[0] == 401
+    finally:
+        stop_server(proc)
 
 
 def test_full_queue_is_503_with_retry_after(slow_server):

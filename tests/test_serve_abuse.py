@@ -302,6 +302,9 @@ class FakeEngine:
     def encode(self, text):
         return [1, 2, 3] if "poison" not in text else [9, 9, 9]
 
+    def least_tokens(self, texts):
+        return 0
+
     def submit(self, prompt, params, on_event=None):
         bad = prompt == [9, 9, 9]
         req = FakeRequest([("text", "par"), ("error", "generation failed: boom")] if bad

@@ -63,6 +63,16 @@ def check_context(prompt_tokens: int, context_length: int) -> None:
         raise ContextTooLong(f"the prompt is {prompt_tokens} tokens; this model's context window is {context_length}")
 
 
+def _max_token_bytes(tokenizer, token_bytes: list[bytes] | None) -> int:
+    """The most UTF-8 bytes one token stands for, special tokens' text included; 0 unless the tokenizer is
+    byte-level BPE without a normalizer (one could shrink the text before it is split)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if token_bytes is None or backend is None or backend.normalizer is not None:
+        return 0
+    added = [len(str(t).encode()) for t in tokenizer.added_tokens_decoder.values()]
+    return max(max(map(len, token_bytes)), *added, 1)
+
+
 class Engine:
     """A loaded model + tokenizer that turns prompts into streamed text, many requests at once."""
 
@@ -82,6 +92,7 @@ class Engine:
             dtype = None if measure else torch_dtype(precision)
         self.tokenizer = load_tokenizer(model_dir)
         self.token_bytes = byte_table(self.tokenizer)  # None: not byte-level BPE, decode with the tokenizer
+        self.max_token_bytes = _max_token_bytes(self.tokenizer, self.token_bytes)
         self.max_batch, self.max_queue = max_batch, max_queue
         self._tok_lock = threading.Lock()  # HF fast tokenizers are not safe to share across threads
         self._cv = threading.Condition()
@@ -128,6 +139,14 @@ class Engine:
         with self._tok_lock:
             return self.tokenizer.encode(text, add_special_tokens=False)
 
+    def least_tokens(self, texts: list[str]) -> int:
+        """A lower bound on the tokens of a prompt holding `texts`, without tokenizing: their UTF-8 bytes
+        over the most one token stands for (0 when the tokenizer allows no such bound). A server refuses an
+        over-long prompt with it before the shared tokenizer spends ~0.5 s on a megabyte."""
+        if not self.max_token_bytes:
+            return 0
+        return -(-sum(len(t.encode()) for t in texts) // self.max_token_bytes)
+
     def decode(self, ids: list[int]) -> str:
         with self._tok_lock:
             return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -135,7 +154,9 @@ class Engine:
     @property
     def load(self) -> tuple[int, int]:
         """(active, waiting) request counts."""
-        return len(self.scheduler.active), len(self._waiting)
+        with self._cv:
+            self._drop_cancelled()
+            return len(self.scheduler.active), len(self._waiting)
 
     def check_prompt(self, prompt_ids: list[int]) -> None:
         """Raise ChatforgeError unless `prompt_ids` is a prompt this model can continue."""
@@ -155,7 +176,10 @@ class Engine:
         with self._cv:
             if self._closed:
                 raise ChatforgeError("the engine is closed")
-            if len(self._waiting) >= self.max_queue:
+            self._drop_cancelled()
+            # requests that free slots will take at the next step are not waiting
+            free = max(0, self.max_batch - len(self.scheduler.active))
+            if len(self._waiting) >= self.max_queue + free:
                 raise EngineBusy(f"the queue is full ({self.max_queue} waiting requests)")
             self._waiting.append(req)
             self._cv.notify()
@@ -190,6 +214,15 @@ class Engine:
             self._thread.join(timeout=10)
 
     # ------------------------------------------------------------ the engine thread
+
+    def _drop_cancelled(self) -> None:
+        """Give up the queue places of waiting requests whose callers left (under self._cv): else clients
+        that time out while a long batch runs would keep the queue full for everyone."""
+        if any(req.cancelled.is_set() for req in self._waiting):
+            for req in self._waiting:
+                if req.cancelled.is_set():
+                    self.scheduler.finish(req, "stop")
+            self._waiting = collections.deque(req for req in self._waiting if not req.cancelled.is_set())
 
     def _take_waiting(self) -> Request | None:
         with self._cv:

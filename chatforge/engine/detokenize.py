@@ -70,11 +70,13 @@ def find_stop(text: str, stops: list[str], start: int) -> int | None:
 
 
 def hold_back_stop_prefix(text: str, stops: list[str], emitted: int) -> int:
-    """How far text may be emitted without showing the beginning of a stop string still being written."""
+    """How far text may be emitted without showing the beginning of a stop string still being written.
+    Only the text not yet emitted can be held back (what was emitted held no stop's beginning then), so a
+    token costs the length of that tail, not of the text or of the stop strings."""
     safe = len(text)
     for s in stops:
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:k]):
+        for k in range(min(len(s) - 1, len(text) - emitted), 0, -1):
+            if text[-k] == s[0] and text.endswith(s[:k]):
                 safe = min(safe, len(text) - k)
                 break
     return max(safe, emitted)

@@ -13,6 +13,8 @@ from chatforge.errors import ChatforgeError
 # the softmax turns to NaN, where 0.01 already samples the argmax in practice.
 MIN_TEMPERATURE = 1e-2
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes a 64-bit seed
+# seen logits are divided by the penalty: any smaller overflows fp32 for ordinary logits, and sampling meets inf - inf
+REPETITION_PENALTY_RANGE = (1e-2, 100.0)
 
 
 @dataclass
@@ -23,7 +25,7 @@ class SamplingParams:
     temperature: float = option(0.8, "0 = greedy", min=0.0, max=100.0)
     top_k: int = option(0, "keep the k likeliest tokens; 0 = off", min=0)
     top_p: float = option(1.0, "nucleus sampling; 1.0 = off", min=0.0, max=1.0, exclusive_min=True)
-    repetition_penalty: float = option(1.0, "1.0 = off", min=0.0, exclusive_min=True, max=100.0)
+    repetition_penalty: float = option(1.0, "1.0 = off", min=REPETITION_PENALTY_RANGE[0], max=REPETITION_PENALTY_RANGE[1])
     seed: int | None = option(None, "seeded sampling: the same seed gives the same text", min=0, max=MAX_SEED)
     stop: list[str] = field(default_factory=list, metadata={"cli": False})
 

@@ -98,8 +98,8 @@ class Api:
     def authorize(self, request: Request) -> None:
         if not self.api_key:
             return
-        given = request.headers.get("authorization", "")
-        if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), self.api_key.encode())):
+        given = request.headers.get("authorization", "")  # decoded as latin-1: .encode("latin-1") gives the bytes sent
+        if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode("latin-1"), self.api_key.encode())):
             raise ApiError(401, "missing or invalid API key (send Authorization: Bearer KEY)", code="invalid_api_key")
 
     async def json_body(self, request: Request) -> dict:
@@ -136,6 +136,7 @@ class Api:
     async def chat(self, request: Request) -> Response:
         body = await self.json_body(request)
         messages = parse_messages(body)
+        self.refuse_over_long([m["content"] for m in messages], "messages")
         try:
             prompt = await self.off_loop(self.engine.chat_prompt, messages)
         except Exception as err:  # a template that rejects this conversation
@@ -149,12 +150,20 @@ class Api:
             prompt = prompt[0]
         if not isinstance(prompt, str) or not prompt:
             raise ApiError(400, "'prompt' must be a non-empty string", param="prompt")
+        self.refuse_over_long([prompt], "prompt")
         return await self.generate(request, body, await self.off_loop(self.engine.encode, prompt), chat=False)
+
+    def refuse_over_long(self, texts: list[str], field: str) -> None:
+        """A prompt whose bytes alone prove it too long is refused before it is tokenized."""
+        least = self.engine.least_tokens(texts)
+        if least >= self.engine.context_length:
+            raise ApiError(400, f"the prompt is at least {least} tokens; this model's context window is "
+                                f"{self.engine.context_length}", param=field, code="context_length_exceeded")
 
     async def generate(self, request: Request, body: dict, prompt: list[int], chat: bool) -> Response:
         stream = body_field(body, "stream", bool, False)
         include_usage = bool(body_field(body, "stream_options", dict, {}).get("include_usage"))
-        params = parse_sampling(body, len(prompt), self.engine.context_length)
+        params = parse_sampling(body, len(prompt), self.engine.context_length, "messages" if chat else "prompt")
         ready = asyncio.Event()
         try:
             req = self.engine.submit(prompt, params, on_event=_waker(asyncio.get_running_loop(), ready))

@@ -12,6 +12,7 @@ import json
 import math
 
 from chatforge.engine import SamplingParams, check_context
+from chatforge.engine.sampling import REPETITION_PENALTY_RANGE
 from chatforge.errors import ChatforgeError
 
 ROLES = {"system", "developer", "user", "assistant"}
@@ -106,7 +107,7 @@ def parse_messages(body: dict) -> list[dict]:
         if not isinstance(m, dict):
             raise ApiError(400, f"messages[{i}] must be an object", param="messages")
         role = m.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise ApiError(400, f"messages[{i}].role must be one of system, user, assistant; got {role!r}",
                            param="messages")
         out.append({"role": "system" if role == "developer" else role,
@@ -114,12 +115,13 @@ def parse_messages(body: dict) -> list[dict]:
     return out
 
 
-def parse_sampling(body: dict, prompt_len: int, context_length: int) -> SamplingParams:
-    """OpenAI sampling fields -> SamplingParams, with max_tokens capped to what the context leaves."""
+def parse_sampling(body: dict, prompt_len: int, context_length: int, prompt_field: str) -> SamplingParams:
+    """OpenAI sampling fields -> SamplingParams, with max_tokens capped to what the context leaves;
+    `prompt_field` ("messages" or "prompt") is what a too-long prompt's error names."""
     try:
         check_context(prompt_len, context_length)
     except ChatforgeError as err:
-        raise ApiError(400, str(err), param="messages", code="context_length_exceeded") from None
+        raise ApiError(400, str(err), param=prompt_field, code="context_length_exceeded") from None
     room = context_length - prompt_len
     max_tokens = body_field(body, "max_completion_tokens", int, None, lambda v: v >= 1, "must be an integer >= 1")
     max_tokens = body_field(body, "max_tokens", int, max_tokens, lambda v: v >= 1, "must be an integer >= 1")
@@ -130,11 +132,13 @@ def parse_sampling(body: dict, prompt_len: int, context_length: int) -> Sampling
         stop = [stop]
     if stop is not None and not (isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) for s in stop)):
         raise ApiError(400, "'stop' must be a string or a list of at most 4 strings", param="stop")
+    low, high = REPETITION_PENALTY_RANGE
     return SamplingParams(
         max_new_tokens=min(max_tokens or room, room),
         temperature=float(body_field(body, "temperature", (int, float), 1.0, lambda v: 0 <= v <= 2, "must be in [0, 2]")),
         top_p=float(body_field(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1, "must be in (0, 1]")),
         top_k=body_field(body, "top_k", int, 0, lambda v: v >= 0, "must be an integer >= 0"),
-        repetition_penalty=float(body_field(body, "repetition_penalty", (int, float), 1.0, lambda v: v > 0, "must be > 0")),
+        repetition_penalty=float(body_field(body, "repetition_penalty", (int, float), 1.0,
+                                            lambda v: low <= v <= high, f"must be in [{low:g}, {high:g}]")),
         seed=body_field(body, "seed", int, None, lambda v: 0 <= v < 2**64, "must be an integer in [0, 2**64)"),
         stop=[s for s in stop or [] if s])
