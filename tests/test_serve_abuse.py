@@ -54,6 +54,11 @@ def test_foreign_host_is_refused(guarded, host):
     assert status == 421 and idle(guarded)
 
 
+def test_foreign_host_is_named_as_sent(guarded):
+    status, _, err = request(guarded, "GET", "/health", key=None, headers={"Host": "例子.com".encode()})
+    assert status == 421 and "'例子.com'" in err["error"]["message"]
+
+
 @pytest.mark.parametrize("host", ["localhost", "127.0.0.1", "[::1]"])
 def test_loopback_hosts_are_answered(guarded, host):
     port = guarded.split(":")[1]
