@@ -100,7 +100,8 @@ def chat_loop(engine: Engine, params: SamplingParams, system: str | None = None)
     print(f"chatting with {engine.name} ({HELP})")
     while True:
         try:
-            text = input("\n>>> ").strip()
+            # a terminal that is not UTF-8 hands undecodable bytes over as lone surrogates: show them replaced
+            text = input("\n>>> ").strip().encode("utf-8", "surrogateescape").decode("utf-8", "replace")
         except EOFError:
             print()
             return

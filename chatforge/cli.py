@@ -256,6 +256,8 @@ def main(argv: list[str] | None = None) -> None:
     for flag in ("resume", "overwrite"):
         setattr(args, flag, getattr(args, flag, False))
     try:
+        if args.resume and args.overwrite:
+            raise ChatforgeError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
         cls = args.config_class
         del args.config_class
         args.func(build_config(cls, args), args)

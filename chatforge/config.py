@@ -109,6 +109,10 @@ def _scalar(label: str, kind: type, value: Any) -> Any:
             value = str(value)  # a YAML `model: 1234` is a folder named 1234
         if not isinstance(value, str):
             raise ChatforgeError(f"{label} must be a string, got {value!r}")
+        try:  # bytes that are not UTF-8 reach argv as lone surrogates, which no tokenizer or JSON file takes
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ChatforgeError(f"{label}: not valid UTF-8 text, got {value!r}") from None
         return value
     return value
 
@@ -167,6 +171,8 @@ def load_yaml(path: str) -> dict:
         raise ChatforgeError(f"{path}: the config file is not UTF-8 text") from None
     except yaml.YAMLError as err:
         raise ChatforgeError(f"{path}: invalid YAML ({' '.join(str(err).split())})") from None
+    except RecursionError:
+        raise ChatforgeError(f"{path}: invalid YAML (nested too deeply)") from None
     if not isinstance(data, dict):
         raise ChatforgeError(f"{path}: a config file must be a mapping of option: value")
     bad = [k for k in data if not isinstance(k, str)]

@@ -63,11 +63,16 @@ def resolve_shape(arch: str, preset: str, vocab_size: int, n_layer=None, d_model
     shape = ModelShape(arch=arch, n_layer=n_layer or base[0], d_model=d_model or base[1],
                        n_head=n_head or base[2], n_kv_head=n_kv_head, context_length=context_length or base[3],
                        vocab_size=padded_vocab(vocab_size), dropout=dropout)
-    if shape.d_model % shape.n_head:
-        raise ChatforgeError(f"--d-model {shape.d_model} is not divisible by --n-head {shape.n_head}")
-    if shape.n_kv_head and (arch != "llama" or shape.n_head % shape.n_kv_head):
-        raise ChatforgeError("--n-kv-head needs --arch llama and must divide --n-head")
+    check_heads(arch, shape.d_model, shape.n_head, shape.n_kv_head)
     return shape
+
+
+def check_heads(arch: str, d_model: int | None, n_head: int | None, n_kv_head: int | None) -> None:
+    """Width, heads and KV heads that fit together (a value not given yet, None, is not checked)."""
+    if d_model and n_head and d_model % n_head:
+        raise ChatforgeError(f"--d-model {d_model} is not divisible by --n-head {n_head}")
+    if n_kv_head and (arch != "llama" or (n_head and n_head % n_kv_head)):
+        raise ChatforgeError("--n-kv-head needs --arch llama and must divide --n-head")
 
 
 def padded_vocab(n: int) -> int:

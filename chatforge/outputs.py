@@ -55,9 +55,14 @@ def _input_paths(spec: str) -> list[Path]:
     if spec.startswith("hf:"):
         name = spec[3:].partition(":")[0]
         return [Path(name)] if name and Path(name).exists() else []
-    if any(ch in spec for ch in "*?["):
+    if is_pattern(spec):
         return [Path(p) for p in glob.glob(spec, recursive=True)]
     return [Path(spec)]
+
+
+def is_pattern(spec: str) -> bool:
+    """A glob pattern, unless a file or folder has that very name (`notes[1].txt` is read as named)."""
+    return any(ch in spec for ch in "*?[") and not os.path.lexists(spec)
 
 
 def check_not_inputs(out: str | Path, inputs: list[tuple[str, str | None]], keep: tuple[str, ...] = ()) -> None:
@@ -72,7 +77,12 @@ def check_not_inputs(out: str | Path, inputs: list[tuple[str, str | None]], keep
         raise ChatforgeError(f"--out {out}: that is the working folder, one above it or the home folder; "
                              "name a new folder")
     for flag, spec in inputs:
-        for path in _input_paths(spec) if spec else []:
+        paths = _input_paths(spec) if spec else []
+        if flag == "--data" and spec and not any(p.exists() for p in paths) and (paths or is_pattern(spec)):
+            # before anything is claimed or replaced: a missing input is only an error, never a loss
+            raise ChatforgeError(f"{spec}: the pattern matches no files" if is_pattern(spec)
+                                 else f"{spec}: no such file or directory")
+        for path in paths:
             source = path.resolve()
             if source == target or target in source.parents:
                 if any(source == target / k or (target / k) in source.parents for k in keep):
@@ -133,6 +143,22 @@ def check_replaceable(out: str | Path, is_ours) -> None:
     if path.is_dir() and any(path.iterdir()) and not is_ours(path):
         raise ChatforgeError(f"--out {out}: the folder exists and was not written by chatforge for this step; "
                              "chatforge replaces only its own outputs: choose a new --out")
+
+
+def holds_only_listed(folder: str | Path, kind: str) -> bool:
+    """`folder` is chatforge's output of `kind`, holding nothing but the files its marker lists (`files`, as
+    `mark_files` wrote them): what is replaced whole must not take along what a user (or another command)
+    put inside."""
+    record = owner_record(folder)
+    listed = record.get("files")
+    if record.get("kind") != kind or not isinstance(listed, list):
+        return False
+    return all(p.name in listed or p.name == OWNER for p in Path(folder).iterdir())
+
+
+def mark_files(folder: str | Path, kind: str, **made_from) -> None:
+    """`mark`, listing the files now in `folder` (see `holds_only_listed`)."""
+    mark(folder, kind, files=sorted(p.name for p in Path(folder).iterdir() if p.name != OWNER), **made_from)
 
 
 def temporary_sibling(out: str | Path) -> Path:

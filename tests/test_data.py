@@ -106,6 +106,23 @@ def test_doc_per_line_and_invalid_utf8(tmp_path, tokenizer_dir):
     assert strict.returncode == 2 and "lines.txt:4: invalid UTF-8" in strict.stderr
 
 
+def test_text_that_is_not_unicode_is_counted_not_fatal(tmp_path, tokenizer_dir):
+    """A lone surrogate escape in JSON and invalid UTF-8 in a CSV are replaced and counted like invalid UTF-8
+    in text files (an error under --strict); a document longer than csv's default field limit is read."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.jsonl").write_text('{"text": "caf\\ud800 ok"}\n{"text": "emoji \\ud83d\\ude00 pair"}\n')
+    (src / "b.csv").write_bytes(b"text\nfine row\nbad \xff row\n\"" + b"long " * 40_000 + b"\"\n")
+    run_cli("data", "prepare", "--data", src, "--tokenizer", tokenizer_dir, "--out", tmp_path / "out")
+    m = read_manifest(tmp_path / "out")
+    assert m["train"]["documents"] + m["val"]["documents"] == 5
+    assert m["invalid_utf8_lines"] == 2  # the lone surrogate's line and the CSV's bad line; the emoji pair is fine
+    for bad in ("a.jsonl", "b.csv"):
+        strict = run_cli("data", "prepare", "--data", src / bad, "--strict", "--tokenizer", tokenizer_dir,
+                         "--out", tmp_path / f"strict_{bad}", check=False)
+        assert strict.returncode == 2 and "Traceback" not in strict.stderr and f"{bad}:" in strict.stderr
+
+
 def test_fast_tokenizer_disagreement_falls_back(tmp_path, tokenizer_dir, monkeypatch):
     """If the tiktoken path ever splits a checked document differently, that batch and every later one
     are tokenized by `tokenizers`, and the run says so."""

@@ -106,3 +106,7 @@ def test_dpo_bad_input_is_one_line(base_model_dir, tmp_path, capsys):
     assert "no usable preference pair" in refused(argv, capsys) and not (tmp_path / "o").exists()
     assert f"{bad}:1: chosen and rejected are the same" in refused([*argv, "--strict"], capsys)
     assert "--loss-type" in refused([*argv, "--loss-type", "nope"], capsys)
+    long = tmp_path / "long.jsonl"  # TRL would drop such pairs silently, then fail on an empty dataset
+    long.write_text(json.dumps({"prompt": "word " * 300, "chosen": "yes", "rejected": "no"}) + "\n")
+    err = refused(["dpo", "--model", base_model_dir, "--data", long, "--out", tmp_path / "o2"], capsys)
+    assert "no training pair's prompt fits in --max-length 128" in err

@@ -104,6 +104,15 @@ def _sandbox(root: Path, tokenizer_dir: str, base_model_dir: str) -> None:
     (root / "y_unknown.yaml").write_text("data: [corpus]\nlearning_rat: 0.1\n")
     (root / "y_list.yaml").write_text("- data\n- corpus\n")
     (root / "y_bad.yaml").write_text("data: [corpus\n")
+    (root / "y_deep.yaml").write_text("data: " + "[" * 600 + "]" * 600 + "\n")
+    (root / "deep.jsonl").write_text('{"text": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    shutil.copytree(root / "tok", root / "tok_notes")  # a tokenizer the user keeps notes and shards in
+    (root / "tok_notes" / "notes.txt").write_text("how I made it\n")
+    brk = root / "brk"  # a chatforge run the user dropped a corpus into, named with glob characters
+    shutil.copytree(root / "model", brk)
+    (brk / "corpus[2024].txt").write_text("the user's own corpus\n" * 20)
+    (root / "fakeshards").mkdir()  # a shard folder whose manifest another tool wrote
+    (root / "fakeshards" / "manifest.json").write_text('{"dtype": "float99", "train": {}, "val": {}}')
 
 
 def _snapshot(root: Path) -> dict:
@@ -156,6 +165,22 @@ BAD = [
      "file.txt"),
     ("out is the home folder", ["tokenizer", "train", "--data", "corpus", "--out", "~"], "home folder"),
     ("empty source", ["tokenizer", "train", "--data", "", "--out", "t"], "empty source"),
+    ("tokenizer over one holding user files", ["tokenizer", "train", "--data", "corpus", "--out", "tok_notes"],
+     "not written by chatforge for this step"),
+    ("input named like a glob, overwrite", ["pretrain", "--data", "brk/corpus[2024].txt", "--out", "brk",
+                                            "--overwrite", *M], "would replace the input --data"),
+    ("missing input, overwrite", ["pretrain", "--data", "nothing*.txt", "--out", "brk", "--overwrite", *M],
+     "the pattern matches no files"),
+    ("resume and overwrite", ["pretrain", "--data", "corpus", "--out", "brk", "--resume", "--overwrite", *M],
+     "pass one of them"),
+    ("heads that do not divide", ["pretrain", "--data", "corpus", "--d-model", "30", "--n-head", "4"],
+     "--d-model 30 is not divisible by --n-head 4"),
+    ("prompt not UTF-8", ["generate", "model", "--prompt", "caf\udce9"], "--prompt: not valid UTF-8"),
+    ("generate a missing model", ["generate", "nomodel", "--prompt", "hi"], "nomodel: model directory not found"),
+    ("JSON nested too deeply", ["data", "prepare", "--data", "deep.jsonl", "--tokenizer", "tok", "--out", "s"],
+     "deep.jsonl:1: JSON nested too deeply"),
+    ("foreign shard manifest", ["pretrain", "--data", "fakeshards", "--tokenizer", "tok", "--out", "r", *M],
+     "not a chatforge shard manifest"),
     # YAML
     ("yaml value of the wrong type", ["tokenizer", "train", "--config", "y_type.yaml", "--out", "t"],
      "--vocab-size must be an integer"),
@@ -165,6 +190,7 @@ BAD = [
     ("yaml not a mapping", ["pretrain", "--config", "y_list.yaml"], "must be a mapping"),
     ("yaml syntax", ["pretrain", "--config", "y_bad.yaml"], "invalid YAML"),
     ("yaml missing", ["pretrain", "--config", "nope.yaml"], "cannot read config"),
+    ("yaml nested too deeply", ["pretrain", "--config", "y_deep.yaml"], "nested too deeply"),
     # inputs
     ("corrupt gz", ["tokenizer", "train", "--data", "bad.gz", "--out", "t"], "bad.gz: cannot read the file"),
     ("truncated gz", ["tokenizer", "train", "--data", "cut.jsonl.gz", "--out", "t"], "cut.jsonl.gz: cannot read"),

@@ -73,6 +73,19 @@ def test_foreign_base_without_chat_template(tmp_path):
     assert model.get_input_embeddings().weight.shape[0] >= len(saved)
 
 
+def test_context_window_not_a_multiple_of_64(tmp_path, base_model_dir):
+    """Batches are padded to a multiple of 64 only as far as the model's positions go (100 here)."""
+    tok = AutoTokenizer.from_pretrained(base_model_dir)
+    base = tmp_path / "ctx100"
+    tok.save_pretrained(base)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=100, n_embd=32, n_layer=1, n_head=2)).save_pretrained(base)
+    data = tmp_path / "long.jsonl"
+    turn = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a long answer " * 30}]
+    data.write_text("".join(json.dumps({"messages": turn}) + "\n" for _ in range(8)))
+    run_cli("sft", "--model", base, "--data", data, "--out", tmp_path / "out", "--max-steps", 2, "--report-to", "none")
+    assert (tmp_path / "out" / "model.safetensors").exists()
+
+
 def test_lora_merge_writes_full_weights(tmp_path, base_model_dir):
     out = tmp_path / "lora"
     run_cli("sft", "--model", base_model_dir, "--data", QA, "--out", out, "--lora", "--merge", "--max-steps", 3,

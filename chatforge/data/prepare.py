@@ -139,7 +139,7 @@ def prepare(cfg: DataConfig, tok=None, log=print) -> dict:
     started = time.time()
     doc_index = 0  # documents read, every part's: the train/val split and the parts follow it
     written = 0    # documents this part tokenized
-    bar = tqdm(desc="tokenizing", unit="doc", dynamic_ncols=True)
+    bar = tqdm(desc="tokenizing", unit="doc", dynamic_ncols=True, delay=1)  # none for an error at the first file
 
     # encode_batch_fast: the same ids without character offsets, which nothing here needs (tokenizers >= 0.21)
     hf_encode = getattr(backend, "encode_batch_fast", backend.encode_batch)

@@ -43,11 +43,36 @@ def publish(tmp: Path, out: str | Path, manifest: dict) -> None:
 
 
 def read_manifest(folder: str | Path) -> dict:
+    """The manifest of a shard folder, checked for what every reader indexes (a hand-edited or foreign file
+    is one line here, not a KeyError later)."""
     path = Path(folder) / MANIFEST
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as err:
         raise ChatforgeError(f"{path}: not a readable shard manifest ({err})") from None
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise ChatforgeError(f"{path}: not a chatforge shard manifest ({problem}); prepare the data again")
+    return manifest
+
+
+def _manifest_problem(manifest) -> str | None:
+    if not isinstance(manifest, dict):
+        return "not a JSON object"
+    for key, kinds in (("dtype", str), ("vocab_size", int), ("tokenizer_fingerprint", str), ("train", dict),
+                       ("val", dict)):
+        if not isinstance(manifest.get(key), kinds):
+            return f"'{key}' missing or of the wrong type"
+    if manifest["dtype"] not in ("uint16", "uint32"):
+        return f"dtype {manifest['dtype']!r}"
+    for split in ("train", "val"):
+        shards = manifest[split].get("shards")
+        if not isinstance(shards, list) or not all(
+                isinstance(sh, dict) and isinstance(sh.get("file"), str) and isinstance(sh.get("tokens"), int)
+                for sh in shards) \
+                or not isinstance(manifest[split].get("tokens"), int):
+            return f"'{split}' shards missing or malformed"
+    return None
 
 
 def load_split(folder: str | Path, split: str) -> np.ndarray:

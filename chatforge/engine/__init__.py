@@ -10,6 +10,7 @@ tokens (<|im_end|>, <|endoftext|>) or a stop string.
 from __future__ import annotations
 
 import collections
+import os
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -83,6 +84,8 @@ class Engine:
         from chatforge.modeling import resolve_precision, torch_dtype
         from chatforge.text.tokenizer import load_tokenizer
 
+        if not os.path.isdir(model_dir):
+            raise ChatforgeError(f"{model_dir}: model directory not found")
         self.name = model_dir
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.static = self.device.startswith("cuda") if static is None else static

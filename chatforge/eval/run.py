@@ -136,7 +136,7 @@ def check_out(cfg: EvalConfig) -> None:
     input, nor inside a model folder chatforge did not write."""
     from chatforge.outputs import OWNER, check_not_inputs, owner_kind
 
-    check_not_inputs(cfg.out, [(m, "MODEL_DIR") for m in cfg.models] + [(f, "--task-file") for f in cfg.task_file])
+    check_not_inputs(cfg.out, [("MODEL_DIR", m) for m in cfg.models] + [("--task-file", f) for f in cfg.task_file])
     out = Path(cfg.out).resolve()
     for model in cfg.models:
         if out.is_relative_to(Path(model).resolve()) and owner_kind(model) is None:

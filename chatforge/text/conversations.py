@@ -34,9 +34,8 @@ def to_messages(record: dict) -> list[dict]:
         turns += [("user", prompt), ("assistant", record["output"])]
     elif "prompt" in record and "completion" in record:
         prompt, completion = record["prompt"], record["completion"]
-        turns = [(m.get("role"), m.get("content")) for m in prompt] if isinstance(prompt, list) else [("user", prompt)]
-        turns += [(m.get("role"), m.get("content")) for m in completion] if isinstance(completion, list) \
-            else [("assistant", completion)]
+        turns = turns_of(prompt) if isinstance(prompt, list) else [("user", prompt)]
+        turns += turns_of(completion) if isinstance(completion, list) else [("assistant", completion)]
     elif isinstance(record.get("dialogue"), list):
         turns = [("user" if i % 2 == 0 else "assistant", t) for i, t in enumerate(record["dialogue"])]
         if len(turns) % 2:  # a demo dialogue ending on the user's line: that last line has no answer

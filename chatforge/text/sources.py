@@ -26,6 +26,7 @@ from typing import Iterable, Iterator
 
 from chatforge.config import option
 from chatforge.errors import ChatforgeError
+from chatforge.outputs import is_pattern
 
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 RECORD_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
@@ -89,7 +90,7 @@ def resolve_files(spec: str) -> list[str]:
     """Expand a file/directory/glob spec to a sorted list of readable files, or raise."""
     if not spec.strip():
         raise ChatforgeError("--data: an empty source name")
-    if any(ch in spec for ch in "*?["):
+    if is_pattern(spec):
         files = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
         if not files:
             raise ChatforgeError(f"{spec}: the pattern matches no files")
@@ -171,16 +172,36 @@ def _iter_lines(path: str, stats: SourceStats, strict: bool) -> Iterator[tuple[s
             yield _decode(raw, f"{path}:{lineno}", stats, strict).rstrip("\r\n"), f"{path}:{lineno}"
 
 
+def _loads(text: str, origin: str, stats: SourceStats, strict: bool, whole_file: bool = False):
+    """json.loads with its failures as one line naming `origin` (and the line, for a `whole_file`). A lone
+    surrogate escape ("\\ud800"), which no tokenizer takes, is invalid text like invalid UTF-8: replaced and
+    counted (an error under --strict)."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        where = f"{origin}:{err.lineno}" if whole_file else origin
+        raise ChatforgeError(f"{where}: malformed JSON ({err.msg})") from None
+    except RecursionError:
+        raise ChatforgeError(f"{origin}: JSON nested too deeply") from None
+    if "\\ud" in text.lower():  # cheap test first: only a \u escape can make a lone surrogate
+        dumped = json.dumps(data, ensure_ascii=False)
+        try:
+            dumped.encode("utf-8")
+        except UnicodeEncodeError:
+            if strict:
+                raise ChatforgeError(f"{origin}: a lone surrogate escape, not text (--strict)") from None
+            stats.invalid_utf8_lines += 1
+            data = json.loads(dumped.encode("utf-8", "surrogatepass").decode("utf-8", "replace"))
+    return data
+
+
 def jsonl_records(path: str, stats: SourceStats, strict: bool) -> Iterator[tuple[dict, str]]:
     """The JSON objects of a JSON-lines file (compressed or not), each with its "file:line"; blank lines
     are skipped, anything else that is not an object is an error naming its line."""
     for line, origin in _iter_lines(path, stats, strict):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ChatforgeError(f"{origin}: malformed JSON ({err.msg})") from None
+        record = _loads(line, origin, stats, strict)
         if not isinstance(record, dict):
             raise ChatforgeError(f"{origin}: expected a JSON object, got {type(record).__name__}")
         yield record, origin
@@ -200,11 +221,7 @@ def _read_file(path: str, doc_per_line: bool, stats: SourceStats, strict: bool) 
         yield from jsonl_records(path, stats, strict)
     elif suffix == ".json":
         with _open_binary(path) as handle:
-            text = _decode(handle.read(), path, stats, strict)
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ChatforgeError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
+            data = _loads(_decode(handle.read(), path, stats, strict), path, stats, strict, whole_file=True)
         if isinstance(data, dict):  # {"data": [records]} or a single record
             only = list(data.values())[0] if len(data) == 1 else None
             data = only if isinstance(only, list) and all(isinstance(r, dict) for r in only) else [data]
@@ -227,10 +244,15 @@ def _read_file(path: str, doc_per_line: bool, stats: SourceStats, strict: bool) 
                 yield record, f"{path}: row {index}"
                 index += 1
     elif suffix == ".csv":
-        with _open_binary(path) as handle:
-            text_stream = io.TextIOWrapper(handle, encoding="utf-8", errors="replace", newline="")
-            for index, record in enumerate(csv.DictReader(text_stream)):
-                yield record, f"{path}: row {index + 2}"
+        csv.field_size_limit(2**31 - 1)  # a document is one field: the default 128k characters is too few
+        with _open_binary(path) as handle:  # lines keep their ends: quoted fields may span lines
+            lines = (_decode(raw, f"{path}:{lineno}", stats, strict) for lineno, raw in enumerate(handle, 1))
+            reader = csv.DictReader(lines)
+            try:
+                for index, record in enumerate(reader):
+                    yield record, f"{path}: row {index + 2}"
+            except csv.Error as err:
+                raise ChatforgeError(f"{path}:{reader.line_num}: malformed CSV ({err})") from None
     elif doc_per_line:
         for line, origin in _iter_lines(path, stats, strict):
             yield {"text": line}, origin

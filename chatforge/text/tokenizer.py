@@ -67,10 +67,10 @@ def train_tokenizer(cfg: TokenizerConfig, log=print):
 
     from chatforge.text.sources import SourceStats, iter_texts
 
-    from chatforge.outputs import check_not_inputs, check_replaceable, owner_kind
+    from chatforge.outputs import check_not_inputs, check_replaceable, holds_only_listed
 
     check_not_inputs(cfg.out, [("--data", d) for d in cfg.data])
-    check_replaceable(cfg.out, lambda folder: owner_kind(folder) == "tokenizer")
+    check_replaceable(cfg.out, lambda folder: holds_only_listed(folder, "tokenizer"))
     stats = SourceStats()
     used_chars = 0
 
@@ -122,12 +122,12 @@ def wrap_tokenizer(tok):
 
 def save_tokenizer(tok, out: str, made_from: dict | None = None) -> None:
     """Written to a temporary sibling, marked as chatforge's, then renamed into place."""
-    from chatforge.outputs import mark, replace_with, temporary_sibling
+    from chatforge.outputs import mark_files, replace_with, temporary_sibling
 
     tmp = temporary_sibling(out)
     try:
         tok.save_pretrained(str(tmp))
-        mark(tmp, "tokenizer", **(made_from or {}))
+        mark_files(tmp, "tokenizer", **(made_from or {}))
         replace_with(out, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already when it was moved into place

@@ -69,6 +69,17 @@ def load_pairs(cfg: DPOConfig, log=print) -> tuple[list[dict], list[dict]]:
             [p for i, p in enumerate(pairs) if i % period == period - 1])
 
 
+def drop_unanswerable(pairs: list[dict], tok, max_length: int) -> tuple[list[dict], int]:
+    """(the pairs whose prompt leaves room for an answer token within max_length, how many did not): TRL
+    would drop those silently, and fail on an empty dataset when every pair is such a one."""
+    def prompt_tokens(pair):
+        return len(tok.apply_chat_template(pair["prompt"], add_generation_prompt=True, tokenize=True,
+                                           return_dict=True)["input_ids"])
+
+    kept = [p for p in pairs if prompt_tokens(p) < max_length]
+    return kept, len(pairs) - len(kept)
+
+
 def dpo(cfg: DPOConfig, resume: bool = False, overwrite: bool = False, log=print) -> dict:
     from datasets import Dataset
 
@@ -99,6 +110,13 @@ def dpo(cfg: DPOConfig, resume: bool = False, overwrite: bool = False, log=print
     max_length = cfg.max_length or ctx
     if max_length > ctx:
         raise ChatforgeError(f"--max-length {max_length} is above the {ctx} positions of {cfg.model}")
+    (train, too_long), (evals, too_long_evals) = (drop_unanswerable(part, tok, max_length) for part in (train, evals))
+    if too_long + too_long_evals:
+        log(f"preference pairs: {too_long + too_long_evals} skipped, their prompt alone fills --max-length "
+            f"{max_length} tokens")
+    if not train:
+        raise ChatforgeError(f"{', '.join(cfg.data)}: no training pair's prompt fits in --max-length {max_length} "
+                             "tokens with room for an answer")
     precision = resolve_precision(cfg.precision)
     micro = min(cfg.micro_batch_size, len(train))
     per_step = micro * cfg.grad_accum * world_size()

@@ -84,6 +84,9 @@ class PretrainConfig(SourceOptions, RunSettings):
     def validate(self) -> None:
         import torch
 
+        from chatforge.data import read_manifest
+        from chatforge.modeling import check_heads
+
         super().validate()
         if not self.data:
             raise ChatforgeError("pretrain needs --data (a folder, files, hf:NAME or demo)")
@@ -92,8 +95,12 @@ class PretrainConfig(SourceOptions, RunSettings):
         if self.optimizer == "muon" and (self.fsdp or self.deepspeed):  # it orthogonalises whole matrices
             raise ChatforgeError("--optimizer muon needs whole weight matrices on every process: not with --fsdp or "
                                  "--deepspeed")
-        if any(shard_folders(self.data)) and not self.tokenizer and not self.init_from:  # before any folder
+        check_heads(self.arch, self.d_model, self.n_head, self.n_kv_head)  # before any folder or tokenizer
+        folders = [f for f in shard_folders(self.data) if f]
+        if folders and not self.tokenizer and not self.init_from:  # before any folder
             raise ChatforgeError("--data: shard folders need --tokenizer DIR (the tokenizer they were made with)")
+        for folder, _ in folders:  # a manifest chatforge cannot read: said before --out is claimed
+            read_manifest(folder)
 
 
 def shard_folders(data: list[str] = ()) -> list[tuple[str, float] | None]:
@@ -310,7 +317,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
 
     cfg.validate()
     keep = ("data", "tokenizer")  # shards and tokenizer a run made are reused by --overwrite
-    check_not_inputs(cfg.out, [("--data", d) for d in cfg.data] + [("--tokenizer", cfg.tokenizer),
+    data = [folder[0] if folder else d for d, folder in zip(cfg.data, shard_folders(cfg.data))]  # DIR:W -> DIR
+    check_not_inputs(cfg.out, [("--data", d) for d in data] + [("--tokenizer", cfg.tokenizer),
                                                                     ("--init-from", cfg.init_from)], keep=keep)
     state = PartialState()
     if is_main():

@@ -145,7 +145,8 @@ def sft(cfg: SFTConfig, resume: bool = False, overwrite: bool = False, log=print
         f"lr {lr:g}, {precision}{', LoRA' if cfg.lora else ''}{', packed' if cfg.packing else ''}")
 
     collator = DataCollatorWithFlattening() if cfg.packing else \
-        DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100, pad_to_multiple_of=64)
+        DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100,
+                               pad_to_multiple_of=math.gcd(64, ctx))  # never padded past the model's positions
     throughput = Throughput(int(mean_tokens * per_step), None)
     trainer, metrics = run_trainer(cfg, cfg.out, model, tok, train, evals, Plan(max_steps, micro, cfg.grad_accum, lr,
                                    warmup, precision), kind="sft", throughput=throughput, collator=collator,
