@@ -18,6 +18,8 @@ EXPECTED = [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": 
     {"instruction": "Q?", "input": "", "output": "A."},
     {"prompt": "Q?", "completion": "A."},
     {"dialogue": ["Q?", "A.", "dangling user line"]},
+    {"messages": [{"role": "user", "content": [{"type": "text", "text": "Q"}, {"type": "text", "text": "?"}]},
+                  {"role": "assistant", "content": "A."}]},  # OpenAI's content parts
 ])
 def test_formats_convert(record):
     assert to_messages(record) == EXPECTED
@@ -38,6 +40,8 @@ def test_alpaca_input_and_sharegpt_system():
     ({"messages": [{"role": "user", "content": "q"}, {"role": "user", "content": "q"},
                    {"role": "assistant", "content": "a"}]}, "turns out of order"),
     ({"question": "q", "answer": "a"}, "unrecognised format"),
+    ({"prompt": ["q"], "completion": "a"}, "unknown role None"),
+    ({"prompt": "q", "completion": [None]}, "unknown role None"),
 ])
 def test_invalid_records(record, reason):
     with pytest.raises(InvalidRecord, match=reason):

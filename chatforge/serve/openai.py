@@ -14,6 +14,7 @@ import math
 from chatforge.engine import SamplingParams, check_context
 from chatforge.engine.sampling import REPETITION_PENALTY_RANGE
 from chatforge.errors import ChatforgeError
+from chatforge.text.conversations import plain_text
 
 ROLES = {"system", "developer", "user", "assistant"}
 # OpenAI fields this server does not implement -> the values that leave the answer unchanged (null aside)
@@ -90,12 +91,10 @@ def body_field(body: dict, name: str, kinds, default=None, check=None, why: str 
 
 
 def _text_content(content, i: int) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
-                                         and isinstance(p.get("text"), str) for p in content):
-        return "".join(p["text"] for p in content)
-    raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts", param="messages")
+    text = plain_text(content)
+    if text is None:
+        raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts", param="messages")
+    return text
 
 
 def parse_messages(body: dict) -> list[dict]:

@@ -55,10 +55,21 @@ def messages_from(turns: list[tuple]) -> list[dict]:
         mapped = ROLES.get(str(role).lower()) if role is not None else None
         if mapped is None:
             raise InvalidRecord(f"unknown role {role!r}")
-        if not isinstance(content, str) or not content.strip():
+        content = plain_text(content)
+        if content is None or not content.strip():
             raise InvalidRecord("empty content")
         messages.append({"role": mapped, "content": content})
     return messages
+
+
+def plain_text(content) -> str | None:
+    """A message's content as text: a string, or OpenAI's list of text parts joined; None for anything else."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                         and isinstance(p.get("text"), str) for p in content):
+        return "".join(p["text"] for p in content)
+    return None
 
 
 def turns_of(items: list) -> list[tuple]:

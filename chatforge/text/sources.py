@@ -157,6 +157,7 @@ class _ZstdFile(io.RawIOBase):
 
 
 def _decode(raw: bytes, origin: str, stats: SourceStats, strict: bool) -> str:
+    raw = raw.removeprefix(b"\xef\xbb\xbf")  # the byte-order mark Windows editors put first: not text
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as err:
