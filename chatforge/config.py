@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import types
 import typing
 from pathlib import Path
@@ -112,7 +113,8 @@ def _scalar(label: str, kind: type, value: Any) -> Any:
         try:  # bytes that are not UTF-8 reach argv as lone surrogates, which no tokenizer or JSON file takes
             value.encode("utf-8")
         except UnicodeEncodeError:
-            raise ChatforgeError(f"{label}: not valid UTF-8 text, got {value!r}") from None
+            if not os.path.lexists(value):  # the name of an existing file or folder is taken as it is
+                raise ChatforgeError(f"{label}: not valid UTF-8 text, got {value!r}") from None
         return value
     return value
 

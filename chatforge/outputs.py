@@ -145,15 +145,22 @@ def check_replaceable(out: str | Path, is_ours) -> None:
                              "chatforge replaces only its own outputs: choose a new --out")
 
 
-def holds_only_listed(folder: str | Path, kind: str) -> bool:
-    """`folder` is chatforge's output of `kind`, holding nothing but the files its marker lists (`files`, as
-    `mark_files` wrote them): what is replaced whole must not take along what a user (or another command)
-    put inside."""
+def holds_only_listed(folder: str | Path, kind: str, legacy: tuple[str, ...] = ()) -> bool:
+    """`folder` is chatforge's output of `kind` (False if not), holding nothing but the files its marker lists
+    (`files`, as `mark_files` wrote them; `legacy`: the names to allow when an older chatforge's marker lists
+    none); a ChatforgeError naming any other entry: what is replaced whole must not take along what a user
+    (or another command) put inside."""
     record = owner_record(folder)
-    listed = record.get("files")
-    if record.get("kind") != kind or not isinstance(listed, list):
+    if record.get("kind") != kind:
         return False
-    return all(p.name in listed or p.name == OWNER for p in Path(folder).iterdir())
+    listed = record.get("files")
+    listed = listed if isinstance(listed, list) else legacy
+    others = sorted(p.name for p in Path(folder).iterdir() if p.name not in listed and p.name != OWNER)
+    if others:
+        raise ChatforgeError(f"--out {folder}: besides the {kind} chatforge wrote it holds {', '.join(others[:3])}"
+                             f"{' ...' if len(others) > 3 else ''}, which would be lost; move them out or choose "
+                             "another --out")
+    return True
 
 
 def mark_files(folder: str | Path, kind: str, **made_from) -> None:

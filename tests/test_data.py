@@ -84,13 +84,15 @@ def test_formats_and_cli(tmp_path, tokenizer_dir):
     pq.write_table(pa.table({"body": ["parquet one", "parquet two"]}), src / "a.parquet")
     (src / "b.csv").write_text("\ufeffbody,other\ncsv one,x\n\"csv, two\",y\n")  # a BOM, as Windows tools write
     (src / "e.jsonl").write_text('\ufeff{"body": "jsonl after a BOM"}\n')
+    (src / "f.csv").write_bytes(b"body\rcr one\rcr two\r")  # classic Mac / Excel line ends
+    (src / "g.json").write_text('\ufeff{"body": "json lines"}\n{"body": "after a BOM"}\n')
     cctx = zstandard.ZstdCompressor()
     (src / "c.jsonl.zst").write_bytes(cctx.compress(b'{"body": "zst one"}\n{"body": "zst two"}\n'))
     (src / "d.json").write_text(json.dumps([{"body": "json one"}, {"body": ""}]))
     proc = run_cli("data", "prepare", "--data", str(src / "*"), "--text-field", "body", "--tokenizer",
                    tokenizer_dir, "--out", tmp_path / "out", "--val-fraction", "0.2")
     m = read_manifest(tmp_path / "out")
-    assert m["train"]["documents"] + m["val"]["documents"] == 8
+    assert m["train"]["documents"] + m["val"]["documents"] == 12
     assert m["skipped"] == {"empty document": 1}
     assert "1 skipped (empty document)" in proc.stdout + proc.stderr
 

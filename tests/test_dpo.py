@@ -109,4 +109,4 @@ def test_dpo_bad_input_is_one_line(base_model_dir, tmp_path, capsys):
     long = tmp_path / "long.jsonl"  # TRL would drop such pairs silently, then fail on an empty dataset
     long.write_text(json.dumps({"prompt": "word " * 300, "chosen": "yes", "rejected": "no"}) + "\n")
     err = refused(["dpo", "--model", base_model_dir, "--data", long, "--out", tmp_path / "o2"], capsys)
-    assert "no training pair's prompt fits in --max-length 128" in err
+    assert "no training pair's prompt fits in --max-length 128" in err and not (tmp_path / "o2").exists()

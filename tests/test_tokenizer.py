@@ -52,3 +52,21 @@ def test_fast_batch_encoder_gives_the_same_ids(tokenizer_dir):
 
     tok.backend_tokenizer.normalizer = normalizers.NFKC()
     assert fast_batch_encoder(tok) is None
+
+
+def test_a_tokenizer_an_older_chatforge_marked_is_replaced(tmp_path, tokenizer_dir):
+    """Markers from before they listed their files: a folder of transformers' tokenizer files is still ours to
+    replace (a user's file beside them is not: tests/test_options.py)."""
+    import json
+    import shutil
+
+    from conftest import run_cli
+
+    out = tmp_path / "tok"
+    shutil.copytree(tokenizer_dir, out)
+    marker = out / "chatforge_output.json"
+    record = json.loads(marker.read_text())
+    assert record.pop("files")  # what this version writes
+    marker.write_text(json.dumps(record))
+    run_cli("tokenizer", "train", "--data", "demo:en", "--vocab-size", 300, "--out", out)
+    assert len(AutoTokenizer.from_pretrained(out)) == 300

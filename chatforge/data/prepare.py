@@ -123,7 +123,10 @@ def prepare(cfg: DataConfig, tok=None, log=print) -> dict:
     tok_fp = fingerprint(tok)
     key = cache_key(cfg, tok_fp)
     out = Path(cfg.out)
-    existing = read_manifest(out) if (out / MANIFEST).exists() else None
+    try:  # a manifest chatforge cannot read is not reused: the folder is rebuilt (check_replaceable allowed it)
+        existing = read_manifest(out) if (out / MANIFEST).exists() else None
+    except ChatforgeError:
+        existing = None
     if existing is not None and existing.get("cache_key") == key:
         log(f"data: reusing {existing['train']['tokens']:,} train / {existing['val']['tokens']:,} val tokens in {out}")
         return existing

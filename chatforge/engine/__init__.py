@@ -66,12 +66,14 @@ def check_context(prompt_tokens: int, context_length: int) -> None:
 
 def _max_token_bytes(tokenizer, token_bytes: list[bytes] | None) -> int:
     """The most UTF-8 bytes one token stands for, special tokens' text included; 0 unless the tokenizer is
-    byte-level BPE without a normalizer (one could shrink the text before it is split)."""
+    byte-level BPE without a normalizer (one could shrink the text before it is split) and no added token
+    swallows the spaces beside it (lstrip / rstrip)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if token_bytes is None or backend is None or backend.normalizer is not None:
+    added = list(tokenizer.added_tokens_decoder.values())
+    if token_bytes is None or backend is None or backend.normalizer is not None \
+            or any(getattr(t, "lstrip", False) or getattr(t, "rstrip", False) for t in added):
         return 0
-    added = [len(str(t).encode()) for t in tokenizer.added_tokens_decoder.values()]
-    return max(max(map(len, token_bytes)), *added, 1)
+    return max(max(map(len, token_bytes)), *(len(str(t).encode()) for t in added), 1)
 
 
 class Engine:
@@ -102,6 +104,7 @@ class Engine:
         self._waiting: collections.deque[Request] = collections.deque()
         self._calls: collections.deque[tuple[Future, object, tuple]] = collections.deque()
         self._closed = False
+        self._admitting = 0  # requests the engine thread took from the queue in this step
         # Every torch op runs on the engine thread, loading included: each thread that runs an OpenMP
         # region gets its own worker team, and more teams than cores make every op pay a wake-up
         # (bench/README.md: about 1.8x slower decoding on 2 cores).
@@ -133,22 +136,23 @@ class Engine:
 
     # ------------------------------------------------------------ public API
 
-    def chat_prompt(self, messages: list[dict]) -> list[int]:
+    def chat_text(self, messages: list[dict]) -> str:
+        """The conversation as the model's chat template writes it, ready for the answer (not tokenized)."""
         with self._tok_lock:
-            return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                           return_dict=True)["input_ids"])
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def chat_prompt(self, messages: list[dict]) -> list[int]:
+        return self.encode(self.chat_text(messages))  # what apply_chat_template(tokenize=True) does
 
     def encode(self, text: str) -> list[int]:
         with self._tok_lock:
             return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def least_tokens(self, texts: list[str]) -> int:
-        """A lower bound on the tokens of a prompt holding `texts`, without tokenizing: their UTF-8 bytes
-        over the most one token stands for (0 when the tokenizer allows no such bound). A server refuses an
-        over-long prompt with it before the shared tokenizer spends ~0.5 s on a megabyte."""
-        if not self.max_token_bytes:
-            return 0
-        return -(-sum(len(t.encode()) for t in texts) // self.max_token_bytes)
+    def least_tokens(self, text: str) -> int:
+        """A lower bound on `encode(text)`'s length, without tokenizing: its UTF-8 bytes over the most one token
+        stands for (0 when the tokenizer allows no such bound). A server refuses an over-long prompt with it
+        before the shared tokenizer spends ~0.5 s on a megabyte."""
+        return -(-len(text.encode()) // self.max_token_bytes) if self.max_token_bytes else 0
 
     def decode(self, ids: list[int]) -> str:
         with self._tok_lock:
@@ -180,8 +184,8 @@ class Engine:
             if self._closed:
                 raise ChatforgeError("the engine is closed")
             self._drop_cancelled()
-            # requests that free slots will take at the next step are not waiting
-            free = max(0, self.max_batch - len(self.scheduler.active))
+            # requests that free slots will take at the next step are not waiting (nor are those being admitted)
+            free = max(0, self.max_batch - len(self.scheduler.active) - self._admitting)
             if len(self._waiting) >= self.max_queue + free:
                 raise EngineBusy(f"the queue is full ({self.max_queue} waiting requests)")
             self._waiting.append(req)
@@ -229,7 +233,10 @@ class Engine:
 
     def _take_waiting(self) -> Request | None:
         with self._cv:
-            return self._waiting.popleft() if self._waiting else None
+            if not self._waiting:
+                return None
+            self._admitting += 1  # out of the queue, not yet active: until this step ends
+            return self._waiting.popleft()
 
     def _loop(self, model_dir: str, dtype: torch.dtype, fast: bool) -> None:
         try:
@@ -267,3 +274,6 @@ class Engine:
                 self.scheduler.step()
             except Exception as err:  # the batched forward failed: never leave a client hanging
                 self.scheduler.fail_all(err)
+            finally:
+                with self._cv:
+                    self._admitting = 0

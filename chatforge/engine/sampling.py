@@ -13,7 +13,8 @@ from chatforge.errors import ChatforgeError
 # the softmax turns to NaN, where 0.01 already samples the argmax in practice.
 MIN_TEMPERATURE = 1e-2
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes a 64-bit seed
-# seen logits are divided by the penalty: any smaller overflows fp32 for ordinary logits, and sampling meets inf - inf
+# seen logits are divided by the penalty (then by the temperature): near 1e-37 that overflows fp32 and sampling
+# meets inf - inf; [0.01, 100] stays far from it and holds every useful penalty
 REPETITION_PENALTY_RANGE = (1e-2, 100.0)
 
 

@@ -136,12 +136,12 @@ class Api:
     async def chat(self, request: Request) -> Response:
         body = await self.json_body(request)
         messages = parse_messages(body)
-        self.refuse_over_long([m["content"] for m in messages], "messages")
         try:
-            prompt = await self.off_loop(self.engine.chat_prompt, messages)
+            text = await self.off_loop(self.engine.chat_text, messages)
         except Exception as err:  # a template that rejects this conversation
             raise ApiError(400, f"cannot format these messages: {err}", param="messages") from None
-        return await self.generate(request, body, prompt, chat=True)
+        self.refuse_over_long(text, "messages")
+        return await self.generate(request, body, await self.off_loop(self.engine.encode, text), chat=True)
 
     async def completions(self, request: Request) -> Response:
         body = await self.json_body(request)
@@ -150,12 +150,12 @@ class Api:
             prompt = prompt[0]
         if not isinstance(prompt, str) or not prompt:
             raise ApiError(400, "'prompt' must be a non-empty string", param="prompt")
-        self.refuse_over_long([prompt], "prompt")
+        self.refuse_over_long(prompt, "prompt")
         return await self.generate(request, body, await self.off_loop(self.engine.encode, prompt), chat=False)
 
-    def refuse_over_long(self, texts: list[str], field: str) -> None:
+    def refuse_over_long(self, text: str, field: str) -> None:
         """A prompt whose bytes alone prove it too long is refused before it is tokenized."""
-        least = self.engine.least_tokens(texts)
+        least = self.engine.least_tokens(text)
         if least >= self.engine.context_length:
             raise ApiError(400, f"the prompt is at least {least} tokens; this model's context window is "
                                 f"{self.engine.context_length}", param=field, code="context_length_exceeded")

@@ -53,7 +53,8 @@ class Guard:
         name = host_name(host)
         # no Host at all: not a browser (they always send one), so not a rebinding
         if host and not (self.any_host or name in self.hosts or _is_ip(name)):
-            shown = host.encode("latin-1").decode("utf-8", "replace")  # as the client typed it (a name in Chinese too)
+            # as the client sent it (a name in Chinese too): from the raw header, before lower() changed its bytes
+            shown = headers.get("host", "").strip().encode("latin-1").decode("utf-8", "replace")
             return await _answer(send, 421, _error(421, f"this server does not answer to Host {shown!r}; "
                                                         "start it with --allowed-hosts NAME to allow a name"))
         origin = headers.get("origin")

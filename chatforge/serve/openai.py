@@ -15,6 +15,7 @@ from chatforge.engine import SamplingParams, check_context
 from chatforge.engine.sampling import REPETITION_PENALTY_RANGE
 from chatforge.errors import ChatforgeError
 from chatforge.text.conversations import plain_text
+from chatforge.text.sources import has_lone_surrogate
 
 ROLES = {"system", "developer", "user", "assistant"}
 # OpenAI fields this server does not implement -> the values that leave the answer unchanged (null aside)
@@ -63,10 +64,8 @@ def parse_json(raw: bytes) -> dict:
         raise ApiError(400, "the request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
-    try:  # "\ud800" parses to a lone surrogate, which no tokenizer (or UTF-8 encoder) accepts
-        json.dumps(body, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        raise ApiError(400, "the request body holds a lone UTF-16 surrogate (invalid Unicode)") from None
+    if has_lone_surrogate(body):
+        raise ApiError(400, "the request body holds a lone UTF-16 surrogate (invalid Unicode)")
     return body
 
 

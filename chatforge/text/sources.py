@@ -19,6 +19,7 @@ import gzip
 import io
 import json
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,8 +157,14 @@ class _ZstdFile(io.RawIOBase):
         super().close()
 
 
-def _decode(raw: bytes, origin: str, stats: SourceStats, strict: bool) -> str:
-    raw = raw.removeprefix(b"\xef\xbb\xbf")  # the byte-order mark Windows editors put first: not text
+BOM = b"\xef\xbb\xbf"
+
+
+def _decode(raw: bytes, origin: str, stats: SourceStats, strict: bool, first: bool = True) -> str:
+    """`raw` as text; invalid UTF-8 replaced and counted (an error under --strict). `first`: the file's first
+    line or all of it, where a byte-order mark (Windows editors write one) is not text."""
+    if first:
+        raw = raw.removeprefix(BOM)
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -167,10 +174,15 @@ def _decode(raw: bytes, origin: str, stats: SourceStats, strict: bool) -> str:
         return raw.decode("utf-8", errors="replace")
 
 
+def _valid_line(line: str, origin: str, stats: SourceStats, strict: bool, first: bool) -> str:
+    """A line decoded with surrogateescape, handled as `_decode` handles bytes."""
+    return _decode(line.encode("utf-8", "surrogateescape"), origin, stats, strict, first)
+
+
 def _iter_lines(path: str, stats: SourceStats, strict: bool) -> Iterator[tuple[str, str]]:
     with _open_binary(path) as handle:
         for lineno, raw in enumerate(handle, 1):
-            yield _decode(raw, f"{path}:{lineno}", stats, strict).rstrip("\r\n"), f"{path}:{lineno}"
+            yield _decode(raw, f"{path}:{lineno}", stats, strict, lineno == 1).rstrip("\r\n"), f"{path}:{lineno}"
 
 
 def _loads(text: str, origin: str, stats: SourceStats, strict: bool, whole_file: bool = False):
@@ -184,16 +196,28 @@ def _loads(text: str, origin: str, stats: SourceStats, strict: bool, whole_file:
         raise ChatforgeError(f"{where}: malformed JSON ({err.msg})") from None
     except RecursionError:
         raise ChatforgeError(f"{origin}: JSON nested too deeply") from None
-    if "\\ud" in text.lower():  # cheap test first: only a \u escape can make a lone surrogate
+    if LONE_SURROGATE_ESCAPE.search(text) and has_lone_surrogate(data):  # the regex first: it is cheap
+        if strict:
+            raise ChatforgeError(f"{origin}: a lone surrogate escape, not text (--strict)")
+        stats.invalid_utf8_lines += 1
         dumped = json.dumps(data, ensure_ascii=False)
-        try:
-            dumped.encode("utf-8")
-        except UnicodeEncodeError:
-            if strict:
-                raise ChatforgeError(f"{origin}: a lone surrogate escape, not text (--strict)") from None
-            stats.invalid_utf8_lines += 1
-            data = json.loads(dumped.encode("utf-8", "surrogatepass").decode("utf-8", "replace"))
+        data = json.loads(dumped.encode("utf-16", "surrogatepass").decode("utf-16", "replace"))  # one U+FFFD each
     return data
+
+
+# a \u escape of a UTF-16 surrogate that is not half of a pair (or, rarely, an escaped backslash before "ud800")
+LONE_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F])"
+                                   r"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}")
+
+
+def has_lone_surrogate(data) -> bool:
+    """Whether parsed JSON holds a lone UTF-16 surrogate ("\\ud800" parses to one): no UTF-8 encoder, and
+    so no tokenizer, takes it."""
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
 
 
 def jsonl_records(path: str, stats: SourceStats, strict: bool) -> Iterator[tuple[dict, str]]:
@@ -246,8 +270,10 @@ def _read_file(path: str, doc_per_line: bool, stats: SourceStats, strict: bool) 
                 index += 1
     elif suffix == ".csv":
         csv.field_size_limit(2**31 - 1)  # a document is one field: the default 128k characters is too few
-        with _open_binary(path) as handle:  # lines keep their ends: quoted fields may span lines
-            lines = (_decode(raw, f"{path}:{lineno}", stats, strict) for lineno, raw in enumerate(handle, 1))
+        with _open_binary(path) as handle:  # newline="": lines end at \n, \r\n or \r and keep it (quoted fields)
+            text = io.TextIOWrapper(handle, encoding="utf-8", errors="surrogateescape", newline="")
+            lines = (_valid_line(line, f"{path}:{lineno}", stats, strict, lineno == 1)
+                     for lineno, line in enumerate(text, 1))
             reader = csv.DictReader(lines)
             try:
                 for index, record in enumerate(reader):
@@ -278,7 +304,7 @@ def _read_readable(path: str, doc_per_line: bool, stats: SourceStats, strict: bo
 def _looks_like_jsonl(path: str) -> bool:
     """A .json file whose first line is a complete object is read line by line (streaming)."""
     with _open_binary(path) as handle:
-        first = handle.readline().strip()
+        first = handle.readline().removeprefix(BOM).strip()
     if not first.startswith(b"{"):
         return False
     try:

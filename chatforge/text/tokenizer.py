@@ -70,7 +70,7 @@ def train_tokenizer(cfg: TokenizerConfig, log=print):
     from chatforge.outputs import check_not_inputs, check_replaceable, holds_only_listed
 
     check_not_inputs(cfg.out, [("--data", d) for d in cfg.data])
-    check_replaceable(cfg.out, lambda folder: holds_only_listed(folder, "tokenizer"))
+    check_replaceable(cfg.out, lambda folder: holds_only_listed(folder, "tokenizer", LEGACY_FILES))
     stats = SourceStats()
     used_chars = 0
 
@@ -118,6 +118,11 @@ def wrap_tokenizer(tok):
     )
     hf_tok.chat_template = CHAT_TEMPLATE
     return hf_tok
+
+
+# what a tokenizer folder held before its marker listed the files (transformers' save_pretrained names)
+LEGACY_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                "vocab.json", "merges.txt", "added_tokens.json")
 
 
 def save_tokenizer(tok, out: str, made_from: dict | None = None) -> None:

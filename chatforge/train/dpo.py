@@ -103,8 +103,6 @@ def dpo(cfg: DPOConfig, resume: bool = False, overwrite: bool = False, log=print
     cfg.validate()
     check_not_inputs(cfg.out, [("--model", cfg.model)] + [("--data", d) for d in cfg.data])
     train, evals = load_pairs(cfg, log)
-    if is_main():
-        claim(cfg.out, "dpo", overwrite=overwrite, resume=resume)
     model, tok, _ = prepare_model_and_tokenizer(cfg.model, log)
     ctx = context_length(model.config)
     max_length = cfg.max_length or ctx
@@ -117,6 +115,8 @@ def dpo(cfg: DPOConfig, resume: bool = False, overwrite: bool = False, log=print
     if not train:
         raise ChatforgeError(f"{', '.join(cfg.data)}: no training pair's prompt fits in --max-length {max_length} "
                              "tokens with room for an answer")
+    if is_main():  # every input checked: only now may an earlier run in --out be replaced
+        claim(cfg.out, "dpo", overwrite=overwrite, resume=resume)
     precision = resolve_precision(cfg.precision)
     micro = min(cfg.micro_batch_size, len(train))
     per_step = micro * cfg.grad_accum * world_size()

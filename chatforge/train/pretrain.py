@@ -85,7 +85,7 @@ class PretrainConfig(SourceOptions, RunSettings):
         import torch
 
         from chatforge.data import read_manifest
-        from chatforge.modeling import check_heads
+        from chatforge.modeling import PRESETS, check_heads
 
         super().validate()
         if not self.data:
@@ -95,7 +95,9 @@ class PretrainConfig(SourceOptions, RunSettings):
         if self.optimizer == "muon" and (self.fsdp or self.deepspeed):  # it orthogonalises whole matrices
             raise ChatforgeError("--optimizer muon needs whole weight matrices on every process: not with --fsdp or "
                                  "--deepspeed")
-        check_heads(self.arch, self.d_model, self.n_head, self.n_kv_head)  # before any folder or tokenizer
+        # before any folder: the given values with the preset's (a budget-sized run picks its own, so given ones only)
+        base = (None,) * 4 if self.init_from or sized_by_budget(self) else PRESETS[resolved_preset(self.preset)]
+        check_heads(self.arch, self.d_model or base[1], self.n_head or base[2], self.n_kv_head)
         folders = [f for f in shard_folders(self.data) if f]
         if folders and not self.tokenizer and not self.init_from:  # before any folder
             raise ChatforgeError("--data: shard folders need --tokenizer DIR (the tokenizer they were made with)")
