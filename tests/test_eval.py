@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import refused, run_cli
 
 pytest.importorskip("lm_eval")
@@ -228,6 +229,9 @@ def test_bad_task_files_name_file_and_line(base_model_dir, tmp_path, text, messa
     (["MODEL", "--tasks", ",,"], "--tasks names no task"),
     (["MODEL", "--out", "USERDIR"], "holds files chatforge eval did not write"),
     (["MODEL", "--tasks", "builtin", "--num-fewshot", 40], "--num-fewshot 40: task builtin_gen_en has 30 records"),
+    (["MODEL", "--device", "banana"], "--device banana: not a device name"),
+    *([(["MODEL", "--device", "cuda"], "--device cuda: no CUDA GPU is available here")]
+      if not torch.cuda.is_available() else []),
 ])
 def test_bad_eval_input_is_one_line(base_model_dir, tmp_path, args, message, capsys):
     user = tmp_path / "mine"
@@ -243,3 +247,13 @@ def test_bad_eval_input_is_one_line(base_model_dir, tmp_path, args, message, cap
         err = refused(argv, capsys)
     assert message in err and "Traceback" not in err, err
     assert not (tmp_path / "e").exists() and [p.name for p in user.iterdir()] == ["notes.txt"]
+
+
+def test_a_number_answer_matches_the_number_said():
+    """A task file's answer 5 reaches lm-eval as 5.0 (the dataset loader types the column): scored as a number."""
+    from chatforge.eval.tasks import exact_match
+
+    assert exact_match({"answer": 5.0}, ["5"])["exact_match"] == 1.0
+    assert exact_match({"answer": 2.5}, ["2.5."])["exact_match"] == 1.0
+    assert exact_match({"answer": 5.0}, ["five"])["exact_match"] == 0.0
+    assert exact_match({"answer": "5"}, ["5"])["exact_match"] == 1.0

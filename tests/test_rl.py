@@ -53,13 +53,17 @@ def test_rewards(tmp_path):
     mine.write_text("def short(prompts, completions, **kw):\n    return [1.0 / (1 + len(c)) for c in completions]\n"
                     "def boom(prompts, completions, **kw):\n    raise KeyError('answer')\n"
                     "def few(prompts, completions, **kw):\n    return [1.0]\n"
-                    "def word(prompts, completions, **kw):\n    return ['good' for c in completions]\n")
-    short, boom, few, word = reward_functions([f"{mine}:{name}" for name in ("short", "boom", "few", "word")])
+                    "def word(prompts, completions, **kw):\n    return ['good' for c in completions]\n"
+                    "def leave(prompts, completions, **kw):\n    raise SystemExit(3)\n"
+                    "def endless(prompts, completions, **kw):\n    return [float('inf') for c in completions]\n")
+    short, boom, few, word, leave, endless = reward_functions(
+        [f"{mine}:{name}" for name in ("short", "boom", "few", "word", "leave", "endless")])
     assert short(None, ["", "abc"]) == [1.0, 0.25] and short.__name__ == "short"
     from chatforge.errors import ChatforgeError
 
     for fn, message in ((boom, "boom: raised KeyError: 'answer'"), (few, "few: returned 1 values for 2 completions"),
-                        (word, "word: returned 'good', not a number")):
+                        (word, "word: returned 'good', not a finite number"), (leave, "leave: raised SystemExit: 3"),
+                        (endless, "endless: returned inf, not a finite number")):
         with pytest.raises(ChatforgeError, match=re.escape(message)):
             fn(None, ["a", "b"])
 
@@ -72,6 +76,7 @@ def test_rewards(tmp_path):
     (["--num-generations", "4", "--micro-batch-size", "6"], "(6) must be a multiple of --num-generations (4)"),
     (["--num-generations", "1"], "--num-generations"),
     (["--reward", "code"], "--reward code needs a task file whose records carry a 'test'"),
+    (["--max-completion-length", "200"], "--max-completion-length 200: the longest prompt is"),
 ])
 def test_bad_options_are_one_line(tmp_path, base_model_dir, args, message, capsys):
     assert message in refused(["rl", "--model", base_model_dir, "--out", tmp_path / "out", *args], capsys)
@@ -93,6 +98,16 @@ def test_bad_user_rewards_and_task_records(tmp_path, base_model_dir, capsys):
             (["--model", tmp_path / "nowhere"], "model directory not found")):
         assert message in refused(["rl", "--model", base_model_dir, "--out", tmp_path / "out", *args], capsys)
         assert not (tmp_path / "out").exists()
+
+
+def test_overwrite_never_takes_a_reward_file_inside_out(tmp_path, base_model_dir, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "chatforge_output.json").write_text('{"kind": "rl", "written_by": "chatforge"}')  # an earlier rl run
+    mine = out / "my_reward.py"
+    mine.write_text("def short(prompts, completions, **kw):\n    return [0.0 for c in completions]\n")
+    err = refused(["rl", "--model", base_model_dir, "--reward", f"{mine}:short", "--out", out, "--overwrite"], capsys)
+    assert "would replace the input --reward" in err and mine.exists()
 
 
 def test_task_file_split_and_export_keep_what_is_not_theirs(tmp_path):

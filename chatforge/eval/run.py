@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,22 @@ class EvalConfig:
                 raise ChatforgeError(f"{model}: no config.json: not a Hugging Face model directory")
         if len({os.path.realpath(m) for m in self.models}) < len(self.models):
             raise ChatforgeError("the same MODEL_DIR is named twice")
+        if self.device is not None:
+            check_device(self.device)
+
+
+def check_device(device: str) -> None:
+    """--device names a device torch knows and this machine has."""
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ChatforgeError(f"--device {device}: not a device name (cpu, cuda, cuda:1, ...)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ChatforgeError(f"--device {device}: no CUDA GPU is available here")
+    if kind not in ("cpu", "cuda"):
+        raise ChatforgeError(f"--device {device}: chatforge runs on cpu or cuda")
 
 
 def lm_eval_installed() -> bool:
@@ -210,8 +227,8 @@ def is_chat_model(model_dir: str, tokenizer) -> bool:
     chatforge tokenizer always has one, base models' included)."""
     from chatforge.outputs import owner_kind
 
-    kind = owner_kind(model_dir)
-    return kind in CHAT_KINDS if kind is not None else bool(tokenizer.chat_template)
+    kind = owner_kind(model_dir)  # a chat run whose template was removed by hand is scored as a base model
+    return bool(tokenizer.chat_template) and (kind in CHAT_KINDS if kind is not None else True)
 
 
 def load_lm_eval_tasks(tasks: list, num_fewshot: int | None) -> dict:
@@ -348,8 +365,14 @@ def merge_into_summary(record: dict) -> None:
     path = folder / SUMMARY
     if owner_kind(folder) is None or not path.exists():
         return
-    summary = json.loads(path.read_text(encoding="utf-8"))
-    earlier = summary.get("eval") or {}
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        summary = None
+    if not isinstance(summary, dict):  # damaged by hand: eval.json holds the scores, the summary is left alone
+        print(f"chatforge: note: {path} is not a JSON object; the scores are only in eval.json", file=sys.stderr)
+        return
+    earlier = summary.get("eval") if isinstance(summary.get("eval"), dict) else {}
     merged = {**record, "tasks": {**earlier.get("tasks", {}), **record["tasks"]},
               "suites": {**earlier.get("suites", {}), **record["suites"]}}
     summary["eval"] = {k: v for k, v in merged.items() if k != "model"}

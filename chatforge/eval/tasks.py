@@ -95,8 +95,13 @@ def extract_answer(text: str, regex: str | None) -> str:
 
 def exact_match(doc: dict, results: list[str]) -> dict:
     """lm-eval's process_results for a local generation task."""
-    answer = extract_answer(results[0], doc.get("regex"))
-    return {"exact_match": float(normalize_answer(answer) == normalize_answer(str(doc["answer"])))}
+    answer, want = normalize_answer(extract_answer(results[0], doc.get("regex"))), doc["answer"]
+    if isinstance(want, (int, float)) and not isinstance(want, bool):  # the dataset loader reads a column of
+        try:                                                             # numbers as floats: 5 arrives as 5.0
+            return {"exact_match": float(float(answer) == float(want))}
+        except (ValueError, OverflowError):
+            return {"exact_match": 0.0}
+    return {"exact_match": float(answer == normalize_answer(str(want)))}
 
 
 def read_task_file(path: Path, prefix: str = "") -> LocalTask:

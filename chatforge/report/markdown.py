@@ -46,8 +46,9 @@ def facts(run: Run, local: bool = True) -> list[tuple[str, str]]:
                                      else "")
     data = rc.get("data")
     corpus = run.manifest.get("train", {}) if isinstance(run.manifest.get("train"), dict) else {}
-    documents = sum(run.manifest.get(split, {}).get("documents") or 0 for split in ("train", "val")
-                    if isinstance(run.manifest.get(split), dict))
+    counts = [run.manifest[split].get("documents") for split in ("train", "val")
+              if isinstance(run.manifest.get(split), dict)]
+    documents = sum(c for c in counts if isinstance(c, int) and not isinstance(c, bool))  # a hand-edited "5" is not
     seconds = s.get("train_seconds")
     memory = ((f"{s['peak_memory_gib']} GiB (GPU)" if "peak_memory_gib" in s else "")
               or (f"{s['peak_rss_gib']} GiB (process RSS)" if "peak_rss_gib" in s else MISSING))

@@ -101,7 +101,7 @@ def count_parameters(folder: Path, config: dict) -> int | None:
             with safe_open(str(file), "pt") as handle:
                 names = handle.keys()  # safe_open is not iterable itself
                 shapes.update({k: handle.get_slice(k).get_shape() for k in names})
-    except (OSError, ValueError, RuntimeError):  # absent (a LoRA adapter) or not a safetensors file
+    except Exception:  # absent (a LoRA adapter), truncated or not a safetensors file (SafetensorError): unknown
         return None
     if config.get("tie_word_embeddings") and "lm_head.weight" in shapes:
         embeddings = [s for k, s in shapes.items() if k.endswith(("wte.weight", "embed_tokens.weight"))]
@@ -130,8 +130,9 @@ def read_curves(folder: Path) -> tuple[dict[str, list[tuple[int, float]]], list[
     state_file = _trainer_state_file(folder)
     if state_file is not None:
         history = _json(state_file).get("log_history")
+        history = history if isinstance(history, list) else []  # a hand-edited file: no curves from it
         for name, (key, _) in CURVES.items():
-            points = [(int(e["step"]), float(e[key])) for e in history or [] if isinstance(e, dict)
+            points = [(int(e["step"]), float(e[key])) for e in history if isinstance(e, dict)
                       and _number(e.get(key)) and _number(e.get("step"))]
             if points:
                 curves[name] = points

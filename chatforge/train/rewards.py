@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import math
 import re
 from pathlib import Path
 
@@ -87,7 +88,7 @@ def load_user_reward(spec: str):
     module = importlib.util.module_from_spec(module_spec)
     try:
         module_spec.loader.exec_module(module)
-    except Exception as err:
+    except (Exception, SystemExit) as err:  # a sys.exit() in the file would end the run without a word
         raise ChatforgeError(f"--reward {spec}: {path} failed to import ({type(err).__name__}: {err})") from None
     fn = getattr(module, name, None)
     if not callable(fn):
@@ -111,15 +112,15 @@ def checked(fn, spec: str):
     def reward(prompts, completions, **kwargs):
         try:
             values = fn(prompts, completions, **kwargs)
-        except Exception as err:
+        except (Exception, SystemExit) as err:  # sys.exit() included: the run must not end without a word
             raise ChatforgeError(f"--reward {spec}: raised {type(err).__name__}: {err}") from None
         if not isinstance(values, (list, tuple)) or len(values) != len(completions):
             got = f"{len(values)} values" if isinstance(values, (list, tuple)) else type(values).__name__
             raise ChatforgeError(f"--reward {spec}: returned {got} for {len(completions)} completions")
-        bad = next((v for v in values if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real))),
-                   None)
+        bad = next((v for v in values if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real)
+                                                             or not math.isfinite(v))), None)
         if bad is not None:
-            raise ChatforgeError(f"--reward {spec}: returned {bad!r:.40}, not a number")
+            raise ChatforgeError(f"--reward {spec}: returned {bad!r:.40}, not a finite number")
         return [None if v is None else float(v) for v in values]
 
     return reward

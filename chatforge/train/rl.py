@@ -11,6 +11,7 @@ reward: before training, every `--eval-every` steps, and at the end (summary.jso
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import random
@@ -66,6 +67,8 @@ class RLConfig(FineTuneSettings):
             raise ChatforgeError(f"--micro-batch-size ({self.micro_batch_size}) must be a multiple of "
                                  f"--num-generations ({self.num_generations}): completions per forward pass")
         reward_functions(self.reward)  # unknown names, missing packages, a user file that does not load
+        if self.use_vllm and importlib.util.find_spec("vllm") is None:
+            raise ChatforgeError("--use-vllm needs vLLM: pip install vllm (on a GPU machine)")
 
 
 def arithmetic_items(operand_max: int, seed: int) -> list[dict]:
@@ -152,6 +155,20 @@ def heldout_accuracy(model, tok, items: list[dict], max_new_tokens: int, batch: 
     return sum(scores) / len(scores)
 
 
+def _finite(value) -> float | None:
+    """A metric for summary.json (strict JSON: no NaN or Infinity), rounded; None when there is none."""
+    return round(value, 4) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def check_room(tok, items: list[dict], max_completion_length: int, ctx: int) -> None:
+    """Every prompt (through the chat template) plus --max-completion-length within the model's positions."""
+    longest = max((len(tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True,
+                                                tokenize=True, return_dict=True)["input_ids"]) for r in items), default=0)
+    if longest + max_completion_length > ctx:
+        raise ChatforgeError(f"--max-completion-length {max_completion_length}: the longest prompt is {longest} "
+                             f"tokens, and this model's context window is {ctx}; shorten one of them")
+
+
 def rl(cfg: RLConfig, resume: bool = False, overwrite: bool = False, log=print, callbacks: tuple = ()) -> dict:
     cfg.validate()
     train, heldout = task_items(cfg)
@@ -163,18 +180,20 @@ def rl(cfg: RLConfig, resume: bool = False, overwrite: bool = False, log=print, 
     from trl import GRPOConfig, GRPOTrainer
 
     from chatforge import config as config_io
-    from chatforge.modeling import resolve_precision
+    from chatforge.modeling import context_length, resolve_precision
     from chatforge.outputs import check_not_inputs, claim
     from chatforge.train.callbacks import Throughput
     from chatforge.train.common import RUN_CONFIG, Plan, finish_run, run_trainer, world_size
     from chatforge.train.rewards import reward_functions
     from chatforge.train.sft import _save_final, prepare_model_and_tokenizer
 
-    check_not_inputs(cfg.out, [("--model", cfg.model), ("--task", cfg.task)])
-    if is_main():
-        claim(cfg.out, "rl", overwrite=overwrite, resume=resume)
+    rewards = [("--reward", spec.rpartition(":")[0]) for spec in cfg.reward if ".py:" in spec]  # user files
+    check_not_inputs(cfg.out, [("--model", cfg.model), ("--task", cfg.task), *rewards])
     model, tok, _ = prepare_model_and_tokenizer(cfg.model, log)
+    check_room(tok, train + heldout, cfg.max_completion_length, context_length(model.config))
     funcs = reward_functions(cfg.reward)
+    if is_main():  # every input checked: only now may an earlier run in --out be replaced
+        claim(cfg.out, "rl", overwrite=overwrite, resume=resume)
     precision = resolve_precision(cfg.precision)
     prompts_per_step = cfg.micro_batch_size * cfg.grad_accum * world_size() // cfg.num_generations
     max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(train) / prompts_per_step))
@@ -222,10 +241,10 @@ def rl(cfg: RLConfig, resume: bool = False, overwrite: bool = False, log=print, 
     _save_final(trainer, trainer.model, tok, cfg, log)
     history = [h for h in trainer.state.log_history if "reward" in h]
     summary = {**throughput.summary(trainer.state), "train_prompts": len(train), "heldout_prompts": len(heldout),
-               "heldout_accuracy_before": round(before, 4), **metrics}
-    if history:
-        summary.update({k: round(history[-1][k], 4) for k in ("reward", "reward_std", "kl",
-                                                              "completions/mean_length") if k in history[-1]})
+               "heldout_accuracy_before": _finite(before), **metrics}
+    if history:  # TRL logs None for steps where every reward was None
+        summary.update({k: _finite(history[-1][k]) for k in ("reward", "reward_std", "kl", "completions/mean_length")
+                        if k in history[-1]})
     del trainer, model
     return finish_run(cfg.out, summary, f"done: {summary['steps']} steps, held-out accuracy {before:.3f} -> "
                       f"{summary.get('eval_accuracy', float('nan')):.3f} -> {cfg.out}\n"

@@ -97,7 +97,7 @@ def prepare_model_and_tokenizer(model_dir: str, log=print):
     from chatforge.text.tokenizer import ensure_chat_tokens, load_tokenizer
 
     tok = load_tokenizer(model_dir)
-    model = load_model(model_dir)
+    model = load_model(os.path.abspath(model_dir))  # a LoRA adapter records this path: it must work from anywhere
     added = ensure_chat_tokens(tok)
     if len(tok) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(padded_vocab(len(tok)), mean_resizing=True)
