@@ -100,6 +100,18 @@ def test_bad_user_rewards_and_task_records(tmp_path, base_model_dir, capsys):
         assert not (tmp_path / "out").exists()
 
 
+def test_a_reward_that_never_returns_is_an_error(tmp_path, monkeypatch):
+    from chatforge.errors import ChatforgeError
+    from chatforge.train import rewards
+
+    mine = tmp_path / "slow.py"
+    mine.write_text("import time\ndef stuck(prompts, completions, **kw):\n    time.sleep(60)\n")
+    stuck, = reward_functions([f"{mine}:stuck"])
+    monkeypatch.setattr(rewards, "REWARD_SECONDS", 0.5)
+    with pytest.raises(ChatforgeError, match="stuck: no answer within 0.5 s"):
+        stuck(None, ["a"])
+
+
 def test_overwrite_never_takes_a_reward_file_inside_out(tmp_path, base_model_dir, capsys):
     out = tmp_path / "run"
     out.mkdir()

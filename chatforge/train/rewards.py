@@ -18,11 +18,13 @@ import importlib.util
 import inspect
 import math
 import re
+import threading
 from pathlib import Path
 
 from chatforge.errors import ChatforgeError
 
 BUILTIN = ("exact", "format", "math", "code")
+REWARD_SECONDS = 300  # one call of a user's reward, for a batch of completions
 
 
 def _text(completion) -> str:
@@ -110,10 +112,25 @@ def checked(fn, spec: str):
 
     @functools.wraps(fn)  # TRL logs each reward under its function's name
     def reward(prompts, completions, **kwargs):
-        try:
-            values = fn(prompts, completions, **kwargs)
-        except (Exception, SystemExit) as err:  # sys.exit() included: the run must not end without a word
-            raise ChatforgeError(f"--reward {spec}: raised {type(err).__name__}: {err}") from None
+        outcome: dict = {}
+
+        def call():
+            try:
+                outcome["values"] = fn(prompts, completions, **kwargs)
+            except (Exception, SystemExit) as err:  # sys.exit() included: the run must not end without a word
+                outcome["error"] = err
+
+        # on a thread of its own, so that a reward that never returns is an error, not a run that hangs forever
+        worker = threading.Thread(target=call, name=f"reward {spec}", daemon=True)
+        worker.start()
+        worker.join(REWARD_SECONDS)
+        if worker.is_alive():
+            raise ChatforgeError(f"--reward {spec}: no answer within {REWARD_SECONDS} s for {len(completions)} "
+                                 "completions (does it loop?)")
+        if "error" in outcome:
+            err = outcome["error"]
+            raise ChatforgeError(f"--reward {spec}: raised {type(err).__name__}: {err}")
+        values = outcome["values"]
         if not isinstance(values, (list, tuple)) or len(values) != len(completions):
             got = f"{len(values)} values" if isinstance(values, (list, tuple)) else type(values).__name__
             raise ChatforgeError(f"--reward {spec}: returned {got} for {len(completions)} completions")
