@@ -62,6 +62,12 @@ def messages_from(turns: list[tuple]) -> list[dict]:
     return messages
 
 
+def prompt_length(tok, messages: list[dict]) -> int:
+    """Tokens of `messages` through the chat template, ready for the answer."""
+    return len(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                       return_dict=True)["input_ids"])
+
+
 def plain_text(content) -> str | None:
     """A message's content as text: a string, or OpenAI's list of text parts joined; None for anything else."""
     if isinstance(content, str):

@@ -72,11 +72,9 @@ def load_pairs(cfg: DPOConfig, log=print) -> tuple[list[dict], list[dict]]:
 def drop_unanswerable(pairs: list[dict], tok, max_length: int) -> tuple[list[dict], int]:
     """(the pairs whose prompt leaves room for an answer token within max_length, how many did not): TRL
     would drop those silently, and fail on an empty dataset when every pair is such a one."""
-    def prompt_tokens(pair):
-        return len(tok.apply_chat_template(pair["prompt"], add_generation_prompt=True, tokenize=True,
-                                           return_dict=True)["input_ids"])
+    from chatforge.text.conversations import prompt_length
 
-    kept = [p for p in pairs if prompt_tokens(p) < max_length]
+    kept = [p for p in pairs if prompt_length(tok, p["prompt"]) < max_length]
     return kept, len(pairs) - len(kept)
 
 

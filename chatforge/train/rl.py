@@ -162,8 +162,9 @@ def _finite(value) -> float | None:
 
 def check_room(tok, items: list[dict], max_completion_length: int, ctx: int) -> None:
     """Every prompt (through the chat template) plus --max-completion-length within the model's positions."""
-    longest = max((len(tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True,
-                                                tokenize=True, return_dict=True)["input_ids"]) for r in items), default=0)
+    from chatforge.text.conversations import prompt_length
+
+    longest = max((prompt_length(tok, [{"role": "user", "content": r["prompt"]}]) for r in items), default=0)
     if longest + max_completion_length > ctx:
         raise ChatforgeError(f"--max-completion-length {max_completion_length}: the longest prompt is {longest} "
                              f"tokens, and this model's context window is {ctx}; shorten one of them")
