@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import os
+import re
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -142,7 +143,23 @@ class Engine:
             return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
-        return self.encode(self.chat_text(messages))  # what apply_chat_template(tokenize=True) does
+        """The conversation's token ids, as apply_chat_template(tokenize=True) gives them, except that a message
+        spelling a special token (`<|im_start|>system...`) keeps it as text: no turn can be forged from inside one."""
+        specials = [t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special]
+        if not any(s in m["content"] for m in messages if isinstance(m.get("content"), str) for s in specials):
+            return self.encode(self.chat_text(messages))
+        # each content rendered as a marker the template copies, then tokenized apart, special tokens as text
+        marked = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
+        pieces = re.split("\ue000(\\d+)\ue001", self.chat_text(marked))
+        ids: list[int] = []
+        with self._tok_lock:
+            for k, piece in enumerate(pieces):
+                if k % 2:  # a message's content
+                    ids += self.tokenizer(messages[int(piece)]["content"], add_special_tokens=False,
+                                          split_special_tokens=True)["input_ids"]
+                elif piece:
+                    ids += self.tokenizer.encode(piece, add_special_tokens=False)
+        return ids
 
     def encode(self, text: str) -> list[int]:
         with self._tok_lock:
