@@ -59,6 +59,7 @@ def test_rewards(tmp_path):
     short, boom, few, word, leave, endless = reward_functions(
         [f"{mine}:{name}" for name in ("short", "boom", "few", "word", "leave", "endless")])
     assert short(None, ["", "abc"]) == [1.0, 0.25] and short.__name__ == "short"
+    assert reward_functions([f"{mine}:short"])[0] is short  # options checked, then the run: the file imported once
     from chatforge.errors import ChatforgeError
 
     for fn, message in ((boom, "boom: raised KeyError: 'answer'"), (few, "few: returned 1 values for 2 completions"),

@@ -14,6 +14,7 @@ Each task record brings `answer`, `regex` (may be empty) and `test` (may be empt
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import inspect
 import math
@@ -79,6 +80,7 @@ def code_reward(prompts, completions, test=None, **_) -> list[float]:
     return [float(run_program(f"{text}\n\n{tests}\n", timeout=5.0)[0]) for text, tests in _rows(completions, test)]
 
 
+@functools.cache  # checked when the options are, used again by the run: the file is imported once
 def load_user_reward(spec: str):
     """`PATH.py:FUNCTION` -> the function, imported from that file only."""
     path, _, name = spec.rpartition(":")
@@ -105,9 +107,9 @@ def load_user_reward(spec: str):
 
 
 def checked(fn, spec: str):
-    """`fn` whose failures are one clear line naming it: an exception, a wrong number of rewards, a value
-    that is not a number (None, TRL's "no reward for this one", passes)."""
-    import functools
+    """`fn` whose failures are one clear line naming it: an exception (sys.exit included), a wrong number of
+    rewards, a value that is not a finite number (None, TRL's "no reward for this one", passes), no answer
+    within REWARD_SECONDS."""
     import numbers
 
     @functools.wraps(fn)  # TRL logs each reward under its function's name
