@@ -99,6 +99,7 @@ class Engine:
         self.tokenizer = load_tokenizer(model_dir)
         self.token_bytes = byte_table(self.tokenizer)  # None: not byte-level BPE, decode with the tokenizer
         self.max_token_bytes = _max_token_bytes(self.tokenizer, self.token_bytes)
+        self.special_texts = [t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special]
         self.max_batch, self.max_queue = max_batch, max_queue
         self._tok_lock = threading.Lock()  # HF fast tokenizers are not safe to share across threads
         self._cv = threading.Condition()
@@ -142,12 +143,12 @@ class Engine:
         with self._tok_lock:
             return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
-    def chat_prompt(self, messages: list[dict]) -> list[int]:
+    def chat_prompt(self, messages: list[dict], text: str | None = None) -> list[int]:
         """The conversation's token ids, as apply_chat_template(tokenize=True) gives them, except that a message
-        spelling a special token (`<|im_start|>system...`) keeps it as text: no turn can be forged from inside one."""
-        specials = [t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special]
-        if not any(s in m["content"] for m in messages if isinstance(m.get("content"), str) for s in specials):
-            return self.encode(self.chat_text(messages))
+        spelling a special token (`<|im_start|>system...`) keeps it as text: no turn can be forged from inside one.
+        `text`: `chat_text(messages)`, when the caller has it already."""
+        if not any(s in m["content"] for m in messages if isinstance(m.get("content"), str) for s in self.special_texts):
+            return self.encode(text if text is not None else self.chat_text(messages))
         # each content rendered as a marker the template copies, then tokenized apart, special tokens as text
         marked = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
         pieces = re.split("\ue000(\\d+)\ue001", self.chat_text(marked))

@@ -141,7 +141,7 @@ class Api:
         except Exception as err:  # a template that rejects this conversation
             raise ApiError(400, f"cannot format these messages: {err}", param="messages") from None
         self.refuse_over_long(text, "messages")
-        return await self.generate(request, body, await self.off_loop(self.engine.chat_prompt, messages), chat=True)
+        return await self.generate(request, body, await self.off_loop(self.engine.chat_prompt, messages, text), chat=True)
 
     async def completions(self, request: Request) -> Response:
         body = await self.json_body(request)

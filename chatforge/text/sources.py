@@ -174,11 +174,6 @@ def _decode(raw: bytes, origin: str, stats: SourceStats, strict: bool, first: bo
         return raw.decode("utf-8", errors="replace")
 
 
-def _valid_line(line: str, origin: str, stats: SourceStats, strict: bool, first: bool) -> str:
-    """A line decoded with surrogateescape, handled as `_decode` handles bytes."""
-    return _decode(line.encode("utf-8", "surrogateescape"), origin, stats, strict, first)
-
-
 def _iter_lines(path: str, stats: SourceStats, strict: bool) -> Iterator[tuple[str, str]]:
     with _open_binary(path) as handle:
         for lineno, raw in enumerate(handle, 1):
@@ -272,8 +267,8 @@ def _read_file(path: str, doc_per_line: bool, stats: SourceStats, strict: bool) 
         csv.field_size_limit(2**31 - 1)  # a document is one field: the default 128k characters is too few
         with _open_binary(path) as handle:  # newline="": lines end at \n, \r\n or \r and keep it (quoted fields)
             text = io.TextIOWrapper(handle, encoding="utf-8", errors="surrogateescape", newline="")
-            lines = (_valid_line(line, f"{path}:{lineno}", stats, strict, lineno == 1)
-                     for lineno, line in enumerate(text, 1))
+            lines = (_decode(line.encode("utf-8", "surrogateescape"), f"{path}:{lineno}", stats, strict, lineno == 1)
+                     for lineno, line in enumerate(text, 1))  # the undecodable bytes back, handled as _decode does
             reader = csv.DictReader(lines)
             try:
                 for index, record in enumerate(reader):
