@@ -147,7 +147,8 @@ class Engine:
         """The conversation's token ids, as apply_chat_template(tokenize=True) gives them, except that a message
         spelling a special token (`<|im_start|>system...`) keeps it as text: no turn can be forged from inside one.
         `text`: `chat_text(messages)`, when the caller has it already."""
-        if not any(s in m["content"] for m in messages if isinstance(m.get("content"), str) for s in self.special_texts):
+        contents = [m["content"] for m in messages if isinstance(m.get("content"), str)]
+        if not any(s in c for c in contents for s in self.special_texts):
             return self.encode(text if text is not None else self.chat_text(messages))
         # each content rendered as a marker the template copies, then tokenized apart, special tokens as text
         marked = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]

@@ -26,7 +26,8 @@ class SamplingParams:
     temperature: float = option(0.8, "0 = greedy", min=0.0, max=100.0)
     top_k: int = option(0, "keep the k likeliest tokens; 0 = off", min=0)
     top_p: float = option(1.0, "nucleus sampling; 1.0 = off", min=0.0, max=1.0, exclusive_min=True)
-    repetition_penalty: float = option(1.0, "1.0 = off", min=REPETITION_PENALTY_RANGE[0], max=REPETITION_PENALTY_RANGE[1])
+    repetition_penalty: float = option(1.0, "1.0 = off", min=REPETITION_PENALTY_RANGE[0],
+                                       max=REPETITION_PENALTY_RANGE[1])
     seed: int | None = option(None, "seeded sampling: the same seed gives the same text", min=0, max=MAX_SEED)
     stop: list[str] = field(default_factory=list, metadata={"cli": False})
 

@@ -99,7 +99,8 @@ class Api:
         if not self.api_key:
             return
         given = request.headers.get("authorization", "")  # decoded as latin-1: .encode("latin-1") gives the bytes sent
-        if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode("latin-1"), self.api_key.encode())):
+        sent = given[7:].encode("latin-1")
+        if not (given.startswith("Bearer ") and hmac.compare_digest(sent, self.api_key.encode())):
             raise ApiError(401, "missing or invalid API key (send Authorization: Bearer KEY)", code="invalid_api_key")
 
     async def json_body(self, request: Request) -> dict:
@@ -141,7 +142,8 @@ class Api:
         except Exception as err:  # a template that rejects this conversation
             raise ApiError(400, f"cannot format these messages: {err}", param="messages") from None
         self.refuse_over_long(text, "messages")
-        return await self.generate(request, body, await self.off_loop(self.engine.chat_prompt, messages, text), chat=True)
+        prompt = await self.off_loop(self.engine.chat_prompt, messages, text)
+        return await self.generate(request, body, prompt, chat=True)
 
     async def completions(self, request: Request) -> Response:
         body = await self.json_body(request)
