@@ -261,11 +261,9 @@ def main(argv: list[str] | None = None) -> None:
         cls = args.config_class
         del args.config_class
         args.func(build_config(cls, args), args)
-    except ChatforgeError as err:
-        print(f"chatforge: error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except (OSError, UnicodeError) as err:  # a folder that cannot be written, a path that cannot be encoded
-        print(f"chatforge: error: {err}", file=sys.stderr)
+    except (ChatforgeError, OSError, UnicodeError) as err:  # OSError: a folder that cannot be written, ...
+        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())  # one line, always
+        print(f"chatforge: error: {message}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

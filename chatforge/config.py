@@ -163,10 +163,23 @@ def option_names(cls) -> set[str]:
     return names
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """safe_load, except that a key given twice in one mapping is an error (YAML would keep the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str) and key.replace("-", "_") in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"{key!r} is given twice", key_node.start_mark)
+            seen.add(key.replace("-", "_") if isinstance(key, str) else None)
+        return super().construct_mapping(node, deep)
+
+
 def load_yaml(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as handle:
-            data = yaml.safe_load(handle) or {}
+            data = yaml.load(handle, Loader=_UniqueKeys) or {}
     except OSError as err:
         raise ChatforgeError(f"{path}: cannot read config ({err.strerror})") from None
     except UnicodeDecodeError:

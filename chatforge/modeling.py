@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from chatforge.errors import ChatforgeError
+from chatforge.errors import ChatforgeError, one_line, transformers_quiet
 
 # name: (n_layer, d_model, n_head, context_length)
 PRESETS = {
@@ -190,10 +190,19 @@ def load_model(path: str, dtype=None):
     if not os.path.exists(os.path.join(path, "config.json")):
         raise ChatforgeError(f"{path}: no config.json: not a Hugging Face model directory")
     try:
-        return AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa",
-                                                    dtype=dtype or torch.float32)
+        with transformers_quiet():  # its load report and model-type notes: the checks below say it in one line
+            model, info = AutoModelForCausalLM.from_pretrained(
+                path, attn_implementation="sdpa", dtype=dtype or torch.float32, output_loading_info=True)
     except Exception as err:  # unknown architecture, missing weights, ...: user-fixable
-        raise ChatforgeError(f"{path}: cannot load as a causal LM ({err})") from None
+        raise ChatforgeError(f"{path}: cannot load as a causal LM ({one_line(err)})") from None
+    # transformers fills weights the file lacks with random values and drops those it has no place for: a model
+    # that would be partly random or partly dropped (a config.json edited or copied from another run) is an error
+    for kind in ("missing", "unexpected"):
+        names = sorted(info[f"{kind}_keys"])
+        if names:
+            raise ChatforgeError(f"{path}: the weights do not match config.json: {len(names)} {kind} "
+                                 f"(first: {names[0]})")
+    return model
 
 
 def context_length(config) -> int:

@@ -65,20 +65,21 @@ def is_pattern(spec: str) -> bool:
     return any(ch in spec for ch in "*?[") and not os.path.lexists(spec)
 
 
-def check_not_inputs(out: str | Path, inputs: list[tuple[str, str | None]], keep: tuple[str, ...] = ()) -> None:
+def check_not_inputs(out: str | Path, inputs: list[tuple[str, str | None]], keep: tuple[str, ...] = (),
+                     flag: str = "--out") -> None:
     """Refuse an output folder that is, or holds, one of the command's inputs (or is inside a --data
     folder, which would read it next time), or the working folder or one above it.
 
     inputs: (option name, source spec or path) pairs; keep: sub-folders of `out` the command reuses
-    rather than replaces (inputs there are fine)."""
+    rather than replaces (inputs there are fine); flag: the option that named `out`."""
     target = Path(os.path.abspath(os.path.expanduser(str(out)))).resolve()
     cwd = Path.cwd().resolve()
     if target == cwd or target in cwd.parents or target == Path(target.anchor) or target == Path.home().resolve():
-        raise ChatforgeError(f"--out {out}: that is the working folder, one above it or the home folder; "
+        raise ChatforgeError(f"{flag} {out}: that is the working folder, one above it or the home folder; "
                              "name a new folder")
-    for flag, spec in inputs:
+    for option, spec in inputs:
         paths = _input_paths(spec) if spec else []
-        if flag == "--data" and spec and not any(p.exists() for p in paths) and (paths or is_pattern(spec)):
+        if option == "--data" and spec and not any(p.exists() for p in paths) and (paths or is_pattern(spec)):
             # before anything is claimed or replaced: a missing input is only an error, never a loss
             raise ChatforgeError(f"{spec}: the pattern matches no files" if is_pattern(spec)
                                  else f"{spec}: no such file or directory")
@@ -87,38 +88,39 @@ def check_not_inputs(out: str | Path, inputs: list[tuple[str, str | None]], keep
             if source == target or target in source.parents:
                 if any(source == target / k or (target / k) in source.parents for k in keep):
                     continue
-                raise ChatforgeError(f"--out {out} would replace the input {flag} {spec}; choose another --out")
-            if flag == "--data" and source.is_dir() and source in target.parents:
-                raise ChatforgeError(f"--out {out} is inside the input {flag} {spec}, which would read it; "
-                                     "choose another --out")
+                raise ChatforgeError(f"{flag} {out} would replace the input {option} {spec}; choose another {flag}")
+            if option == "--data" and source.is_dir() and source in target.parents:
+                raise ChatforgeError(f"{flag} {out} is inside the input {option} {spec}, which would read it; "
+                                     f"choose another {flag}")
 
 
 def claim(out: str | Path, kind: str, *, overwrite: bool = False, resume: bool | None = False,
-          keep: tuple[str, ...] = ()) -> None:
+          keep: tuple[str, ...] = (), flag: str = "--out") -> None:
     """Make `out` this command's output folder, or raise ChatforgeError saying why not.
 
     New or empty: marked as ours. Ours, of this kind: `resume` keeps it as it is; `overwrite` empties
     it (but `keep`); neither is an error. Anything else is never touched (a run written before chatforge
     marked its folders included: it cannot be resumed or replaced, only read).
-    `resume=None`: the command cannot resume (the error message then offers only --overwrite)."""
+    `resume=None`: the command cannot resume (the error message then offers only --overwrite); flag: the option
+    that named `out`."""
     path = Path(out)
     if path.exists() and not path.is_dir():
-        raise ChatforgeError(f"--out {out}: exists and is not a folder")
+        raise ChatforgeError(f"{flag} {out}: exists and is not a folder")
     if path.is_dir() and any(p.name != OWNER for p in path.iterdir()):  # only our marker: a run that failed early
         found = owner_kind(path)
         if found is None:
-            raise ChatforgeError(f"--out {out}: the folder exists and was not written by chatforge; "
-                                 "chatforge replaces only its own outputs: choose a new --out")
+            raise ChatforgeError(f"{flag} {out}: the folder exists and was not written by chatforge; "
+                                 f"chatforge replaces only its own outputs: choose a new {flag}")
         if found != kind:
-            raise ChatforgeError(f"--out {out}: holds a chatforge {found} output, not a {kind} one; "
-                                 "choose another --out")
+            raise ChatforgeError(f"{flag} {out}: holds a chatforge {found} output, not a {kind} one; "
+                                 f"choose another {flag}")
         if resume:
             check_checkpoints_ours(path)
             return
         if not overwrite:
             how = "pass --overwrite to replace it" if resume is None else \
                 "pass --resume to continue it or --overwrite to replace it"
-            raise ChatforgeError(f"--out {out}: already holds a run; {how}")
+            raise ChatforgeError(f"{flag} {out}: already holds a run; {how}")
         for child in path.iterdir():
             if child.name not in keep and child.name != OWNER:
                 shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import TINY, run_cli
+from conftest import TINY, refused, run_cli
 
 
 def _fails(*args, match: str):
@@ -72,9 +72,48 @@ def test_bad_config_file(tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_text("data: [demo]\nlearning_rat: 0.1\n")
     _fails("pretrain", "--config", cfg, "--out", tmp_path / "o", match="unknown option(s) learning_rat")
+    cfg.write_text("data: [demo]\nlearning_rate: 0.1\nmax_steps: 3\nlearning-rate: 0.2\n")  # YAML keeps the last
+    _fails("pretrain", "--config", cfg, "--out", tmp_path / "o",
+           match="invalid YAML ('learning-rate' is given twice in \"" + str(cfg) + "\", line 4")
 
 
 def test_fp8_without_an_fp8_gpu(tmp_path):
     """Checked before any work: no tokenizer, shards or model are made."""
     _fails("pretrain", "--data", "demo:en", "--out", tmp_path / "run", "--fp8", match="--fp8 needs an NVIDIA GPU")
     assert not (tmp_path / "run" / "tokenizer").exists()
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"n_layer": 3}, "the weights do not match config.json: 12 missing (first: transformer.h.2."),
+    ({"n_layer": 1}, "the weights do not match config.json: 11 unexpected (first: transformer.h.1."),
+    ({"model_type": "no-such-arch"}, "cannot load as a causal LM (The checkpoint you are trying to load has model type"),
+])
+def test_model_whose_weights_do_not_match_its_config(tmp_path, base_model_dir, capsys, change, match):
+    """transformers would fill the missing layers with random values (or drop extra ones) with a warning, and
+    chat, serve and eval would go on with a partly random model (11 unexpected, not 12: GPT-2 ignores names
+    matching `attn.bias`, c_attn.bias among them); its paragraph-long messages are one line."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(base_model_dir, model, ignore=shutil.ignore_patterns("checkpoint-*", "data"))
+    config = json.loads((model / "config.json").read_text())
+    assert config["n_layer"] == 2
+    (model / "config.json").write_text(json.dumps({**config, **change}))
+    for argv in (["chat", model, "--prompt", "hi"], ["eval", model, "--limit", 2]):
+        assert match in refused(argv, capsys)
+
+
+def test_hub_unreachable_is_one_line_at_once(tmp_path, base_model_dir):
+    """No network (a host that never resolves: .invalid is reserved): one line, not huggingface_hub's ~25 s of
+    retries, each logged."""
+    import time
+
+    env = {"HF_ENDPOINT": "https://hub.invalid", "HF_HUB_OFFLINE": "0"}
+    for argv, match in ((["tokenizer", "train", "--data", "hf:someone/corpus", "--out", tmp_path / "t"],
+                         "hf:someone/corpus: cannot reach hub.invalid (no network?); hf: sources stream"),
+                        (["eval", base_model_dir, "--tasks", "hellaswag", "--limit", 2, "--out", tmp_path / "e"],
+                         "task hellaswag: cannot reach hub.invalid (no network?); datasets already in")):
+        start = time.monotonic()
+        proc = run_cli(*argv, check=False, env=env)
+        assert proc.returncode == 2 and time.monotonic() - start < 20, proc.stderr[-2000:]
+        assert match in proc.stderr.strip().splitlines()[-1] and "Retrying" not in proc.stderr, proc.stderr[-2000:]

@@ -77,6 +77,7 @@ def test_rewards(tmp_path):
     (["--num-generations", "4", "--micro-batch-size", "6"], "(6) must be a multiple of --num-generations (4)"),
     (["--num-generations", "1"], "--num-generations"),
     (["--reward", "code"], "--reward code needs a task file whose records carry a 'test'"),
+    (["--reward", "format", "--reward", "exact", "--reward", "format"], "--reward format is given twice"),
     (["--max-completion-length", "200"], "--max-completion-length 200: the longest prompt is"),
 ])
 def test_bad_options_are_one_line(tmp_path, base_model_dir, args, message, capsys):
@@ -87,13 +88,15 @@ def test_bad_options_are_one_line(tmp_path, base_model_dir, args, message, capsy
 def test_bad_user_rewards_and_task_records(tmp_path, base_model_dir, capsys):
     """Refused before any folder is made: a reward file that fails to import, a reward without **kwargs (TRL
     passes the task's columns), a record whose 'test' is not a string, a model folder that is not there."""
-    bad, narrow = tmp_path / "bad.py", tmp_path / "narrow.py"
+    bad, narrow, wordy = tmp_path / "bad.py", tmp_path / "narrow.py", tmp_path / "wordy.py"
     bad.write_text("import not_a_module_anywhere\n")
+    wordy.write_text("raise ValueError('\\n  set KEY first\\n  (see the docs)')\n")  # refused() checks: one line
     narrow.write_text("def short(prompts, completions):\n    return [0.0 for _ in completions]\n")
     task = tmp_path / "task.jsonl"
     task.write_text(json.dumps({"prompt": "p", "answer": "a", "test": ["x"]}) + "\n")
     for args, message in (
             (["--reward", f"{bad}:fn"], "failed to import (ModuleNotFoundError"),
+            (["--reward", f"{wordy}:fn"], "failed to import (ValueError: set KEY first)"),
             (["--reward", f"{narrow}:short"], "must take (prompts, completions, **kwargs)"),
             (["--task", task], f"{task}:1: 'test' must be a string of Python asserts"),
             (["--model", tmp_path / "nowhere"], "model directory not found")):
@@ -135,6 +138,11 @@ def test_task_file_split_and_export_keep_what_is_not_theirs(tmp_path):
     (tmp_path / "ex" / "notes.txt").write_text("mine")
     run_cli("rl", "--task", task, "--export", tmp_path / "ex")
     assert (tmp_path / "ex" / "notes.txt").read_text() == "mine"
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "notes.txt").write_text("theirs")
+    refusal = run_cli("rl", "--task", task, "--export", tmp_path / "theirs", check=False)
+    assert refusal.returncode == 2 and f"--export {tmp_path / 'theirs'}: the folder exists and was not written by " \
+        "chatforge; chatforge replaces only its own outputs: choose a new --export" in refusal.stderr, refusal.stderr
 
 
 def test_multiple_choice_task_is_refused(tmp_path, base_model_dir, capsys):

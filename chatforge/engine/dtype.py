@@ -62,10 +62,12 @@ def cpu_decode_dtype(model_dir: str, max_batch: int, fast: bool) -> torch.dtype:
     """fp32 or bf16 for decoding `model_dir` on this CPU (measured, then cached)."""
     from transformers import AutoConfig
 
+    from chatforge.errors import transformers_quiet
     from chatforge.modeling import context_length, load_model
 
     try:
-        config = AutoConfig.from_pretrained(model_dir)
+        with transformers_quiet():
+            config = AutoConfig.from_pretrained(model_dir)
     except Exception:  # noqa: BLE001 - not a model directory: the engine's own load says so in one line
         return torch.float32
     batches = sorted({1, max_batch})

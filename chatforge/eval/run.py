@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from chatforge.config import option
-from chatforge.errors import ChatforgeError
+from chatforge.errors import ChatforgeError, check_hub_reachable, one_line, transformers_quiet
 from chatforge.eval import tasks as T
 
 EVAL_JSON = "eval.json"
@@ -141,9 +141,10 @@ def check_models(cfg: EvalConfig) -> None:
 
     for model in cfg.models:
         try:
-            tokenizer = AutoTokenizer.from_pretrained(model)
+            with transformers_quiet():
+                tokenizer = AutoTokenizer.from_pretrained(model)
         except (OSError, ValueError) as err:
-            raise ChatforgeError(f"{model}: cannot load its tokenizer ({str(err).splitlines()[0]})") from None
+            raise ChatforgeError(f"{model}: cannot load its tokenizer ({one_line(err)})") from None
         if cfg.chat_template == "on" and not tokenizer.chat_template:
             raise ChatforgeError(f"{model}: --chat-template on, but its tokenizer has no chat template")
 
@@ -237,12 +238,14 @@ def load_lm_eval_tasks(tasks: list, num_fewshot: int | None) -> dict:
     loaded: dict = {"tasks": {}, "groups": {}}
     for task in tasks:  # one at a time, so that a dataset that cannot load is named
         name = task if isinstance(task, str) else task["task"]
+        if isinstance(task, str):  # lm-eval's own tasks: their datasets come from the Hub (or its cache)
+            check_hub_reachable(f"task {name}", "datasets already in the Hugging Face cache load with HF_HUB_OFFLINE=1")
         try:
             one = manager.load([task])
         except Exception as err:  # noqa: BLE001 - datasets fails in many ways; all mean "cannot get the data"
             offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
             why = "offline (HF_HUB_OFFLINE=1) and not in the datasets cache" if offline else \
-                f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                f"{type(err).__name__}: {one_line(str(err))}"
             raise ChatforgeError(f"task {name}: cannot load its dataset from the Hugging Face Hub: {why}") from None
         for key in loaded:
             loaded[key].update(one[key])

@@ -20,7 +20,7 @@ from datetime import datetime
 from pathlib import Path
 
 from chatforge.config import check_fields, option
-from chatforge.errors import ChatforgeError
+from chatforge.errors import ChatforgeError, one_line
 from chatforge.outputs import owner_kind, write_atomic
 from chatforge.report import card, plots
 from chatforge.report.markdown import cell, eval_table, facts_table, table
@@ -179,12 +179,12 @@ def sample_answers(run: Run, n: int, log) -> list[tuple[str, str]]:
     try:
         engine = Engine(str(run.path))
     except (ChatforgeError, OSError, ValueError, RuntimeError) as err:
-        return [("(could not load the model)", str(err).splitlines()[0] if str(err) else type(err).__name__)]
+        return [("(could not load the model)", one_line(err))]
     try:
         return [(q, engine.complete(engine.chat_prompt([{"role": "user", "content": q}]), params).text)
                 for q in SAMPLE_PROMPTS[:n]]
     except (ChatforgeError, ValueError, RuntimeError) as err:
-        return [("(generation failed)", str(err).splitlines()[0] if str(err) else type(err).__name__)]
+        return [("(generation failed)", one_line(err))]
     finally:
         engine.close()
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from chatforge.config import option
-from chatforge.errors import ChatforgeError
+from chatforge.errors import ChatforgeError, check_hub_reachable
 from chatforge.outputs import is_pattern
 
 TEXT_SUFFIXES = (".txt", ".md", ".text")
@@ -169,7 +169,7 @@ def _decode(raw: bytes, origin: str, stats: SourceStats, strict: bool, first: bo
         return raw.decode("utf-8")
     except UnicodeDecodeError as err:
         if strict:
-            raise ChatforgeError(f"{origin}: invalid UTF-8 ({err.reason}) (--strict)") from None
+            raise ChatforgeError(f"{origin}: invalid UTF-8 ({err.reason})") from None
         stats.invalid_utf8_lines += 1
         return raw.decode("utf-8", errors="replace")
 
@@ -193,7 +193,7 @@ def _loads(text: str, origin: str, stats: SourceStats, strict: bool, whole_file:
         raise ChatforgeError(f"{origin}: JSON nested too deeply") from None
     if LONE_SURROGATE_ESCAPE.search(text) and has_lone_surrogate(data):  # the regex first: it is cheap
         if strict:
-            raise ChatforgeError(f"{origin}: a lone surrogate escape, not text (--strict)")
+            raise ChatforgeError(f"{origin}: a lone surrogate escape, not text")
         stats.invalid_utf8_lines += 1
         dumped = json.dumps(data, ensure_ascii=False)
         data = json.loads(dumped.encode("utf-16", "surrogatepass").decode("utf-16", "replace"))  # one U+FFFD each
@@ -344,6 +344,7 @@ def _read_hub(spec: str) -> Iterator[tuple[dict, str]]:
     name, _, config = spec[len("hf:"):].partition(":")
     if not name:
         raise ChatforgeError(f"{spec}: expected hf:NAME[:CONFIG]")
+    check_hub_reachable(spec, "hf: sources stream from the Hub (a downloaded copy: give its files as --data)")
     try:
         dataset = datasets.load_dataset(name, config or None, split="train", streaming=True)
     except Exception as err:  # network, missing dataset, bad config: all user-fixable

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from chatforge.config import option
-from chatforge.errors import ChatforgeError
+from chatforge.errors import ChatforgeError, one_line, transformers_quiet
 from chatforge.text.sources import SourceOptions
 
 EOS = "<|endoftext|>"
@@ -148,9 +148,10 @@ def load_tokenizer(path: str):
         raise ChatforgeError(f"{path}: no tokenizer files (tokenizer.json): not a tokenizer or model folder "
                              "with its tokenizer")
     try:
-        tok = AutoTokenizer.from_pretrained(path)
+        with transformers_quiet():
+            tok = AutoTokenizer.from_pretrained(path)
     except Exception as err:  # transformers raises OSError/ValueError/... for non-tokenizer folders
-        raise ChatforgeError(f"{path}: not a Hugging Face tokenizer directory ({err})") from None
+        raise ChatforgeError(f"{path}: not a Hugging Face tokenizer directory ({one_line(err)})") from None
     if not getattr(tok, "is_fast", False):
         raise ChatforgeError(f"{path}: chatforge needs a fast (tokenizer.json) tokenizer")
     return tok

@@ -22,7 +22,7 @@ import re
 import threading
 from pathlib import Path
 
-from chatforge.errors import ChatforgeError
+from chatforge.errors import ChatforgeError, one_line
 
 BUILTIN = ("exact", "format", "math", "code")
 REWARD_SECONDS = 300  # one call of a user's reward, for a batch of completions
@@ -93,7 +93,8 @@ def load_user_reward(spec: str):
     try:
         module_spec.loader.exec_module(module)
     except (Exception, SystemExit) as err:  # a sys.exit() in the file would end the run without a word
-        raise ChatforgeError(f"--reward {spec}: {path} failed to import ({type(err).__name__}: {err})") from None
+        why = f"{type(err).__name__}: {one_line(str(err))}"
+        raise ChatforgeError(f"--reward {spec}: {path} failed to import ({why})") from None
     fn = getattr(module, name, None)
     if not callable(fn):
         raise ChatforgeError(f"--reward {spec}: {path} has no function {name!r}")
@@ -131,7 +132,7 @@ def checked(fn, spec: str):
                                  "completions (does it loop?)")
         if "error" in outcome:
             err = outcome["error"]
-            raise ChatforgeError(f"--reward {spec}: raised {type(err).__name__}: {err}")
+            raise ChatforgeError(f"--reward {spec}: raised {type(err).__name__}: {one_line(str(err))}")
         values = outcome["values"]
         if not isinstance(values, (list, tuple)) or len(values) != len(completions):
             got = f"{len(values)} values" if isinstance(values, (list, tuple)) else type(values).__name__

@@ -66,6 +66,9 @@ class RLConfig(FineTuneSettings):
         if self.micro_batch_size % self.num_generations:  # whole groups per batch (TRL's rule, held-out too)
             raise ChatforgeError(f"--micro-batch-size ({self.micro_batch_size}) must be a multiple of "
                                  f"--num-generations ({self.num_generations}): completions per forward pass")
+        twice = sorted({spec for spec in self.reward if self.reward.count(spec) > 1})
+        if twice:  # TRL would sum it twice under one logged name
+            raise ChatforgeError(f"--reward {twice[0]} is given twice; each reward counts once")
         reward_functions(self.reward)  # unknown names, missing packages, a user file that does not load
         if self.use_vllm and importlib.util.find_spec("vllm") is None:
             raise ChatforgeError("--use-vllm needs vLLM: pip install vllm (on a GPU machine)")
@@ -111,8 +114,8 @@ def export_task(cfg: RLConfig, train: list[dict], heldout: list[dict], log=print
     train.jsonl and heldout.jsonl (chatforge eval's generation format, for `chatforge eval --task-file`)."""
     from chatforge.outputs import check_not_inputs, claim, write_atomic
 
-    check_not_inputs(cfg.export, [("--task", cfg.task)])
-    claim(cfg.export, "rl-task", resume=True)  # an earlier export: only its three files are replaced
+    check_not_inputs(cfg.export, [("--task", cfg.task)], flag="--export")
+    claim(cfg.export, "rl-task", resume=True, flag="--export")  # an earlier export: only its three files are replaced
 
     def write(name: str, records) -> None:
         text = "".join(json.dumps({k: v for k, v in r.items() if v}, ensure_ascii=False) + "\n" for r in records)
