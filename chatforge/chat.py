@@ -98,6 +98,8 @@ def chat_loop(engine: Engine, params: SamplingParams, system: str | None = None)
     base = [{"role": "system", "content": system}] if system else []
     messages = list(base)
     print(f"chatting with {engine.name} ({HELP})")
+    if sys.stdin is None:  # started with stdin closed (`<&-`): nothing to read, as at the end of input
+        return
     while True:
         try:
             # a terminal that is not UTF-8 hands undecodable bytes over as lone surrogates: show them replaced

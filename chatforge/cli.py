@@ -33,19 +33,21 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"chatforge: error: {message} (see `{self.prog} --help`)\n")
 
 
-def add_options(parser: argparse.ArgumentParser, cls) -> None:
-    """One flag per field of `cls` (nested option groups included), from the field's declaration."""
+def add_options(parser: argparse.ArgumentParser, cls, defaults=None) -> None:
+    """One flag per field of `cls` (nested option groups included), from the field's declaration. `defaults`:
+    the group's instance in its parent config, whose values are the defaults shown (chat's temperature 0.7)."""
     hints = config.type_hints(cls)
     groups = config.nested_groups(cls)
     for f in dataclasses.fields(cls):
         if f.name in groups:
-            add_options(parser, groups[f.name])
+            add_options(parser, groups[f.name], defaults=f.default_factory())
             continue
         meta = f.metadata
         if not meta.get("cli", True):
             continue
         kind, _, is_list = config.field_kind(hints[f.name])
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        default = getattr(defaults, f.name) if defaults is not None else default
         help_text = (meta.get("help") or "").replace("%", "%%")
         if default not in (None, "", [], False) and "default:" not in help_text:
             shown = ", ".join(map(str, default)) if isinstance(default, list) else default

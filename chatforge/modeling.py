@@ -188,6 +188,8 @@ def load_model(path: str, dtype=None):
         raise ChatforgeError(f"{path}: model directory not found")
     hf_logging.disable_progress_bar()
     if not os.path.exists(os.path.join(path, "config.json")):
+        if os.path.exists(os.path.join(path, "adapter_config.json")):  # `sft --lora` without --merge
+            return _load_adapter(path, dtype or torch.float32)
         raise ChatforgeError(f"{path}: no config.json: not a Hugging Face model directory")
     try:
         with transformers_quiet():  # its load report and model-type notes: the checks below say it in one line
@@ -203,6 +205,18 @@ def load_model(path: str, dtype=None):
             raise ChatforgeError(f"{path}: the weights do not match config.json: {len(names)} {kind} "
                                  f"(first: {names[0]})")
     return model
+
+
+def _load_adapter(path: str, dtype):
+    """A LoRA adapter folder: its base model (the path the adapter records) with the adapter merged in."""
+    from peft import AutoPeftModelForCausalLM
+
+    try:
+        with transformers_quiet():
+            model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    except Exception as err:  # the base model moved or deleted, a damaged adapter: user-fixable
+        raise ChatforgeError(f"{path}: cannot load the LoRA adapter with its base model ({one_line(err)})") from None
+    return model.merge_and_unload()
 
 
 def context_length(config) -> int:

@@ -126,6 +126,28 @@ def test_text_that_is_not_unicode_is_counted_not_fatal(tmp_path, tokenizer_dir):
         assert strict.returncode == 2 and "Traceback" not in strict.stderr and f"{bad}:" in strict.stderr
 
 
+def test_files_that_would_be_read_wrong(tmp_path, tokenizer_dir, capsys):
+    """CSV rows with more or fewer fields than the header (csv.DictReader would drop the extra text unseen) are
+    counted and skipped; UTF-16 text (which decodes as "UTF-8" with NULs) is refused; `.GZ` is gzip too."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.csv").write_text("id,text\n1,hello there\n2,second doc\n3,third\n4,a, b and more\n5\n")
+    with gzip.open(src / "B.TXT.GZ", "wb") as handle:
+        handle.write("中文文本测试".encode())
+    run_cli("data", "prepare", "--data", src, "--tokenizer", tokenizer_dir, "--out", tmp_path / "out")
+    m = read_manifest(tmp_path / "out")
+    assert m["train"]["documents"] + m["val"]["documents"] == 4 and m["invalid_utf8_lines"] == 0
+    assert m["skipped"] == {"CSV row whose fields do not match the header": 2}
+    err = refused(["data", "prepare", "--data", src / "a.csv", "--strict", "--tokenizer", tokenizer_dir,
+                   "--out", tmp_path / "strict"], capsys)
+    assert "a.csv:5: CSV row whose fields do not match the header (--strict)" in err
+    for name, data in (("be.txt", "hello world\n".encode("utf-16-be")), ("bom.txt", "你好\n".encode("utf-16"))):
+        (tmp_path / name).write_bytes(data)
+        err = refused(["data", "prepare", "--data", tmp_path / name, "--tokenizer", tokenizer_dir,
+                       "--out", tmp_path / f"o_{name}"], capsys)
+        assert f"{name}: looks like UTF-16 text" in err
+
+
 def test_fast_tokenizer_disagreement_falls_back(tmp_path, tokenizer_dir, monkeypatch):
     """If the tiktoken path ever splits a checked document differently, that batch and every later one
     are tokenized by `tokenizers`, and the run says so."""
@@ -207,6 +229,7 @@ def test_weighted_mixture_of_shard_folders(tmp_path, tokenizer_dir, capsys):
     mix = MixtureBlocks(parts, [3.0, 1.0], seed=0)
     total = len(parts[0]) + len(parts[1])
     assert len(mix) == total and mix.counts == [round(total * 0.75), round(total * 0.25)]
+    assert MixtureBlocks(parts, [1.5e308, 0.5e308], seed=0).counts == mix.counts  # their sum would be inf
     assert np.array_equal(mix.rows(range(len(mix))), MixtureBlocks(parts, [3.0, 1.0], seed=0).rows(range(len(mix))))
     en_rows = {tuple(r) for r in parts[0].rows(range(len(parts[0])))}
     drawn = [tuple(r) in en_rows for r in mix.rows(range(len(mix)))]

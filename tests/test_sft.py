@@ -93,6 +93,28 @@ def test_lora_merge_writes_full_weights(tmp_path, base_model_dir):
     assert not (out / "adapter_config.json").exists()
     model = AutoModelForCausalLM.from_pretrained(out)
     assert not any("lora" in name for name, _ in model.named_parameters())
+    refusal = run_cli("sft", "--model", base_model_dir, "--data", QA, "--out", tmp_path / "no", "--merge", check=False)
+    assert refusal.returncode == 2 and "--merge merges LoRA adapters into the weights: it needs --lora" in refusal.stderr
+    assert not (tmp_path / "no").exists()
+
+
+def test_lora_adapter_folder_is_a_model(tmp_path, base_model_dir):
+    """`sft --lora` without --merge writes an adapter; chat, generate, serve and eval load it with its base
+    model, merged: greedy tokens equal transformers' generate() on PEFT's own merge."""
+    from peft import AutoPeftModelForCausalLM
+
+    adapter = tmp_path / "adapter"
+    run_cli("sft", "--model", base_model_dir, "--data", QA, "--out", adapter, "--lora", "--max-steps", 3,
+            "--report-to", "none")
+    assert (adapter / "adapter_config.json").exists() and not (adapter / "config.json").exists()
+    tok = AutoTokenizer.from_pretrained(adapter)
+    model = AutoPeftModelForCausalLM.from_pretrained(adapter).merge_and_unload().eval()
+    prompt = tok("熊猫吃", return_tensors="pt").input_ids
+    want = tok.decode(model.generate(prompt, max_new_tokens=12, do_sample=False)[0, prompt.shape[1]:],
+                      skip_special_tokens=True)  # generate() shows the end-of-text token the engine stops at
+    got = run_cli("generate", adapter, "--prompt", "熊猫吃", "--temperature", 0, "--max-new-tokens", 12,
+                  "--dtype", "fp32").stdout
+    assert got == "熊猫吃" + want + "\n"
 
 
 def test_packing_keeps_conversations_apart(base_model_dir):

@@ -41,6 +41,8 @@ class MixtureBlocks(Blocks):
     def __init__(self, parts: list[PackedBlocks], weights: list[float], seed: int, whole_batches: bool = True):
         self.parts, self.whole_batches = parts, whole_batches
         self.block_size = parts[0].block_size
+        top = max(weights, default=0.0)
+        weights = [w / top for w in weights] if top > 0 else weights  # 1e308 + 1e308 would be inf
         total, norm = sum(len(p) for p in parts), sum(weights)
         if not total or norm <= 0:
             raise ChatforgeError("a data mixture needs blocks to draw from and a positive total weight")

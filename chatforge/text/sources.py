@@ -109,9 +109,9 @@ def resolve_files(spec: str) -> list[str]:
 
 
 def _open_binary(path: str):
-    if path.endswith(".gz"):
+    if path.lower().endswith(".gz"):
         return gzip.open(path, "rb")
-    if path.endswith(".zst"):
+    if path.lower().endswith(".zst"):
         return io.BufferedReader(_ZstdFile(path))
     return open(path, "rb")
 
@@ -165,6 +165,9 @@ def _decode(raw: bytes, origin: str, stats: SourceStats, strict: bool, first: bo
     line or all of it, where a byte-order mark (Windows editors write one) is not text."""
     if first:
         raw = raw.removeprefix(BOM)
+        if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or raw[:200].count(b"\x00") > len(raw[:200]) // 4:
+            raise ChatforgeError(f"{origin}: looks like UTF-16 text (a UTF-16 byte-order mark or NUL bytes between "
+                                 "the characters); chatforge reads UTF-8: convert it, e.g. iconv -f UTF-16 -t UTF-8")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -272,6 +275,9 @@ def _read_file(path: str, doc_per_line: bool, stats: SourceStats, strict: bool) 
             reader = csv.DictReader(lines)
             try:
                 for index, record in enumerate(reader):
+                    if None in record or None in record.values():  # fields past the header's, or fewer than it
+                        stats.skip("CSV row whose fields do not match the header", f"{path}:{reader.line_num}", strict)
+                        continue
                     yield record, f"{path}: row {index + 2}"
             except csv.Error as err:
                 raise ChatforgeError(f"{path}:{reader.line_num}: malformed CSV ({err})") from None

@@ -85,6 +85,11 @@ class FineTuneSettings(RunSettings):
     merge: bool = option(False, "with --lora: write merged full weights")
     strict: bool = option(False, "fail on the first unusable record")
 
+    def validate(self) -> None:
+        super().validate()
+        if self.merge and not self.lora:
+            raise ChatforgeError("--merge merges LoRA adapters into the weights: it needs --lora")
+
 
 def check_model_dir(model: str, stage: str, what: str) -> None:
     """A fine-tuning stage's --model: given, and a folder (checked in validate, before any output folder)."""
