@@ -9,6 +9,7 @@ and renamed into place, so a killed command leaves the old content or the new, n
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import json
 import os
@@ -94,6 +95,17 @@ def check_not_inputs(out: str | Path, inputs: list[tuple[str, str | None]], keep
                                      f"choose another {flag}")
 
 
+# What chatforge's commands (and the Trainer, TRL, PEFT, `report` and `eval` they run) write at the top of a run
+# folder: `--overwrite` deletes these and refuses to delete anything else (a user's notes, their own results).
+RUN_OUTPUTS = (
+    "config.json", "generation_config.json", "model.safetensors", "model-*.safetensors", "model.safetensors.index.json",
+    "adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.json",
+    "merges.txt", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "training_args.bin",
+    "run_config.yaml", "summary.json", "README.md", "report.md", "*.png", "eval.json", "eval", "logs", "runs",
+    "data", "tokenizer", "base", "chat", "checkpoint-*", ".*.tmp-*",
+)
+
+
 def claim(out: str | Path, kind: str, *, overwrite: bool = False, resume: bool | None = False,
           keep: tuple[str, ...] = (), flag: str = "--out") -> None:
     """Make `out` this command's output folder, or raise ChatforgeError saying why not.
@@ -121,9 +133,14 @@ def claim(out: str | Path, kind: str, *, overwrite: bool = False, resume: bool |
             how = "pass --overwrite to replace it" if resume is None else \
                 "pass --resume to continue it or --overwrite to replace it"
             raise ChatforgeError(f"{flag} {out}: already holds a run; {how}")
-        for child in path.iterdir():
-            if child.name not in keep and child.name != OWNER:
-                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        doomed = [child for child in path.iterdir() if child.name not in keep and child.name != OWNER]
+        others = sorted(c.name for c in doomed if not any(fnmatch.fnmatchcase(c.name, p) for p in RUN_OUTPUTS))
+        if others:
+            raise ChatforgeError(f"{flag} {out}: besides the run chatforge wrote it holds {', '.join(others[:3])}"
+                                 f"{' ...' if len(others) > 3 else ''}, which --overwrite would delete; move them "
+                                 f"out or choose another {flag}")
+        for child in doomed:
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
     path.mkdir(parents=True, exist_ok=True)
     mark(path, kind)
 

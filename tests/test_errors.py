@@ -117,3 +117,17 @@ def test_hub_unreachable_is_one_line_at_once(tmp_path, base_model_dir):
         proc = run_cli(*argv, check=False, env=env)
         assert proc.returncode == 2 and time.monotonic() - start < 20, proc.stderr[-2000:]
         assert match in proc.stderr.strip().splitlines()[-1] and "Retrying" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_overwrite_never_deletes_what_a_user_put_in_a_run(tmp_path, base_model_dir, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(base_model_dir, run, ignore=shutil.ignore_patterns("checkpoint-*"))
+    (run / "NOTES.txt").write_text("my notes")
+    (run / "my_eval").mkdir()
+    before = sorted(p.name for p in run.iterdir())
+    err = refused(["pretrain", "--data", "demo:en", "--out", run, "--overwrite", *TINY, "--max-steps", 1], capsys)
+    assert f"--out {run}: besides the run chatforge wrote it holds NOTES.txt, my_eval, which --overwrite would " \
+           "delete" in err
+    assert sorted(p.name for p in run.iterdir()) == before
