@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from chatforge.errors import ChatforgeError
@@ -106,16 +107,47 @@ RUN_OUTPUTS = (
 )
 
 
+@dataclass
+class Claim:
+    """What `claim` changed, to be undone if the command fails before its work starts."""
+
+    out: Path
+    keep: tuple[str, ...]
+    created: bool = False  # the folder is new
+    aside: Path | None = None  # the replaced run's entries, waiting in a temporary sibling
+
+    def undo(self) -> None:
+        """The folder as it was: a new one removed; a replaced run put back, what this command wrote removed."""
+        if self.created:
+            shutil.rmtree(self.out, ignore_errors=True)
+        elif self.aside is not None:
+            for child in self.out.iterdir():
+                if child.name not in self.keep and child.name != OWNER:
+                    shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+            for child in self.aside.iterdir():
+                child.rename(self.out / child.name)
+            self.aside.rmdir()
+
+    def commit(self) -> None:
+        """The work has started: the replaced run goes."""
+        if self.aside is not None:
+            shutil.rmtree(self.aside, ignore_errors=True)
+            self.aside = None
+        self.created = False
+
+
 def claim(out: str | Path, kind: str, *, overwrite: bool = False, resume: bool | None = False,
-          keep: tuple[str, ...] = (), flag: str = "--out") -> None:
+          keep: tuple[str, ...] = (), flag: str = "--out", set_aside: bool = False) -> Claim:
     """Make `out` this command's output folder, or raise ChatforgeError saying why not.
 
     New or empty: marked as ours. Ours, of this kind: `resume` keeps it as it is; `overwrite` empties
     it (but `keep`); neither is an error. Anything else is never touched (a run written before chatforge
     marked its folders included: it cannot be resumed or replaced, only read).
     `resume=None`: the command cannot resume (the error message then offers only --overwrite); flag: the option
-    that named `out`."""
+    that named `out`; set_aside: the replaced run waits in a temporary sibling until the returned Claim's
+    `commit` (or comes back with `undo`), for commands that check some inputs only after claiming."""
     path = Path(out)
+    done = Claim(path, keep, created=not path.exists())
     if path.exists() and not path.is_dir():
         raise ChatforgeError(f"{flag} {out}: exists and is not a folder")
     if path.is_dir() and any(p.name != OWNER for p in path.iterdir()):  # only our marker: a run that failed early
@@ -128,7 +160,7 @@ def claim(out: str | Path, kind: str, *, overwrite: bool = False, resume: bool |
                                  f"choose another {flag}")
         if resume:
             check_checkpoints_ours(path)
-            return
+            return done
         if not overwrite:
             how = "pass --overwrite to replace it" if resume is None else \
                 "pass --resume to continue it or --overwrite to replace it"
@@ -139,10 +171,15 @@ def claim(out: str | Path, kind: str, *, overwrite: bool = False, resume: bool |
             raise ChatforgeError(f"{flag} {out}: besides the run chatforge wrote it holds {', '.join(others[:3])}"
                                  f"{' ...' if len(others) > 3 else ''}, which --overwrite would delete; move them "
                                  f"out or choose another {flag}")
+        done.aside = temporary_sibling(path) if set_aside and doomed else None
         for child in doomed:
-            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+            if done.aside is not None:
+                child.rename(done.aside / child.name)
+            else:
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
     path.mkdir(parents=True, exist_ok=True)
     mark(path, kind)
+    return done
 
 
 def check_checkpoints_ours(out: Path) -> None:

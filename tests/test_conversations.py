@@ -66,7 +66,11 @@ def test_all_dropped_stops_before_training(tmp_path, base_model_dir):
     proc = run_cli("sft", "--model", base_model_dir, "--data", path, "--out", tmp_path / "o", check=False)
     assert proc.returncode == 2
     assert "no usable conversation (1 records read, 1 skipped (no assistant turn))" in proc.stderr
-    assert not (tmp_path / "o" / "checkpoint-1").exists()
+    assert not (tmp_path / "o").exists()  # every input is checked before --out is made
+    proc = run_cli("sft", "--model", base_model_dir, "--data", "demo:en", "--out", tmp_path / "o", "--max-length",
+                   100000, check=False)
+    assert proc.returncode == 2 and "--max-length 100000 is above the 128 positions" in proc.stderr
+    assert not (tmp_path / "o").exists()
 
 
 def test_all_masked_stops_before_training(tmp_path, base_model_dir):

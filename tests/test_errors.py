@@ -131,3 +131,24 @@ def test_overwrite_never_deletes_what_a_user_put_in_a_run(tmp_path, base_model_d
     assert f"--out {run}: besides the run chatforge wrote it holds NOTES.txt, my_eval, which --overwrite would " \
            "delete" in err
     assert sorted(p.name for p in run.iterdir()) == before
+
+
+def test_a_failed_overwrite_keeps_the_run_it_would_replace(tmp_path, base_model_dir, tokenizer_dir, capsys):
+    """pretrain reads its tokenizer and data after claiming --out: a run --overwrite would replace waits aside
+    until they are read, and comes back if they fail; a folder made for a run that fails is removed."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(base_model_dir, run, ignore=shutil.ignore_patterns("checkpoint-*", "data"))
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": broken}\n')
+    for args, match in (([bad, "--tokenizer", tokenizer_dir], f"{bad}:2: malformed JSON"),
+                        (["demo:en", "--tokenizer", tmp_path], "no tokenizer files")):
+        err = refused(["pretrain", "--data", *args, "--out", run, "--overwrite", *TINY, "--max-steps", 1], capsys)
+        assert match in err
+        assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "run"]  # no temporary sibling left
+    assert "no tokenizer files" in refused(["pretrain", "--data", "demo:en", "--tokenizer", tmp_path, "--out",
+                                            tmp_path / "new", *TINY, "--max-steps", 1], capsys)
+    assert not (tmp_path / "new").exists()

@@ -323,11 +323,20 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
     check_not_inputs(cfg.out, [("--data", d) for d in data] + [("--tokenizer", cfg.tokenizer),
                                                                     ("--init-from", cfg.init_from)], keep=keep)
     state = PartialState()
-    if is_main():
-        claim(cfg.out, "pretrain", overwrite=overwrite, resume=resume, keep=keep)
-    with state.main_process_first():  # rank 0 trains the tokenizer and writes shards; others reuse them
-        tok = _load_or_train_tokenizer(cfg, resume, log)
-        folders, manifests = _prepare_data(cfg, tok, log)
+    # the tokenizer and the data are checked only as they are read, into --out: until they are, a run that
+    # --overwrite replaces waits aside, and a failure puts it back (or removes a folder made for this run)
+    claimed = claim(cfg.out, "pretrain", overwrite=overwrite, resume=resume, keep=keep, set_aside=True) \
+        if is_main() else None
+    try:
+        with state.main_process_first():  # rank 0 trains the tokenizer and writes shards; others reuse them
+            tok = _load_or_train_tokenizer(cfg, resume, log)
+            folders, manifests = _prepare_data(cfg, tok, log)
+    except BaseException:
+        if claimed:
+            claimed.undo()
+        raise
+    if claimed:
+        claimed.commit()
     model, ctx, passes = _build_model(cfg, tok, log, corpus_tokens=sum(m["train"]["tokens"] for m in manifests))
     if cfg.optimizer is None:  # decided here, on a copy; run_config.yaml keeps the decision for --resume
         cfg = replace(cfg, optimizer=budget_optimizer(passes, world_size(), log if is_main() else lambda *_: None))

@@ -119,14 +119,14 @@ def sft(cfg: SFTConfig, resume: bool = False, overwrite: bool = False, log=print
 
     cfg.validate()
     check_not_inputs(cfg.out, [("--model", cfg.model)] + [("--data", d) for d in cfg.data])
-    if is_main():
-        claim(cfg.out, "sft", overwrite=overwrite, resume=resume)
     model, tok, added = prepare_model_and_tokenizer(cfg.model, log)
     ctx = context_length(model.config)
     max_length = cfg.max_length or ctx
     if max_length > ctx:
         raise ChatforgeError(f"--max-length {max_length} is above the {ctx} positions of {cfg.model}")
     train, evals = load_examples(cfg, tok, max_length, log)
+    if is_main():  # every input checked: only now may an earlier run in --out be replaced
+        claim(cfg.out, "sft", overwrite=overwrite, resume=resume)
     n_params = count_parameters(model)
 
     if cfg.lora:
