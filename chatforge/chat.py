@@ -49,20 +49,20 @@ def one_request_engine(cfg) -> Engine:
 
 
 def generate(cfg: GenerateConfig) -> None:
-    engine = one_request_engine(cfg)
-    print(cfg.prompt, end="", flush=True)
-    for piece in engine.stream(engine.encode(cfg.prompt), cfg.sampling):
-        print(piece, end="", flush=True)
-    print()
+    with one_request_engine(cfg) as engine:  # its thread stopped before the interpreter exits
+        print(cfg.prompt, end="", flush=True)
+        for piece in engine.stream(engine.encode(cfg.prompt), cfg.sampling):
+            print(piece, end="", flush=True)
+        print()
 
 
 def chat(cfg: ChatConfig) -> None:
-    engine = one_request_engine(cfg)
-    if cfg.prompt is None:
-        chat_loop(engine, cfg.sampling, system=cfg.system)
-        return
-    messages = [{"role": "system", "content": cfg.system}] if cfg.system else []
-    reply(engine, messages + [{"role": "user", "content": cfg.prompt}], cfg.sampling)
+    with one_request_engine(cfg) as engine:
+        if cfg.prompt is None:
+            chat_loop(engine, cfg.sampling, system=cfg.system)
+            return
+        messages = [{"role": "system", "content": cfg.system}] if cfg.system else []
+        reply(engine, messages + [{"role": "user", "content": cfg.prompt}], cfg.sampling)
 
 
 def fit_history(engine: Engine, messages: list[dict], reserve: int) -> tuple[list[dict], list[int]]:

@@ -263,6 +263,9 @@ def main(argv: list[str] | None = None) -> None:
         cls = args.config_class
         del args.config_class
         args.func(build_config(cls, args), args)
+    except BrokenPipeError:  # `chatforge generate ... | head`: the reader has what it wanted; exit as on SIGPIPE
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error flushing stdout at exit
+        sys.exit(141)
     except (ChatforgeError, OSError, UnicodeError) as err:  # OSError: a folder that cannot be written, ...
         message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())  # one line, always
         print(f"chatforge: error: {message}", file=sys.stderr)

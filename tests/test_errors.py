@@ -152,3 +152,19 @@ def test_a_failed_overwrite_keeps_the_run_it_would_replace(tmp_path, base_model_
     assert "no tokenizer files" in refused(["pretrain", "--data", "demo:en", "--tokenizer", tmp_path, "--out",
                                             tmp_path / "new", *TINY, "--max-steps", 1], capsys)
     assert not (tmp_path / "new").exists()
+
+
+def test_a_reader_that_stops_early_ends_generate_quietly(base_model_dir):
+    """`chatforge generate ... | head -c 3`: no error line, no abort from the engine's thread at exit."""
+    import subprocess
+    import sys
+
+    from conftest import ENV
+
+    proc = subprocess.Popen([sys.executable, "-m", "chatforge", "generate", base_model_dir, "--prompt", "hello",
+                             "--temperature", "0", "--max-new-tokens", "200"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=ENV)
+    assert proc.stdout.read(3) == b"hel"
+    proc.stdout.close()
+    assert proc.wait(timeout=120) == 141
+    assert proc.stderr.read() == b""

@@ -232,6 +232,12 @@ class Engine:
             self._cv.notify()
         return done.result()
 
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
         with self._cv:
             self._closed = True
