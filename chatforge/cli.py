@@ -80,7 +80,23 @@ def build_config(cls, args: argparse.Namespace):
         # --resume continues with the run's own options (a folder of another kind is refused later)
         if os.path.exists(saved) and owner_kind(values["out"]) == args.command:
             yaml_path = saved
+            check_schedule_kept(config.load_yaml(saved), values)
     return config.build(cls, yaml_path, **values)
+
+
+# The checkpoint holds the learning-rate schedule and the data order these options shaped: a resumed run that
+# was given others would go on at a rate fitted to the old ones (past its old end: 0, training nothing).
+SCHEDULE_OPTIONS = ("max_steps", "epochs", "learning_rate", "warmup_steps", "min_lr_ratio", "batch_tokens",
+                    "micro_batch_size", "grad_accum")
+
+
+def check_schedule_kept(saved: dict, typed: dict) -> None:
+    for name in SCHEDULE_OPTIONS:
+        if name in typed and name in saved and typed[name] != saved[name]:
+            flag = "--" + name.replace("_", "-")
+            raise ChatforgeError(f"{flag} {typed[name]}: the run being resumed has {saved[name]}, and its "
+                                 f"checkpoint's schedule follows that; to train further, start a new run from it "
+                                 f"(pretrain --init-from, or --model for the other stages)")
 
 
 # ---------------------------------------------------------------- commands

@@ -168,3 +168,19 @@ def test_a_reader_that_stops_early_ends_generate_quietly(base_model_dir):
     proc.stdout.close()
     assert proc.wait(timeout=120) == 141
     assert proc.stderr.read() == b""
+
+
+def test_resume_keeps_the_schedule_and_a_finished_run(tmp_path, base_model_dir, capsys):
+    """The checkpoint's learning-rate schedule was fitted to the run's steps: a resume asked for more would
+    train at a rate of 0 (and report it done); a finished run has nothing to resume (the Trainer would count
+    a step it does not take and save a checkpoint past the end)."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(base_model_dir, run, ignore=shutil.ignore_patterns("checkpoint-150"))
+    before = sorted(p.name for p in run.iterdir())
+    assert "the run being resumed has 300, and its checkpoint's schedule follows that" in \
+        refused(["pretrain", "--out", run, "--resume", "--max-steps", 400], capsys)
+    assert f"--out {run}: the run finished its 300 steps; nothing to resume" in \
+        refused(["pretrain", "--out", run, "--resume"], capsys)
+    assert sorted(p.name for p in run.iterdir()) == before

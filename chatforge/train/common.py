@@ -12,13 +12,14 @@ import json
 import math
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from chatforge.config import option
-from chatforge.errors import ChatforgeError
+from chatforge.errors import ChatforgeError, transformers_quiet
 from chatforge.modeling import PRECISIONS
 from chatforge.outputs import CHECKPOINT_COMPLETE as COMPLETE_MARKER
 from chatforge.outputs import CHECKPOINT_STARTED as STARTED_MARKER
@@ -301,6 +302,10 @@ def run_trainer(cfg: RunSettings, out: str, model, tok, train, evals, plan: Plan
     schedule = Schedule(cfg.schedule, plan.warmup, plan.max_steps, plan.min_lr_ratio)
     sharding = sharding_arguments(cfg, world_size(), say)
     checkpoint = resume_checkpoint(out, say) if resume else None
+    finished = checkpoint is not None and checkpoint_step(Path(checkpoint)) >= plan.max_steps
+    if finished and (Path(out) / SUMMARY).exists():
+        raise ChatforgeError(f"--out {out}: the run finished its {plan.max_steps} steps; nothing to resume (to train "
+                             "further, start a new run from it)")
     check_resume(checkpoint, sharding)
     spent = trained_seconds(checkpoint)
     args = training_arguments(cfg, out, max_steps=plan.max_steps, micro=plan.micro, accum=plan.accum,
@@ -322,7 +327,16 @@ def run_trainer(cfg: RunSettings, out: str, model, tok, train, evals, plan: Plan
     for cb in reversed(ours):  # first, so TensorBoard and the progress bar see the metrics they add to the logs
         trainer.callback_handler.callbacks.insert(0, cb)
     trainer.add_callback(CompleteMarker({"kind": kind}, spent))  # last: after the Trainer decided to save
-    trainer.train(resume_from_checkpoint=checkpoint)
+    if finished:  # killed after its last checkpoint, before the final save: the Trainer would count a step it
+        from transformers import TrainerState  # does not take and save a checkpoint past the end
+
+        say(f"{out}: its {plan.max_steps} steps are done; saving the final model")
+        with transformers_quiet():  # "missing lm_head.weight": tied to the embedding, which it loads
+            trainer._load_from_checkpoint(checkpoint)
+        trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+        throughput.start_step, throughput.train_start = trainer.state.global_step, time.time()  # no rate measured
+    else:
+        trainer.train(resume_from_checkpoint=checkpoint)
     metrics = trainer.evaluate() if args.eval_strategy != "no" else {}
     return trainer, {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
 
