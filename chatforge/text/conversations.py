@@ -68,6 +68,15 @@ def prompt_length(tok, messages: list[dict]) -> int:
                                        return_dict=True)["input_ids"])
 
 
+def spelled_special_token(tok, messages: list[dict]) -> str | None:
+    """The first special token (`<|im_end|>`, ...) a message's content spells, else None. Templates tokenize such
+    text as the token itself, so a training example would learn control tokens where text stood (a turn's end
+    mid-answer, a forged turn), while chat and serve keep it as text (`Engine.chat_prompt`)."""
+    specials = [t.content for t in tok.added_tokens_decoder.values() if t.special]
+    contents = [m["content"] for m in messages if isinstance(m.get("content"), str)]
+    return next((s for c in contents for s in specials if s in c), None)
+
+
 def plain_text(content) -> str | None:
     """A message's content as text: a string, or OpenAI's list of text parts joined; None for anything else."""
     if isinstance(content, str):

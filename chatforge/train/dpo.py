@@ -69,13 +69,15 @@ def load_pairs(cfg: DPOConfig, log=print) -> tuple[list[dict], list[dict]]:
             [p for i, p in enumerate(pairs) if i % period == period - 1])
 
 
-def drop_unanswerable(pairs: list[dict], tok, max_length: int) -> tuple[list[dict], int]:
-    """(the pairs whose prompt leaves room for an answer token within max_length, how many did not): TRL
-    would drop those silently, and fail on an empty dataset when every pair is such a one."""
-    from chatforge.text.conversations import prompt_length
+def drop_unanswerable(pairs: list[dict], tok, max_length: int) -> tuple[list[dict], int, int]:
+    """(the pairs whose prompt leaves room for an answer token within max_length, how many did not, how many
+    spell a special token in a message): TRL would drop the first silently, and fail on an empty dataset when
+    every pair is such a one; the second would train control tokens (`conversations.spelled_special_token`)."""
+    from chatforge.text.conversations import prompt_length, spelled_special_token
 
-    kept = [p for p in pairs if prompt_length(tok, p["prompt"]) < max_length]
-    return kept, len(pairs) - len(kept)
+    plain = [p for p in pairs if not spelled_special_token(tok, p["prompt"] + p["chosen"] + p["rejected"])]
+    kept = [p for p in plain if prompt_length(tok, p["prompt"]) < max_length]
+    return kept, len(plain) - len(kept), len(pairs) - len(plain)
 
 
 def dpo(cfg: DPOConfig, resume: bool = False, overwrite: bool = False, log=print) -> dict:
@@ -106,13 +108,15 @@ def dpo(cfg: DPOConfig, resume: bool = False, overwrite: bool = False, log=print
     max_length = cfg.max_length or ctx
     if max_length > ctx:
         raise ChatforgeError(f"--max-length {max_length} is above the {ctx} positions of {cfg.model}")
-    (train, too_long), (evals, too_long_evals) = (drop_unanswerable(part, tok, max_length) for part in (train, evals))
-    if too_long + too_long_evals:
-        log(f"preference pairs: {too_long + too_long_evals} skipped, their prompt alone fills --max-length "
-            f"{max_length} tokens")
+    (train, *train_drops), (evals, *eval_drops) = (drop_unanswerable(part, tok, max_length) for part in (train, evals))
+    too_long, special = (a + b for a, b in zip(train_drops, eval_drops))
+    if too_long:
+        log(f"preference pairs: {too_long} skipped, their prompt alone fills --max-length {max_length} tokens")
+    if special:
+        log(f"preference pairs: {special} skipped, a message spells a special token")
     if not train:
-        raise ChatforgeError(f"{', '.join(cfg.data)}: no training pair's prompt fits in --max-length {max_length} "
-                             "tokens with room for an answer")
+        raise ChatforgeError(f"{', '.join(cfg.data)}: no training pair left (prompts that fill --max-length "
+                             f"{max_length}: {too_long}, spelling a special token: {special})")
     if is_main():  # every input checked: only now may an earlier run in --out be replaced
         claim(cfg.out, "dpo", overwrite=overwrite, resume=resume)
     precision = resolve_precision(cfg.precision)

@@ -52,8 +52,10 @@ class SFTConfig(FineTuneSettings):
 
 def encode_conversation(tok, messages: list[dict], max_length: int) -> tuple[dict, bool]:
     """(input_ids/attention_mask/labels, was_truncated); labels are -100 outside assistant tokens."""
-    from chatforge.text.conversations import InvalidRecord
+    from chatforge.text.conversations import InvalidRecord, spelled_special_token
 
+    if spelled_special_token(tok, messages):
+        raise InvalidRecord("a message spells a special token")
     enc = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     ids = list(enc["input_ids"])[:max_length]
     mask = list(enc["assistant_masks"])[:max_length]
