@@ -96,6 +96,7 @@ def test_dpo_teaches_the_preferred_style_on_heldout_prompts(sign_habit, tmp_path
     tok = AutoTokenizer.from_pretrained(out)
     assert tok.chat_template and model.generation_config.eos_token_id
     assert json.loads((out / "chatforge_output.json").read_text())["kind"] == "dpo"
+    assert not list(out.glob("**/README.md"))  # TRL's card names no base model; the card is `report`'s
     assert (out / "run_config.yaml").exists()
 
 

@@ -140,7 +140,7 @@ BAD = [
     ("pretrain into a user folder", ["pretrain", "--data", "corpus", "--out", "mine", *M], "not written by chatforge"),
     ("overwrite a foreign model", ["pretrain", "--data", "corpus", "--out", "hfdir", "--overwrite", *M],
      "not written by chatforge"),
-    ("resume past a foreign checkpoint", ["pretrain", "--data", "corpus", "--out", "run", "--resume", *M],
+    ("resume past a foreign checkpoint", ["pretrain", "--data", "corpus", "--out", "run", "--resume"],
      "checkpoint folder chatforge did not write"),
     ("quickstart into a user folder", ["quickstart", "--out", "mine"], "not written by chatforge"),
     ("quickstart into a model", ["quickstart", "--out", "model"], "not a quickstart one"),

@@ -169,9 +169,13 @@ def test_grpo_raises_heldout_accuracy_resumes_and_saves_plain(tmp_path, sign_hab
     summary = json.loads((out / "summary.json").read_text())
     assert summary["heldout_prompts"] == 88 and summary["eval_accuracy"] > summary["heldout_accuracy_before"] + 0.05
     assert {"reward", "reward_std", "kl", "completions/mean_length"} <= summary.keys()
-    resumed = run_cli(*args, "--max-steps", 42, "--resume")
+    longer = run_cli(*args, "--max-steps", 42, "--resume", check=False)  # its schedule ended at 40
+    assert longer.returncode == 2 and "--max-steps 42: the run being resumed has 40" in longer.stderr
+    (out / "summary.json").unlink()  # as if killed after its last checkpoint, before the final save
+    (out / "model.safetensors").unlink()
+    resumed = run_cli(*args, "--max-steps", 40, "--resume")
     assert "resuming from" in resumed.stdout and "held-out accuracy" in resumed.stdout
-    assert json.loads((out / "summary.json").read_text())["steps"] == 42
+    assert json.loads((out / "summary.json").read_text())["steps"] == 40 and not (out / "checkpoint-41").exists()
     assert f"{mine}:brief" in (out / "run_config.yaml").read_text()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -107,6 +107,7 @@ def test_lora_adapter_folder_is_a_model(tmp_path, base_model_dir):
     run_cli("sft", "--model", base_model_dir, "--data", QA, "--out", adapter, "--lora", "--max-steps", 3,
             "--report-to", "none")
     assert (adapter / "adapter_config.json").exists() and not (adapter / "config.json").exists()
+    assert not list(adapter.glob("**/README.md"))  # PEFT's card (its base "None"): the card is `report`'s
     tok = AutoTokenizer.from_pretrained(adapter)
     model = AutoPeftModelForCausalLM.from_pretrained(adapter).merge_and_unload().eval()
     prompt = tok("熊猫吃", return_tensors="pt").input_ids

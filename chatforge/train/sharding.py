@@ -105,7 +105,14 @@ def chatforge_trainer(base):
         def _save(self, output_dir=None, state_dict=None):
             if state_dict:
                 drop_tied_copies(self.accelerator.unwrap_model(self.model, keep_torch_compile=False), state_dict)
+            card = Path(output_dir or self.args.output_dir) / "README.md"
+            had_card = card.exists()
             super()._save(output_dir, state_dict=state_dict)
+            if not had_card and card.exists():  # PEFT's adapter card (base model "None"): see create_model_card
+                card.unlink()
+
+        def create_model_card(self, *args, **kwargs) -> None:
+            """None: TRL's cards name no base model and stand where `chatforge report` puts the run's card."""
 
     ChatforgeTrainer.__name__ = ChatforgeTrainer.__qualname__ = f"Chatforge{base.__name__}"
     return ChatforgeTrainer
