@@ -84,10 +84,10 @@ def build_config(cls, args: argparse.Namespace):
     return config.build(cls, yaml_path, **values)
 
 
-# The checkpoint holds the learning-rate schedule and the data order these options shaped: a resumed run that
-# was given others would go on at a rate fitted to the old ones (past its old end: 0, training nothing).
-SCHEDULE_OPTIONS = ("max_steps", "epochs", "learning_rate", "warmup_steps", "min_lr_ratio", "batch_tokens",
-                    "micro_batch_size", "grad_accum")
+# The checkpoint holds the learning-rate schedule these options shaped: a resumed run given others would go on
+# at a rate fitted to the old ones (past its old end: 0, training nothing). Batch options are left free: a run
+# resolves them (a micro-batch cut to a small corpus), so the original command typed again would differ.
+SCHEDULE_OPTIONS = ("max_steps", "epochs", "learning_rate", "warmup_steps", "min_lr_ratio")
 
 
 def check_schedule_kept(saved: dict, typed: dict) -> None:

@@ -323,3 +323,22 @@ def test_overwrite_retrains_a_tokenizer_made_from_other_options(tmp_path):
     run_cli(*args, "--vocab-size", 400, "--overwrite")
     assert len(AutoTokenizer.from_pretrained(out / "tokenizer")) == 400
     assert AutoModelForCausalLM.from_pretrained(out).config.vocab_size >= 400
+
+
+def test_checkpoints_are_rotated_only_once_the_new_one_is_complete(tmp_path):
+    """The Trainer deletes old checkpoints before chatforge marks the new one complete: with a limit of 1, a
+    kill in between left nothing to resume from. The rotation is chatforge's now, after the marker."""
+    from types import SimpleNamespace
+
+    from chatforge.train.callbacks import CompleteMarker
+    from chatforge.train.common import COMPLETE_MARKER, STARTED_MARKER, complete_checkpoints
+
+    for step, marks in ((5, (STARTED_MARKER, COMPLETE_MARKER)), (10, (STARTED_MARKER,))):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        for mark in marks:
+            (tmp_path / f"checkpoint-{step}" / mark).write_text("{}")
+    args, state = SimpleNamespace(output_dir=str(tmp_path)), SimpleNamespace(global_step=10)
+    assert [p.name for p in complete_checkpoints(str(tmp_path))] == ["checkpoint-5"]  # the state a kill leaves
+    CompleteMarker(keep=1).on_save(args, state, None)
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-10"]
+    assert (tmp_path / "checkpoint-10" / COMPLETE_MARKER).exists()

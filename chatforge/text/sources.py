@@ -162,10 +162,11 @@ BOM = b"\xef\xbb\xbf"
 
 def _decode(raw: bytes, origin: str, stats: SourceStats, strict: bool, first: bool = True) -> str:
     """`raw` as text; invalid UTF-8 replaced and counted (an error under --strict). `first`: the file's first
-    line or all of it, where a byte-order mark (Windows editors write one) is not text."""
+    line or all of it, where a byte-order mark (Windows editors write one) is not text, and UTF-16 is refused."""
     if first:
         raw = raw.removeprefix(BOM)
-        if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or raw[:200].count(b"\x00") > len(raw[:200]) // 4:
+        nuls = raw[:200].count(b"\x00")  # UTF-16 without a mark: every other byte of Latin text (one NUL: text)
+        if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or (nuls >= 2 and nuls > len(raw[:200]) // 4):
             raise ChatforgeError(f"{origin}: looks like UTF-16 text (a UTF-16 byte-order mark or NUL bytes between "
                                  "the characters); chatforge reads UTF-8: convert it, e.g. iconv -f UTF-16 -t UTF-8")
     try:

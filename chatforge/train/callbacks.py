@@ -5,23 +5,26 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
 
-from chatforge.train.common import COMPLETE_MARKER, STARTED_MARKER, Schedule, is_main
+from chatforge.train.common import COMPLETE_MARKER, STARTED_MARKER, Schedule, complete_checkpoints, is_main
 
 
 class CompleteMarker(TrainerCallback):
     """Marks every checkpoint as chatforge's twice: `STARTED_MARKER` before the Trainer writes into it,
     `COMPLETE_MARKER` after it finished every file. A kill mid-save leaves a folder with only the first,
     which `--resume` removes; a folder with neither is not ours and is never touched. The complete
-    marker records the training seconds so far: `--max-time` is a budget across resumes."""
+    marker records the training seconds so far: `--max-time` is a budget across resumes. It also keeps the
+    newest `keep` complete checkpoints, deleting older ones only once the new one is marked: the Trainer's own
+    rotation runs before that, so with a limit of 1 a kill in between left no checkpoint to resume from."""
 
-    def __init__(self, extra: dict | None = None, seconds_before: float = 0.0):
-        self.extra, self.seconds_before = extra or {}, seconds_before
+    def __init__(self, extra: dict | None = None, seconds_before: float = 0.0, keep: int | None = None):
+        self.extra, self.seconds_before, self.keep = extra or {}, seconds_before, keep
         self.start = time.time()
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -42,6 +45,8 @@ class CompleteMarker(TrainerCallback):
                 tmp.write_text(json.dumps({"step": state.global_step, "time": time.time(),
                                            "train_seconds": round(seconds, 3), **self.extra}))
                 os.replace(tmp, ckpt / COMPLETE_MARKER)
+                for old in complete_checkpoints(args.output_dir)[:-self.keep] if self.keep else []:
+                    shutil.rmtree(old, ignore_errors=True)
 
 
 class Throughput(TrainerCallback):

@@ -326,7 +326,8 @@ def run_trainer(cfg: RunSettings, out: str, model, tok, train, evals, plan: Plan
         ours.append(WallClockBudget(max(cfg.max_time - spent, 0.0), schedule, progress=progress))
     for cb in reversed(ours):  # first, so TensorBoard and the progress bar see the metrics they add to the logs
         trainer.callback_handler.callbacks.insert(0, cb)
-    trainer.add_callback(CompleteMarker({"kind": kind}, spent))  # last: after the Trainer decided to save
+    marker = CompleteMarker({"kind": kind}, spent, keep=cfg.save_total_limit)
+    trainer.add_callback(marker)  # last: after the Trainer decided to save
     if finished:  # killed after its last checkpoint, before the final save: the Trainer would count a step it
         from transformers import TrainerState  # does not take and save a checkpoint past the end
 
@@ -377,7 +378,7 @@ def training_arguments(cfg: RunSettings, out: str, *, max_steps: int, micro: int
         gradient_accumulation_steps=accum, max_grad_norm=cfg.grad_clip, bf16=precision == "bf16",
         fp16=precision == "fp16", torch_compile=compile,
         eval_strategy="steps" if has_eval else "no", eval_steps=max(1, min(cfg.eval_every, max_steps)),
-        save_strategy="steps", save_steps=cfg.save_every, save_total_limit=cfg.save_total_limit,
+        save_strategy="steps", save_steps=cfg.save_every, save_total_limit=None,  # CompleteMarker rotates
         logging_steps=cfg.log_every, report_to=cfg.report_to, seed=cfg.seed, data_seed=cfg.seed,
         dataloader_num_workers=num_workers, dataloader_pin_memory=torch.cuda.is_available(),
         # from pinned memory, without a stream sync per tensor (accelerate's default copy is blocking)
