@@ -87,7 +87,8 @@ def build_config(cls, args: argparse.Namespace):
 # The checkpoint holds the learning-rate schedule these options shaped: a resumed run given others would go on
 # at a rate fitted to the old ones (past its old end: 0, training nothing). Batch options are left free: a run
 # resolves them (a micro-batch cut to a small corpus), so the original command typed again would differ.
-SCHEDULE_OPTIONS = ("max_steps", "epochs", "learning_rate", "warmup_steps", "min_lr_ratio")
+SCHEDULE_OPTIONS = ("max_steps", "epochs", "max_tokens", "max_epochs", "tokens_per_param", "learning_rate",
+                    "warmup_steps", "min_lr_ratio", "schedule")
 
 
 def check_schedule_kept(saved: dict, typed: dict) -> None:
@@ -280,6 +281,8 @@ def main(argv: list[str] | None = None) -> None:
         del args.config_class
         args.func(build_config(cls, args), args)
     except BrokenPipeError:  # `chatforge generate ... | head`: the reader has what it wanted; exit as on SIGPIPE
+        if args.command not in ("generate", "chat"):
+            raise
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error flushing stdout at exit
         sys.exit(141)
     except (ChatforgeError, OSError, UnicodeError) as err:  # OSError: a folder that cannot be written, ...

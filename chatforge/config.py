@@ -167,6 +167,7 @@ class _UniqueKeys(yaml.SafeLoader):
     """safe_load, except that a key given twice in one mapping is an error (YAML would keep the last)."""
 
     def construct_mapping(self, node, deep=False):
+        self.flatten_mapping(node)  # `<<: *anchor` merges first, as safe_load does
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)

@@ -34,14 +34,16 @@ def transformers_quiet():
 def check_hub_reachable(what: str, hint: str) -> None:
     """One line at once when the Hub's host does not resolve (no network) and HF_HUB_OFFLINE is unset:
     huggingface_hub would retry for ~25 s, logging every try, before the same failure."""
+    import os
     import socket
     from urllib.parse import urlparse
+    from urllib.request import getproxies
 
     from huggingface_hub import constants
 
     host = urlparse(constants.ENDPOINT).hostname
-    if constants.HF_HUB_OFFLINE or not host:
-        return
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE") == "1" or not host or getproxies():
+        return  # offline on purpose, or a proxy resolves names this machine cannot
     try:
         socket.getaddrinfo(host, 443)
     except OSError:

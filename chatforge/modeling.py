@@ -199,8 +199,8 @@ def load_model(path: str, dtype=None):
         raise ChatforgeError(f"{path}: cannot load as a causal LM ({one_line(err)})") from None
     # transformers fills weights the file lacks with random values and drops those it has no place for: a model
     # that would be partly random or partly dropped (a config.json edited or copied from another run) is an error
-    for kind in ("missing", "unexpected"):
-        names = sorted(info[f"{kind}_keys"])
+    for kind in ("missing", "unexpected"):  # unexpected buffers (GPT-2's old attn.masked_bias) are harmless
+        names = sorted(k for k in info[f"{kind}_keys"] if kind == "missing" or k.endswith(".weight"))
         if names:
             raise ChatforgeError(f"{path}: the weights do not match config.json: {len(names)} {kind} "
                                  f"(first: {names[0]})")
@@ -208,13 +208,23 @@ def load_model(path: str, dtype=None):
 
 
 def _load_adapter(path: str, dtype):
-    """A LoRA adapter folder: its base model (the path the adapter records) with the adapter merged in."""
-    from peft import AutoPeftModelForCausalLM
+    """A LoRA adapter folder: its base model (the path the adapter records) with the adapter merged in. The base
+    gets the embedding rows the adapter was trained with first (sft adds chat tokens, padded to 64 rows)."""
+    from peft import PeftConfig, PeftModel
+    from safetensors import safe_open
 
     try:
+        base = load_model(PeftConfig.from_pretrained(path).base_model_name_or_path, dtype)
+        with safe_open(os.path.join(path, "adapter_model.safetensors"), "pt") as weights:
+            rows = [weights.get_slice(k).get_shape()[0] for k in weights.keys()
+                    if ("embed" in k or "wte" in k) and "lora_" not in k]  # a saved (modules_to_save) embedding
+        if rows and rows[0] != base.get_input_embeddings().weight.shape[0]:
+            base.resize_token_embeddings(rows[0])
         with transformers_quiet():
-            model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
-    except Exception as err:  # the base model moved or deleted, a damaged adapter: user-fixable
+            model = PeftModel.from_pretrained(base, path)
+    except ChatforgeError as err:
+        raise ChatforgeError(f"{path}: a LoRA adapter whose base model does not load: {err}") from None
+    except Exception as err:  # a damaged adapter, an adapter of another base: user-fixable
         raise ChatforgeError(f"{path}: cannot load the LoRA adapter with its base model ({one_line(err)})") from None
     return model.merge_and_unload()
 

@@ -103,7 +103,8 @@ RUN_OUTPUTS = (
     "adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.json",
     "merges.txt", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "training_args.bin",
     "run_config.yaml", "summary.json", "README.md", "report.md", "*.png", "eval.json", "eval", "logs", "runs",
-    "data", "tokenizer", "base", "chat", "checkpoint-*", ".*.tmp-*",
+    "data", "tokenizer", "base", "chat", "checkpoint-*", "additional_chat_templates",
+    ".*.tmp-*", ".*.tmp", ".*.old-*", "chatforge_output.json.tmp", ".aside-*",  # what a killed command left
 )
 
 
@@ -114,7 +115,8 @@ class Claim:
     out: Path
     keep: tuple[str, ...]
     created: bool = False  # the folder is new
-    aside: Path | None = None  # the replaced run's entries, waiting in a temporary sibling
+    aside: Path | None = None  # the replaced run's entries, waiting in out/.aside-* (a rename in one folder
+    # works on any filesystem, a mount point included)
 
     def undo(self) -> None:
         """The folder as it was: a new one removed; a replaced run put back, what this command wrote removed."""
@@ -122,7 +124,7 @@ class Claim:
             shutil.rmtree(self.out, ignore_errors=True)
         elif self.aside is not None:
             for child in self.out.iterdir():
-                if child.name not in self.keep and child.name != OWNER:
+                if child.name not in self.keep and child.name != OWNER and child != self.aside:
                     shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
             for child in self.aside.iterdir():
                 child.rename(self.out / child.name)
@@ -144,7 +146,7 @@ def claim(out: str | Path, kind: str, *, overwrite: bool = False, resume: bool |
     it (but `keep`); neither is an error. Anything else is never touched (a run written before chatforge
     marked its folders included: it cannot be resumed or replaced, only read).
     `resume=None`: the command cannot resume (the error message then offers only --overwrite); flag: the option
-    that named `out`; set_aside: the replaced run waits in a temporary sibling until the returned Claim's
+    that named `out`; set_aside: the replaced run waits in `out/.aside-*` until the returned Claim's
     `commit` (or comes back with `undo`), for commands that check some inputs only after claiming."""
     path = Path(out)
     done = Claim(path, keep, created=not path.exists())
@@ -171,7 +173,9 @@ def claim(out: str | Path, kind: str, *, overwrite: bool = False, resume: bool |
             raise ChatforgeError(f"{flag} {out}: besides the run chatforge wrote it holds {', '.join(others[:3])}"
                                  f"{' ...' if len(others) > 3 else ''}, which --overwrite would delete; move them "
                                  f"out or choose another {flag}")
-        done.aside = temporary_sibling(path) if set_aside and doomed else None
+        if set_aside and doomed:
+            done.aside = path / f".aside-{uuid.uuid4().hex[:8]}"
+            done.aside.mkdir()
         for child in doomed:
             if done.aside is not None:
                 child.rename(done.aside / child.name)

@@ -71,6 +71,10 @@ def test_foreign_base_without_chat_template(tmp_path):
     assert len(saved.encode("<|im_end|>", add_special_tokens=False)) == 1
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert model.get_input_embeddings().weight.shape[0] >= len(saved)
+    # the same as a LoRA adapter: its embedding rows (64, the chat tokens added) are not the base's (len(tok))
+    run_cli("sft", "--model", base, "--data", QA, "--out", tmp_path / "lora", "--lora", "--max-steps", 2,
+            "--report-to", "none")
+    assert run_cli("generate", tmp_path / "lora", "--prompt", "cats", "--max-new-tokens", 4).stdout.startswith("cats")
 
 
 def test_context_window_not_a_multiple_of_64(tmp_path, base_model_dir):
@@ -94,7 +98,8 @@ def test_lora_merge_writes_full_weights(tmp_path, base_model_dir):
     model = AutoModelForCausalLM.from_pretrained(out)
     assert not any("lora" in name for name, _ in model.named_parameters())
     refusal = run_cli("sft", "--model", base_model_dir, "--data", QA, "--out", tmp_path / "no", "--merge", check=False)
-    assert refusal.returncode == 2 and "--merge merges LoRA adapters into the weights: it needs --lora" in refusal.stderr
+    assert refusal.returncode == 2
+    assert "--merge merges LoRA adapters into the weights: it needs --lora" in refusal.stderr
     assert not (tmp_path / "no").exists()
 
 
@@ -116,6 +121,8 @@ def test_lora_adapter_folder_is_a_model(tmp_path, base_model_dir):
     got = run_cli("generate", adapter, "--prompt", "熊猫吃", "--temperature", 0, "--max-new-tokens", 12,
                   "--dtype", "fp32").stdout
     assert got == "熊猫吃" + want + "\n"
+    run_cli("eval", adapter, "--limit", 2, "--out", tmp_path / "eval")
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["models"]
 
 
 def test_packing_keeps_conversations_apart(base_model_dir):

@@ -60,7 +60,7 @@ class EvalConfig:
         for model in self.models:
             if not os.path.isdir(model):
                 raise ChatforgeError(f"{model}: model directory not found")
-            if not os.path.exists(os.path.join(model, "config.json")):
+            if not any(os.path.exists(os.path.join(model, f)) for f in ("config.json", "adapter_config.json")):
                 raise ChatforgeError(f"{model}: no config.json: not a Hugging Face model directory")
         if len({os.path.realpath(m) for m in self.models}) < len(self.models):
             raise ChatforgeError("the same MODEL_DIR is named twice")
@@ -182,6 +182,9 @@ def evaluate(cfg: EvalConfig, log=print) -> list[dict]:
     check_out(cfg)
     for name in ("lm-eval", "lm_eval"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    from datasets.utils.logging import disable_progress_bar
+
+    disable_progress_bar()  # "Generating train split" bars for a few hundred records: noise before the table
     plan = plan_tasks(cfg)
     check_models(cfg)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

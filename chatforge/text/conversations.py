@@ -8,6 +8,7 @@ turns out of order) is counted under its reason, or with `--strict` is an error 
 
 from __future__ import annotations
 
+import re
 from typing import Iterable, Iterator
 
 from chatforge.text.sources import SourceStats, iter_records
@@ -68,13 +69,18 @@ def prompt_length(tok, messages: list[dict]) -> int:
                                        return_dict=True)["input_ids"])
 
 
-def spelled_special_token(tok, messages: list[dict]) -> str | None:
-    """The first special token (`<|im_end|>`, ...) a message's content spells, else None. Templates tokenize such
-    text as the token itself, so a training example would learn control tokens where text stood (a turn's end
-    mid-answer, a forged turn), while chat and serve keep it as text (`Engine.chat_prompt`)."""
-    specials = [t.content for t in tok.added_tokens_decoder.values() if t.special]
-    contents = [m["content"] for m in messages if isinstance(m.get("content"), str)]
-    return next((s for c in contents for s in specials if s in c), None)
+def special_tokens_pattern(tok) -> re.Pattern:
+    """Matches the text of any special token of `tok` (`<|im_end|>`, ...): built once per run, for
+    `spells_special_token`."""
+    specials = sorted((t.content for t in tok.added_tokens_decoder.values() if t.special), key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, specials)) or "(?!)")  # (?!) never matches
+
+
+def spells_special_token(pattern: re.Pattern, messages: list[dict]) -> bool:
+    """A message's content spells a special token. Templates tokenize such text as the token itself, so a training
+    example would learn control tokens where text stood (a turn's end mid-answer, a forged turn), while chat and
+    serve keep it as text (`Engine.chat_prompt`)."""
+    return any(isinstance(m.get("content"), str) and pattern.search(m["content"]) for m in messages)
 
 
 def plain_text(content) -> str | None:

@@ -351,7 +351,8 @@ def _read_hub(spec: str) -> Iterator[tuple[dict, str]]:
     name, _, config = spec[len("hf:"):].partition(":")
     if not name:
         raise ChatforgeError(f"{spec}: expected hf:NAME[:CONFIG]")
-    check_hub_reachable(spec, "hf: sources stream from the Hub (a downloaded copy: give its files as --data)")
+    if not os.path.exists(name):  # hf:./folder: a dataset saved on this machine
+        check_hub_reachable(spec, "hf: sources stream from the Hub (a downloaded copy: give its files as --data)")
     try:
         dataset = datasets.load_dataset(name, config or None, split="train", streaming=True)
     except Exception as err:  # network, missing dataset, bad config: all user-fixable

@@ -302,12 +302,13 @@ def run_trainer(cfg: RunSettings, out: str, model, tok, train, evals, plan: Plan
     schedule = Schedule(cfg.schedule, plan.warmup, plan.max_steps, plan.min_lr_ratio)
     sharding = sharding_arguments(cfg, world_size(), say)
     checkpoint = resume_checkpoint(out, say) if resume else None
-    finished = checkpoint is not None and checkpoint_step(Path(checkpoint)) >= plan.max_steps
+    spent = trained_seconds(checkpoint)
+    finished = checkpoint is not None and (checkpoint_step(Path(checkpoint)) >= plan.max_steps
+                                           or bool(cfg.max_time) and spent >= cfg.max_time)
     if finished and (Path(out) / SUMMARY).exists():
-        raise ChatforgeError(f"--out {out}: the run finished its {plan.max_steps} steps; nothing to resume (to train "
+        raise ChatforgeError(f"--out {out}: the run finished (its steps or --max-time); nothing to resume (to train "
                              "further, start a new run from it)")
     check_resume(checkpoint, sharding)
-    spent = trained_seconds(checkpoint)
     args = training_arguments(cfg, out, max_steps=plan.max_steps, micro=plan.micro, accum=plan.accum,
                               precision=plan.precision, has_eval=bool(evals) and len(evals) > 0, compile=compile,
                               num_workers=num_workers, args_class=args_class, **sharding, **(args_extra or {}))

@@ -72,10 +72,11 @@ def load_pairs(cfg: DPOConfig, log=print) -> tuple[list[dict], list[dict]]:
 def drop_unanswerable(pairs: list[dict], tok, max_length: int) -> tuple[list[dict], int, int]:
     """(the pairs whose prompt leaves room for an answer token within max_length, how many did not, how many
     spell a special token in a message): TRL would drop the first silently, and fail on an empty dataset when
-    every pair is such a one; the second would train control tokens (`conversations.spelled_special_token`)."""
-    from chatforge.text.conversations import prompt_length, spelled_special_token
+    every pair is such a one; the second would train control tokens (`conversations.spells_special_token`)."""
+    from chatforge.text.conversations import prompt_length, special_tokens_pattern, spells_special_token
 
-    plain = [p for p in pairs if not spelled_special_token(tok, p["prompt"] + p["chosen"] + p["rejected"])]
+    specials = special_tokens_pattern(tok)
+    plain = [p for p in pairs if not spells_special_token(specials, p["prompt"] + p["chosen"] + p["rejected"])]
     kept = [p for p in plain if prompt_length(tok, p["prompt"]) < max_length]
     return kept, len(plain) - len(kept), len(pairs) - len(plain)
 

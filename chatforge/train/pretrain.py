@@ -323,58 +323,59 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
     check_not_inputs(cfg.out, [("--data", d) for d in data] + [("--tokenizer", cfg.tokenizer),
                                                                     ("--init-from", cfg.init_from)], keep=keep)
     state = PartialState()
-    # the tokenizer and the data are checked only as they are read, into --out: until they are, a run that
-    # --overwrite replaces waits aside, and a failure puts it back (or removes a folder made for this run)
+    # the tokenizer, the data and the model are checked only as they are made, into --out: until training starts,
+    # a run that --overwrite replaces waits aside, and a failure puts it back (or removes a folder made for it)
     claimed = claim(cfg.out, "pretrain", overwrite=overwrite, resume=resume, keep=keep, set_aside=True) \
         if is_main() else None
     try:
         with state.main_process_first():  # rank 0 trains the tokenizer and writes shards; others reuse them
             tok = _load_or_train_tokenizer(cfg, resume, log)
             folders, manifests = _prepare_data(cfg, tok, log)
+        model, ctx, passes = _build_model(cfg, tok, log, corpus_tokens=sum(m["train"]["tokens"] for m in manifests))
+        if cfg.optimizer is None:  # decided here, on a copy; run_config.yaml keeps the decision for --resume
+            cfg = replace(cfg, optimizer=budget_optimizer(passes, world_size(), log if is_main() else lambda *_: None))
+        precision = resolve_precision(cfg.precision)
+        n_params = count_parameters(model)
+
+        train, val = _blocks(folders, manifests, ctx, cfg, log if is_main() else lambda *_: None)
+        if len(train) == 0:
+            raise ChatforgeError(f"{', '.join(cfg.data)}: {sum(m['train']['tokens'] for m in manifests)} training "
+                                 f"tokens is less than one block of --context-length {ctx}")
+        micro = min(micro_batch(cfg, ctx), len(train))
+        per_pass = micro * ctx * world_size()
+        accum = accumulation(cfg.batch_tokens, per_pass)
+        tokens_per_step = per_pass * accum
+        corpus_tokens = len(train) * ctx
+        max_steps = plan_steps(cfg, n_params, corpus_tokens, tokens_per_step)
+        lr = cfg.learning_rate or default_learning_rate(cfg.optimizer, n_params, tokens_per_step,
+                                                        gpu=torch.cuda.is_available())
+        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(200, max(1, max_steps // 20))
+        plan = Plan(max_steps, micro, accum, lr, warmup, precision, cfg.min_lr_ratio, cfg.optimizer)
+        d_model = getattr(model.config, "n_embd", None) or model.config.hidden_size
+        n_layer = getattr(model.config, "n_layer", None) or model.config.num_hidden_layers
+        if cfg.compile is None:  # decided here, on a copy; run_config.yaml keeps the decision for --resume
+            cfg = replace(cfg, compile=compile_by_default(d_model, world_size() == 1, precision))
+        if is_main():
+            shape = {"n_layer": n_layer, "d_model": d_model, "n_head": model.config.num_attention_heads} \
+                if sized_by_budget(cfg) else {}  # so that --resume builds the same model without measuring again
+            own_tokenizer = str(Path(cfg.out) / "tokenizer")
+            resolved = PretrainConfig(**{**asdict(cfg), "preset": resolved_preset(cfg.preset), **shape,
+                                         "tokenizer": cfg.tokenizer or cfg.init_from or own_tokenizer,
+                                         "context_length": ctx, "micro_batch_size": micro,
+                                         "batch_tokens": tokens_per_step, "learning_rate": lr, "warmup_steps": warmup,
+                                         "max_steps": max_steps})
+            config_io.save(resolved, Path(cfg.out) / RUN_CONFIG)
+            log(f"model: {cfg.arch if not cfg.init_from else cfg.init_from} {n_params / 1e6:.2f}M parameters, "
+                f"context {ctx}; {precision}, {cfg.optimizer} at lr {lr:g}; {max_steps} steps x "
+                f"{tokens_per_step:,} tokens "
+                f"(micro-batch {micro} x accumulation {accum} x {world_size()} process(es)); "
+                f"corpus {corpus_tokens:,} tokens = {max_steps * tokens_per_step / corpus_tokens:.2f} epochs")
     except BaseException:
         if claimed:
             claimed.undo()
         raise
     if claimed:
         claimed.commit()
-    model, ctx, passes = _build_model(cfg, tok, log, corpus_tokens=sum(m["train"]["tokens"] for m in manifests))
-    if cfg.optimizer is None:  # decided here, on a copy; run_config.yaml keeps the decision for --resume
-        cfg = replace(cfg, optimizer=budget_optimizer(passes, world_size(), log if is_main() else lambda *_: None))
-    precision = resolve_precision(cfg.precision)
-    n_params = count_parameters(model)
-
-    train, val = _blocks(folders, manifests, ctx, cfg, log if is_main() else lambda *_: None)
-    if len(train) == 0:
-        raise ChatforgeError(f"{', '.join(cfg.data)}: {sum(m['train']['tokens'] for m in manifests)} training "
-                             f"tokens is less than one block of --context-length {ctx}")
-    micro = min(micro_batch(cfg, ctx), len(train))
-    per_pass = micro * ctx * world_size()
-    accum = accumulation(cfg.batch_tokens, per_pass)
-    tokens_per_step = per_pass * accum
-    corpus_tokens = len(train) * ctx
-    max_steps = plan_steps(cfg, n_params, corpus_tokens, tokens_per_step)
-    lr = cfg.learning_rate or default_learning_rate(cfg.optimizer, n_params, tokens_per_step,
-                                                    gpu=torch.cuda.is_available())
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(200, max(1, max_steps // 20))
-    plan = Plan(max_steps, micro, accum, lr, warmup, precision, cfg.min_lr_ratio, cfg.optimizer)
-    d_model = getattr(model.config, "n_embd", None) or model.config.hidden_size
-    n_layer = getattr(model.config, "n_layer", None) or model.config.num_hidden_layers
-    if cfg.compile is None:  # decided here, on a copy; run_config.yaml keeps the decision for --resume
-        cfg = replace(cfg, compile=compile_by_default(d_model, world_size() == 1, precision))
-    if is_main():
-        shape = {"n_layer": n_layer, "d_model": d_model, "n_head": model.config.num_attention_heads} \
-            if sized_by_budget(cfg) else {}  # so that --resume builds the same model without measuring again
-        resolved = PretrainConfig(**{**asdict(cfg), "preset": resolved_preset(cfg.preset), **shape,
-                                     "tokenizer": cfg.tokenizer or cfg.init_from or str(Path(cfg.out) / "tokenizer"),
-                                     "context_length": ctx, "micro_batch_size": micro,
-                                     "batch_tokens": tokens_per_step, "learning_rate": lr, "warmup_steps": warmup,
-                                     "max_steps": max_steps})
-        config_io.save(resolved, Path(cfg.out) / RUN_CONFIG)
-        log(f"model: {cfg.arch if not cfg.init_from else cfg.init_from} {n_params / 1e6:.2f}M parameters, "
-            f"context {ctx}; {precision}, {cfg.optimizer} at lr {lr:g}; {max_steps} steps x {tokens_per_step:,} tokens "
-            f"(micro-batch {micro} x accumulation {accum} x {world_size()} process(es)); "
-            f"corpus {corpus_tokens:,} tokens = {max_steps * tokens_per_step / corpus_tokens:.2f} epochs")
-
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     apply_speedups(model, cfg, precision, log=log if is_main() else lambda *_: None)

@@ -50,11 +50,12 @@ class SFTConfig(FineTuneSettings):
             raise ChatforgeError("sft needs --data (conversations: jsonl/json/parquet, hf:NAME or demo)")
 
 
-def encode_conversation(tok, messages: list[dict], max_length: int) -> tuple[dict, bool]:
-    """(input_ids/attention_mask/labels, was_truncated); labels are -100 outside assistant tokens."""
-    from chatforge.text.conversations import InvalidRecord, spelled_special_token
+def encode_conversation(tok, messages: list[dict], max_length: int, specials=None) -> tuple[dict, bool]:
+    """(input_ids/attention_mask/labels, was_truncated); labels are -100 outside assistant tokens. `specials`:
+    `special_tokens_pattern(tok)`, when the caller encodes many."""
+    from chatforge.text.conversations import InvalidRecord, special_tokens_pattern, spells_special_token
 
-    if spelled_special_token(tok, messages):
+    if spells_special_token(specials or special_tokens_pattern(tok), messages):
         raise InvalidRecord("a message spells a special token")
     enc = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     ids = list(enc["input_ids"])[:max_length]
@@ -67,15 +68,16 @@ def encode_conversation(tok, messages: list[dict], max_length: int) -> tuple[dic
 
 def load_examples(cfg: SFTConfig, tok, max_length: int, log=print) -> tuple[list[dict], list[dict]]:
     """Tokenize every conversation; return (train, eval); stop if nothing is left to learn from."""
-    from chatforge.text.conversations import InvalidRecord, iter_conversations
+    from chatforge.text.conversations import InvalidRecord, iter_conversations, special_tokens_pattern
     from chatforge.text.sources import SourceStats
 
     stats = SourceStats()
     examples = []
     truncated = 0
+    specials = special_tokens_pattern(tok)
     for messages, origin in iter_conversations(cfg.data, strict=cfg.strict, stats=stats):
         try:
-            example, was_truncated = encode_conversation(tok, messages, max_length)
+            example, was_truncated = encode_conversation(tok, messages, max_length, specials)
         except InvalidRecord as err:
             stats.skip(str(err), origin, cfg.strict)
             continue
