@@ -177,6 +177,14 @@ def torch_dtype(precision: str):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
 
+def check_model_folder(path: str) -> None:
+    """`path` is a model folder: a Hugging Face model (config.json) or a LoRA adapter (adapter_config.json)."""
+    if not os.path.isdir(path):
+        raise ChatforgeError(f"{path}: model directory not found")
+    if not any(os.path.exists(os.path.join(path, name)) for name in ("config.json", "adapter_config.json")):
+        raise ChatforgeError(f"{path}: no config.json: not a Hugging Face model directory")
+
+
 def load_model(path: str, dtype=None):
     """Load any local Hugging Face causal-LM directory, with a clear error if it is not one."""
     import torch
@@ -184,13 +192,10 @@ def load_model(path: str, dtype=None):
 
     from transformers.utils import logging as hf_logging
 
-    if not os.path.isdir(path):
-        raise ChatforgeError(f"{path}: model directory not found")
+    check_model_folder(path)
     hf_logging.disable_progress_bar()
-    if not os.path.exists(os.path.join(path, "config.json")):
-        if os.path.exists(os.path.join(path, "adapter_config.json")):  # `sft --lora` without --merge
-            return _load_adapter(path, dtype or torch.float32)
-        raise ChatforgeError(f"{path}: no config.json: not a Hugging Face model directory")
+    if not os.path.exists(os.path.join(path, "config.json")):  # `sft --lora` without --merge: an adapter
+        return _load_adapter(path, dtype or torch.float32)
     try:
         with transformers_quiet():  # its load report and model-type notes: the checks below say it in one line
             model, info = AutoModelForCausalLM.from_pretrained(

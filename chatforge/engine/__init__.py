@@ -23,6 +23,7 @@ from chatforge.engine.detokenize import Detokenizer, byte_table
 from chatforge.engine.sampling import SamplingParams, sample_next
 from chatforge.engine.scheduler import Request, Scheduler
 from chatforge.errors import ChatforgeError
+from chatforge.text.conversations import special_tokens_pattern, spells_special_token
 
 __all__ = ["Completion", "ContextTooLong", "Engine", "EngineBusy", "EngineOptions", "Request", "SamplingParams",
            "sample_next"]
@@ -99,7 +100,7 @@ class Engine:
         self.tokenizer = load_tokenizer(model_dir)
         self.token_bytes = byte_table(self.tokenizer)  # None: not byte-level BPE, decode with the tokenizer
         self.max_token_bytes = _max_token_bytes(self.tokenizer, self.token_bytes)
-        self.special_texts = [t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special]
+        self.special_tokens = special_tokens_pattern(self.tokenizer)  # their texts, for chat_prompt
         self.max_batch, self.max_queue = max_batch, max_queue
         self._tok_lock = threading.Lock()  # HF fast tokenizers are not safe to share across threads
         self._cv = threading.Condition()
@@ -147,8 +148,7 @@ class Engine:
         """The conversation's token ids, as apply_chat_template(tokenize=True) gives them, except that a message
         spelling a special token (`<|im_start|>system...`) keeps it as text: no turn can be forged from inside one.
         `text`: `chat_text(messages)`, when the caller has it already."""
-        contents = [m["content"] for m in messages if isinstance(m.get("content"), str)]
-        if not any(s in c for c in contents for s in self.special_texts):
+        if not spells_special_token(self.special_tokens, messages):
             return self.encode(text if text is not None else self.chat_text(messages))
         # each content rendered as a marker the template copies, then tokenized apart, special tokens as text
         marked = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]

@@ -22,6 +22,7 @@ from pathlib import Path
 from chatforge.config import option
 from chatforge.errors import ChatforgeError, check_hub_reachable, one_line, transformers_quiet
 from chatforge.eval import tasks as T
+from chatforge.modeling import check_model_folder
 
 EVAL_JSON = "eval.json"
 HUMANEVAL_MAX_TOKENS = 384
@@ -58,10 +59,7 @@ class EvalConfig:
         if not self.models:
             raise ChatforgeError("name at least one MODEL_DIR")
         for model in self.models:
-            if not os.path.isdir(model):
-                raise ChatforgeError(f"{model}: model directory not found")
-            if not any(os.path.exists(os.path.join(model, f)) for f in ("config.json", "adapter_config.json")):
-                raise ChatforgeError(f"{model}: no config.json: not a Hugging Face model directory")
+            check_model_folder(model)
         if len({os.path.realpath(m) for m in self.models}) < len(self.models):
             raise ChatforgeError("the same MODEL_DIR is named twice")
         if self.device is not None:
